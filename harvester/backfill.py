@@ -1,0 +1,164 @@
+"""One-shot backfill: rotated and live files, oldest first, into the store.
+
+Files are read in rotation order through one Parser, so LMTP sessions split
+by a rotation still join, and equal-time events keep their line order.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harvester import patterns
+from harvester.coalesce import Coalescer
+from harvester.config import Settings
+from harvester.parse import Networks, Parser
+from harvester.sinks.base import Store
+from harvester.sources.archive import ArchiveError, Position, expand, line_blocks, prefetch, raw_chunks
+from harvester.timeparse import Clock, resolve_timezone
+
+log = logging.getLogger(__name__)
+SNIFF_BYTES = 64 << 10
+
+
+@dataclass
+class Summary:
+    """What a backfill did, for the closing report."""
+
+    files: list[tuple[str, str]] = field(default_factory=list)  # (path, "ok" or what went wrong)
+    lines: int = 0
+    bytes: int = 0
+    events: Counter = field(default_factory=Counter)
+    not_understood: int = 0
+    bad: Counter = field(default_factory=Counter)
+    rows_written: int = 0
+    seconds: float = 0.0
+
+    @property
+    def failed_files(self) -> list[tuple[str, str]]:
+        return [(p, s) for p, s in self.files if s != "ok"]
+
+
+def make_parser(settings: Settings) -> Parser:
+    pack = patterns.load(settings.pattern_pack, [Path(d) for d in settings.patterns_dir])
+    return Parser(pack, node=settings.node_name, webmail=Networks(settings.webmail_networks))
+
+
+def run(paths: list[str], settings: Settings, store: Store, *, progress: bool | None = None) -> Summary:
+    """Backfill `paths` (files or globs) into `store`; never raises for bad input."""
+    started = time.monotonic()
+    summary = Summary()
+    files, problems = expand(paths)
+    for pat, why in problems:
+        log.error("%s: %s, skipped", pat, why)
+        summary.files.append((pat, why))
+    parser = make_parser(settings)
+    zone = resolve_timezone(settings.timezone)
+    sink = Coalescer()
+    total = sum(_size(f) for f in files)
+    bar = _progress(total, progress)
+    gc_was = gc.isenabled()
+    gc.disable()  # the coalescing dicts hold many small tuples; cyclic GC would rescan them all
+    try:
+        for path in files:
+            status = _one_file(path, parser, sink, settings, zone, store, summary, bar)
+            summary.files.append((str(path), status))
+        summary.rows_written += _flush(sink, store)
+    finally:
+        if gc_was:
+            gc.enable()
+        if bar is not None:
+            bar.close()
+    st = parser.stats
+    summary.lines, summary.bytes, summary.events = st.lines, st.bytes, Counter(st.events)
+    summary.not_understood = sum(st.not_understood.values())
+    summary.bad = Counter(st.bad)
+    summary.bad["utf8"] += len(sink.bad_users)
+    if sink.bad_users:
+        log.warning("%d row(s) whose user name is not valid UTF-8, skipped (first: %r)",
+                    len(sink.bad_users), sink.bad_users[0][:80])
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _one_file(path: Path, parser: Parser, sink: Coalescer, settings: Settings, zone, store: Store,
+              summary: Summary, bar) -> str:
+    try:
+        mtime = path.stat().st_mtime
+    except OSError as e:
+        log.error("%s: cannot read: %s, skipped", path, e.strerror)
+        return f"cannot read: {e.strerror}"
+    status = "ok"
+    done_bytes = 0
+    first = True
+    position = Position()
+    blocks = line_blocks(raw_chunks(path, position=position), max_line=settings.max_line_bytes,
+                         on_long_line=lambda at: parser.problem("long_line", at, b"(not shown)"))
+    try:
+        for offset, block in prefetch(blocks):
+            if first:
+                first = False
+                prefix = _prefix_for(parser, settings, path, block)
+                if prefix is None:
+                    status = "no line in a known format"
+                    break
+                style = parser.pack.prefixes[prefix].style
+                parser.begin(str(path), prefix, Clock(style, zone, year=settings.year, reference=mtime))
+            parser.feed(block, sink, offset)
+            if len(sink) >= settings.flush_rows:
+                summary.rows_written += _flush(sink, store)
+            if bar is not None and position.read > done_bytes:
+                bar.update(position.read - done_bytes)
+                bar.set_postfix_str(path.name, refresh=False)
+                done_bytes = position.read
+    except ArchiveError as e:
+        log.error("%s: %s; %s", path, e,
+                  "the lines before the damage were used" if e.partial else "file skipped")
+        status = str(e)
+    if not first:
+        parser.end()
+    if bar is not None:
+        bar.update(max(_size(path) - done_bytes, 0))
+    return status
+
+
+def _prefix_for(parser: Parser, settings: Settings, path: Path, block: bytes) -> str | None:
+    if settings.prefix != "auto":
+        if settings.prefix not in parser.pack.prefixes:
+            raise SystemExit(f"prefix {settings.prefix!r} is not in pack {parser.pack.name!r} "
+                             f"(it has: {', '.join(parser.pack.prefixes)})")
+        return settings.prefix
+    name, scores = patterns.detect_prefix(parser.pack, block[:SNIFF_BYTES])
+    if name is None:
+        log.error("%s: no line looks like any prefix of pack %r, skipped", path, parser.pack.name)
+    else:
+        log.debug("%s: prefix %s (matches per prefix: %s)", path, name, scores)
+    return name
+
+
+def _flush(sink: Coalescer, store: Store) -> int:
+    rows = sink.take()
+    return store.write(rows) if rows else 0
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def _progress(total: int, wanted: bool | None):
+    """A progress bar on a terminal (by compressed bytes read), nothing otherwise."""
+    if wanted is False or (wanted is None and not sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                desc="backfill", dynamic_ncols=True)

@@ -1,0 +1,228 @@
+"""Command line: backfill, lookup, export, test-patterns."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+import textwrap
+from datetime import UTC, datetime
+from pathlib import Path
+
+from harvester import __version__, patterns
+from harvester.config import ConfigError, Settings, add_flags, resolve
+from harvester.sinks import StoreError, open_store
+from harvester.timeparse import TimeError, resolve_timezone, rfc3339
+
+log = logging.getLogger("harvester")
+
+DESCRIPTION = """\
+When did this mailbox last log in, over which protocol, and from where?
+
+harvester reads Dovecot's log lines (live or from rotated archives) and keeps,
+per account and service (imap, pop3, lmtp, submission, managesieve, webmail),
+the newest login time and client IP, in SQLite or Cassandra.
+"""
+
+EPILOG = """\
+first steps:
+  harvester backfill /var/log/mail.log*        read the current and rotated logs (.gz .bz2 .xz .zst)
+  harvester lookup jane@example.com            what an agent asks when a mailbox "is empty"
+  harvester test-patterns /var/log/mail.log    check the patterns understand your log format
+
+The store defaults to an SQLite file (see --store); settings can live in one
+TOML file (--config), every key named like its flag: webmail_networks = [...].
+Run 'harvester COMMAND --help' for each command's options.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="harvester", description=DESCRIPTION, epilog=EPILOG,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    top.add_argument("--version", action="version", version=f"harvester {__version__}")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "backfill", help="read log files (plain or compressed) once into the store",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Read Dovecot log files once, oldest first, and upsert the newest login per "
+                    "account and service into the store. Rotated sets are ordered for you.",
+        epilog=textwrap.dedent("""\
+            examples:
+              harvester backfill /var/log/mail.log /var/log/mail.log.*
+              harvester backfill --timezone Europe/Berlin --webmail-networks 10.0.5.0/24 'archive/maillog-2025*'
+              harvester backfill --store sqlite:////var/lib/harvester/h.db /var/log/dovecot-info.log
+
+            Quote globs to let harvester expand them. Times never move backwards in the store,
+            so running a backfill twice, or over overlapping files, is safe."""))
+    add_flags(p)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show a progress bar (default: when stderr is a terminal)")
+    p.add_argument("paths", nargs="+", metavar="PATH|GLOB")
+
+    p = sub.add_parser("lookup", help="show one account's last logins, newest first",
+                       description="Every service's last login of one account (local and UTC time, IP), "
+                                   "newest first, then its last failed login / POP3 deletion if any.")
+    add_flags(p, ("store", "timezone", "log_level"))
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("user", metavar="USER")
+
+    p = sub.add_parser("export", help="write every row as JSON lines or CSV",
+                       description="Write every last-login row to stdout: user, service, last_login "
+                                   "(RFC 3339 UTC), ip, node.")
+    add_flags(p, ("store", "log_level"))
+    p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+
+    p = sub.add_parser(
+        "test-patterns", help="check which lines a pattern pack understands (like fail2ban-regex)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run the pattern pack over FILE and report: lines matched per pattern, lines that look "
+                    "like logins but matched nothing (with samples), and the events that would be stored.",
+        epilog="example:\n  harvester test-patterns --pattern-pack ./mysite.toml /var/log/dovecot-info.log")
+    add_flags(p, ("pattern_pack", "patterns_dir", "prefix", "timezone", "year", "webmail_networks", "node",
+                  "log_level"))
+    p.add_argument("--events", type=int, default=20, metavar="N", help="how many events to show (default 20)")
+    p.add_argument("file", metavar="FILE")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        settings = resolve(args)
+    except (ConfigError, TimeError) as e:
+        print(f"harvester: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format="harvester: %(levelname)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args, settings)
+    except (StoreError, patterns.PackError, ConfigError, TimeError) as e:
+        print(f"harvester: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("harvester: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
+    from harvester import backfill
+
+    store = open_store(settings.store)
+    try:
+        summary = backfill.run(args.paths, settings, store, progress=args.progress)
+    finally:
+        store.close()
+    s = summary
+    rate = s.lines / s.seconds if s.seconds > 0 else 0.0
+    ok = sum(1 for _, st in s.files if st == "ok")
+    out = sys.stderr
+    print(f"files: {ok} read, {len(s.failed_files)} with problems", file=out)
+    for path, status in s.failed_files:
+        print(f"  {path}: {status}", file=out)
+    print(f"lines: {s.lines:,} ({s.bytes / 1e6:,.1f} MB) in {s.seconds:.2f} s, {rate:,.0f} lines/s", file=out)
+    print("events:", file=out)
+    for (kind, service), n in sorted(s.events.items()):
+        print(f"  {kind:12s} {service:12s} {n:>12,}", file=out)
+    if not s.events:
+        print("  none", file=out)
+    print(f"lines not understood: {s.not_understood:,}", file=out)
+    bad = ", ".join(f"{k}: {v:,}" for k, v in sorted(s.bad.items()) if v)
+    print(f"bad input skipped: {bad or 'none'}", file=out)
+    print(f"rows written: {s.rows_written:,} to {store.url}", file=out)
+    return 1 if s.failed_files else 0
+
+
+def cmd_lookup(args: argparse.Namespace, settings: Settings) -> int:
+    store = open_store(settings.store, create=False)
+    try:
+        rows = store.lookup(args.user)
+    finally:
+        store.close()
+    zone = resolve_timezone(settings.timezone)
+    if args.json:
+        print(json.dumps([_row_dict(r, zone) for r in rows], ensure_ascii=False, indent=2))
+        return 0 if rows else 1
+    if not rows:
+        print(f"{args.user}: no login recorded in {store.url}")
+        return 1
+    print(f"{args.user}")
+    table = [("SERVICE", "LAST LOGIN (local)", "LAST LOGIN (UTC)", "IP", "NODE")]
+    for r in (r for r in rows if r.kind == "login"):
+        table.append((r.service, _local(r.time_us, r.digits, zone), rfc3339(r.time_us, r.digits),
+                      r.ip or "-", r.node or "-"))
+    _print_table(table)
+    others = [r for r in rows if r.kind != "login"]
+    if others:
+        print("\nother events (never logins):")
+        table = [("EVENT", "SERVICE", "TIME (local)", "IP", "DETAIL")]
+        for r in others:
+            table.append((_EVENT_NAMES.get(r.kind, r.kind), r.service, _local(r.time_us, r.digits, zone),
+                          r.ip or "-", r.detail or ""))
+        _print_table(table)
+    return 0
+
+
+_EVENT_NAMES = {"auth_fail": "failed login", "pop3_delete": "POP3 deletion", "refused": "refused (limit)",
+                "aborted": "aborted login"}
+
+
+def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    store = open_store(settings.store, create=False)
+    try:
+        out = sys.stdout
+        if args.format == "csv":
+            w = csv.writer(out)
+            w.writerow(("user", "service", "last_login", "ip", "node"))
+            for r in store.export():
+                w.writerow((r.user, r.service, rfc3339(r.time_us, r.digits), r.ip or "", r.node or ""))
+        else:
+            for r in store.export():
+                out.write(json.dumps({"user": r.user, "service": r.service,
+                                      "last_login": rfc3339(r.time_us, r.digits), "ip": r.ip,
+                                      "node": r.node}, ensure_ascii=False) + "\n")
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_test_patterns(args: argparse.Namespace, settings: Settings) -> int:
+    from harvester.testpatterns import report
+
+    return report(Path(args.file), settings, max_events=args.events)
+
+
+COMMANDS = {"backfill": cmd_backfill, "lookup": cmd_lookup, "export": cmd_export,
+            "test-patterns": cmd_test_patterns}
+
+
+def _row_dict(r, zone) -> dict:
+    d = {"user": r.user, "service": r.service, "kind": r.kind,
+         "last_login": rfc3339(r.time_us, r.digits), "local_time": _local(r.time_us, r.digits, zone),
+         "ip": r.ip, "node": r.node}
+    if r.detail:
+        d["detail"] = r.detail
+    return d
+
+
+def _local(time_us: int, digits: int, zone) -> str:
+    dt = datetime.fromtimestamp(time_us / 1e6, UTC).astimezone(zone)
+    frac = f".{time_us % 1_000_000:06d}"[: digits + 1] if digits else ""
+    return dt.strftime("%Y-%m-%d %H:%M:%S") + frac + " " + (dt.strftime("%Z") or dt.strftime("%z"))
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+__all__ = ["main", "build_parser"]

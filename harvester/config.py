@@ -1,0 +1,204 @@
+"""One place that defines and validates every setting, for the TOML file and the command line.
+
+Each setting is declared once (name, type, default, help); the config file
+loader and the argparse flags are both generated from that list, so a setting
+cannot exist in one and be missing from the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG = Path("/etc/harvester/harvester.toml")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the key and where it came from."""
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError("expected a string")
+    return v
+
+
+def _opt_int(lo: int, hi: int) -> Callable[[Any], int | None]:
+    def check(v: Any) -> int | None:
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int | str):
+            raise TypeError("expected a whole number")
+        n = int(v)
+        if not lo <= n <= hi:
+            raise ValueError(f"must be between {lo} and {hi}")
+        return n
+    return check
+
+
+def _cidrs(v: Any) -> list[str]:
+    items = [s.strip() for s in v.split(",")] if isinstance(v, str) else v
+    if not isinstance(items, list):
+        raise TypeError("expected a list of CIDRs such as [\"10.0.5.0/24\", \"2001:db8:5::/48\"]")
+    out = []
+    for s in items:
+        if not isinstance(s, str):
+            raise TypeError(f"{s!r} is not a CIDR string")
+        if s:
+            ipaddress.ip_network(s, strict=False)  # raises ValueError with a clear text
+            out.append(s)
+    return out
+
+
+def _paths(v: Any) -> list[str]:
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise TypeError("expected a path or a list of paths")
+    return items
+
+
+def _timezone(v: Any) -> str | None:
+    if v is None:
+        return None
+    from harvester.timeparse import resolve_timezone
+
+    resolve_timezone(_str(v))  # raises TimeError (a ValueError) naming the zone
+    return v
+
+
+def _store(v: Any) -> str | None:
+    if v is None:
+        return None
+    s = _str(v)
+    if not s.startswith(("sqlite:///", "cassandra://")):
+        raise ValueError("expected sqlite:///relative.db, sqlite:////absolute.db or cassandra://host/keyspace")
+    return s
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def check(v: Any) -> str:
+        if v not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return v
+    return check
+
+
+@dataclass(frozen=True)
+class Option:
+    key: str
+    check: Callable[[Any], Any]
+    default: Any
+    help: str
+    metavar: str = "VALUE"
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("store", _store, None,
+           "where rows go: sqlite:///relative.db, sqlite:////absolute.db (default: "
+           "$STATE_DIRECTORY or ~/.local/state/harvester/harvester.db)", "URL"),
+    Option("timezone", _timezone, None,
+           "zone of year-less and offset-less log timestamps (IANA name, UTC or +02:00; "
+           "default: this system's zone)", "TZ"),
+    Option("year", _opt_int(1970, 9999), None,
+           "year of 'Nov 22 01:52:03' timestamps (default: from each file's modification time)", "YYYY"),
+    Option("webmail_networks", _cidrs, [],
+           "client networks of your webmail servers: IMAP logins from there count as service "
+           "'webmail' (comma-separated CIDRs)", "CIDR[,CIDR...]"),
+    Option("node", _str, "",
+           "name recorded for lines without a host name (Dovecot's own log files; default: this host)", "NAME"),
+    Option("pattern_pack", _str, "dovecot", "pattern pack: a name or a .toml file", "NAME|FILE"),
+    Option("patterns_dir", _paths, ["/etc/harvester/patterns"],
+           "directories with packs of your own, searched before the built-in ones", "DIR"),
+    Option("prefix", _str, "auto",
+           "line prefix of the pack to use (auto: detect per file from its first lines)", "NAME"),
+    Option("flush_rows", _opt_int(1, 10_000_000), 200_000,
+           "write to the store when this many distinct rows are waiting (bounds memory)", "N"),
+    Option("max_line_bytes", _opt_int(1024, 1 << 30), 1 << 20,
+           "longer lines are counted and skipped", "BYTES"),
+    Option("log_level", _choice("debug", "info", "warning", "error"), "info", "logging threshold", "LEVEL"),
+)
+BY_KEY = {o.key: o for o in OPTIONS}
+
+
+@dataclass
+class Settings:
+    """The merged settings: defaults < config file < command line."""
+
+    values: dict[str, Any] = field(default_factory=lambda: {o.key: o.default for o in OPTIONS})
+    source: dict[str, str] = field(default_factory=dict)  # key -> where it was set
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self.values[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    @property
+    def node_name(self) -> str:
+        return self.values["node"] or socket.gethostname().split(".")[0]
+
+    def set(self, key: str, value: Any, where: str) -> None:
+        opt = BY_KEY.get(key)
+        if opt is None:
+            raise ConfigError(f"{where}: unknown setting {key!r} (known: {', '.join(BY_KEY)})")
+        try:
+            self.values[key] = opt.check(value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where}: bad value for {key!r}: {e}") from None
+        self.source[key] = where
+
+
+def config_path(explicit: str | None) -> Path | None:
+    """--config, else $HARVESTER_CONFIG, else /etc/harvester/harvester.toml if it exists."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("HARVESTER_CONFIG")
+    if env:
+        return Path(env)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
+
+
+def load_file(settings: Settings, path: Path) -> None:
+    """Apply a TOML config file; unknown keys and bad values name the key and the file."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror or e}") from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    for key, value in data.items():
+        if isinstance(value, dict):
+            raise ConfigError(f"{path}: unknown section [{key}]")
+        settings.set(key, value, str(path))
+
+
+def add_flags(parser: argparse.ArgumentParser, keys: tuple[str, ...] | None = None) -> None:
+    """Add --config and one flag per setting (--webmail-networks for webmail_networks)."""
+    parser.add_argument("--config", metavar="FILE",
+                        help=f"TOML config file (default: $HARVESTER_CONFIG, else {DEFAULT_CONFIG} if present)")
+    for opt in OPTIONS:
+        if keys is not None and opt.key not in keys:
+            continue
+        parser.add_argument("--" + opt.key.replace("_", "-"), dest=opt.key, metavar=opt.metavar,
+                            default=None, action="append" if opt.key == "patterns_dir" else "store",
+                            help=opt.help)
+
+
+def resolve(args: argparse.Namespace) -> Settings:
+    """Defaults, then the config file, then flags given on the command line."""
+    settings = Settings()
+    path = config_path(getattr(args, "config", None))
+    if path is not None:
+        load_file(settings, path)
+    for opt in OPTIONS:
+        value = getattr(args, opt.key, None)
+        if value is not None:
+            settings.set(opt.key, value, "--" + opt.key.replace("_", "-"))
+    return settings

@@ -1,0 +1,44 @@
+"""The Event type, event kinds and service names shared by every stage."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+# Kinds that mean "this account was used over this service": they make last-login rows.
+LOGIN = "login"
+PROXY = "proxy"
+DELIVERY = "delivery"
+ROW_KINDS = frozenset({LOGIN, PROXY, DELIVERY})
+
+# Kinds kept apart from logins: never a login, but a support agent wants to see them.
+AUTH_FAIL = "auth_fail"
+ABORTED = "aborted"
+REFUSED = "refused"
+POP3_DELETE = "pop3_delete"
+OTHER_KINDS = frozenset({AUTH_FAIL, ABORTED, REFUSED, POP3_DELETE})
+
+# Kinds that only carry LMTP session state (the MTA's address), never emitted.
+SESSION_START = "session_start"
+SESSION_END = "session_end"
+STATE_KINDS = frozenset({SESSION_START, SESSION_END})
+
+KINDS = ROW_KINDS | OTHER_KINDS | STATE_KINDS
+
+SERVICES = ("imap", "pop3", "lmtp", "submission", "managesieve", "webmail")
+
+
+class Event(NamedTuple):
+    """One thing that happened to one account, as the log told it.
+
+    `time_us` is UTC epoch microseconds; `digits` is how many fractional digits
+    the log gave (0 for a second-precision log), so output can keep its precision.
+    """
+
+    kind: str
+    service: str
+    user: str
+    time_us: int
+    digits: int
+    ip: str | None
+    node: str | None
+    detail: str | None = None

@@ -1,0 +1,297 @@
+"""Blocks of log lines -> events, with the LMTP/POP3 session state that joins lines.
+
+The parser is fed whole blocks of complete lines and runs one compiled regex
+over each (see patterns.py); Python only runs for lines that are events.
+Session state (which MTA address an LMTP process is serving, which IP a POP3
+process logged in from) lives in the parser, not per file, so a rotated set
+that splits a session still joins it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from itertools import islice
+
+from harvester.coalesce import Coalescer
+from harvester.events import (
+    DELIVERY,
+    KINDS,
+    LOGIN,
+    OTHER_KINDS,
+    PROXY,
+    ROW_KINDS,
+    SESSION_END,
+    SESSION_START,
+)
+from harvester.patterns import Compiled, Pack, compile_pack
+from harvester.timeparse import Clock, TimeError
+
+log = logging.getLogger(__name__)
+
+
+_PID_STATE_MAX = 100_000  # remembered LMTP sessions / POP3 logins before the oldest half is dropped
+_SAMPLES = 5
+# Kinds from a pack are equal strings, not the same objects; the hot loop compares with `is`.
+_CANON = {k: k for k in KINDS}
+_SERVICE = {s.encode(): s for s in ("imap", "pop3", "submission", "managesieve", "lmtp")}
+
+
+@dataclass
+class Problem:
+    """One kind of bad input seen in one file: how often, and where first."""
+
+    count: int = 0
+    first_offset: int = 0
+    sample: bytes = b""
+
+
+@dataclass
+class Stats:
+    """What a run saw; summed over files."""
+
+    lines: int = 0
+    bytes: int = 0
+    events: Counter = field(default_factory=Counter)  # (kind, service) -> n
+    not_understood: Counter = field(default_factory=Counter)  # watch name -> n
+    not_understood_samples: list[bytes] = field(default_factory=list)
+    bad: Counter = field(default_factory=Counter)  # reason -> n
+
+
+class Networks:
+    """Membership test for client IPs against CIDRs, cached per distinct IP text."""
+
+    def __init__(self, cidrs: Iterable[str]) -> None:
+        self.nets = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+        self._cache: dict[bytes | str, bool] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.nets)
+
+    def __contains__(self, ip: bytes | str) -> bool:
+        hit = self._cache.get(ip)
+        if hit is None:
+            text = ip.decode("ascii", "replace") if isinstance(ip, bytes) else ip
+            try:
+                addr = ipaddress.ip_address(text.split("%", 1)[0])
+                if addr.version == 6 and addr.ipv4_mapped:
+                    addr = addr.ipv4_mapped
+                hit = any(addr in n for n in self.nets)
+            except ValueError:
+                hit = False
+            if len(self._cache) > _PID_STATE_MAX:
+                self._cache.clear()
+            self._cache[ip] = hit
+        return hit
+
+
+class Parser:
+    """Turns blocks of complete lines into events through `emit`."""
+
+    def __init__(self, pack: Pack, *, node: str | None = None, webmail: Networks | None = None) -> None:
+        self.pack = pack
+        self.node = node
+        self.webmail = webmail or Networks(())
+        self.stats = Stats()
+        self._compiled: dict[str, Compiled] = {}
+        self._table: list = []
+        self._regex = None
+        self._clock: Clock | None = None
+        self._file = "-"
+        self.problems: dict[str, Problem] = {}
+        # LMTP pid -> [ip, [(user, time_us, digits, node), ...]]: deliveries of the open session,
+        # re-emitted if Disconnect shows another address (XCLIENT ADDR).
+        self._lmtp: dict[bytes, list] = {}
+        # (service, pid) -> ip of the login, for events whose line has no IP (POP3 deletions).
+        self._login_ip: dict[tuple[str, bytes], bytes | None] = {}
+        self._join_services = {
+            e.service for e in pack.events.values()
+            if e.kind in OTHER_KINDS and e.service and "(?P<ip>" not in e.regex
+        }
+
+    # -- per file -----------------------------------------------------------------
+    def begin(self, name: str, prefix: str, clock: Clock) -> None:
+        """Start a file (or stream) whose lines use `prefix` and `clock`."""
+        compiled = self._compiled.get(prefix)
+        if compiled is None:
+            compiled = self._compiled[prefix] = compile_pack(self.pack, prefix)
+        size = max(compiled.specs) + 1
+        table: list = [None] * size
+        for idx, spec in compiled.specs.items():
+            table[idx] = (_CANON.get(spec.kind), spec.service, spec.fields, spec.extras, spec.name)
+        self._table = table
+        self._regex = compiled.regex
+        self._clock = clock
+        self._file = name
+        self.problems = {}
+
+    def end(self) -> dict[str, Problem]:
+        """Finish the current file: log one clear line per kind of bad input, return them."""
+        for reason, p in self.problems.items():
+            log.warning("%s: %d %s, skipped (first at byte %d: %r)", self._file, p.count,
+                        _REASONS.get(reason, reason), p.first_offset, p.sample[:120])
+        problems, self.problems = self.problems, {}
+        return problems
+
+    def problem(self, reason: str, offset: int, sample: bytes, count: int = 1) -> None:
+        """Count bad input of one kind; the first occurrence is kept as the example."""
+        if reason != "not_understood":
+            self.stats.bad[reason] += count
+        p = self.problems.get(reason)
+        if p is None:
+            p = self.problems[reason] = Problem(first_offset=offset, sample=sample)
+        p.count += count
+
+    # -- hot path -----------------------------------------------------------------
+    def feed(self, block: bytes, sink: Coalescer, offset: int = 0) -> None:
+        """Parse `block` (complete lines; the last may lack its newline) found at `offset`.
+
+        Events go straight into the sink's dicts, still as bytes: decoding and
+        validating user names waits until a row survives coalescing.
+        """
+        stats = self.stats
+        stats.lines += block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
+        stats.bytes += len(block)
+        if b"\x00" in block:
+            block = self._strip_nul(block, offset)
+        text = b"\n" + block
+        table = self._table
+        clock = self._clock
+        cache = clock.cache
+        counts = stats.events
+        node_default = self.node
+        webmail = self.webmail if self.webmail.nets else None
+        lmtp = self._lmtp
+        join = self._join_services
+        logins = sink.logins
+        others = sink.others
+        trace = sink.trace
+        for m in self._regex.finditer(text):
+            kind, service, fields, extras, name = table[m.lastindex]
+            if kind is None:
+                self._not_understood(text, m.start() + 1, name, offset)
+                continue
+            ts, frac, tzs, host, user, svc, ip, pid, real_ip = m.group(*fields)
+            t = cache.get(ts if tzs is None else ts + tzs)
+            if t is None:
+                try:
+                    t = clock.seconds(ts, tzs)
+                except TimeError:
+                    self.problem("timestamp", offset + m.start(), _line(text, m.start() + 1))
+                    continue
+            if frac is None:
+                digits = 0
+            else:
+                t += int(frac[:6].ljust(6, b"0"))
+                digits = min(len(frac), 6)
+            if svc is not None:
+                service = _SERVICE.get(svc) or svc.decode("utf-8", "replace")
+            node = node_default if host is None else host
+            if ip == b"local":
+                ip = None
+            if kind is SESSION_START:
+                lmtp[pid] = [ip, []]
+                if len(lmtp) > _PID_STATE_MAX:
+                    _drop_oldest(lmtp)
+                continue
+            if kind is SESSION_END:
+                session = lmtp.pop(pid, None)
+                if session and session[0] != ip:  # XCLIENT changed the address: re-stamp deliveries
+                    for u, t0, d0, n0 in session[1]:
+                        self._put(logins, trace, DELIVERY, service, u, t0, d0, ip, n0, None)
+                continue
+            key = (user, service)
+            ck = (kind, service)
+            counts[ck] = counts.get(ck, 0) + 1
+            if not user:  # failures before a user name was known: counted, never stored
+                continue
+            if kind is DELIVERY:
+                if pid is not None:
+                    session = lmtp.get(pid)
+                    if session is not None:
+                        ip = session[0]
+                        if len(session[1]) < 1000:
+                            session[1].append((user, t, digits, node))
+                table_ = logins
+            elif kind is LOGIN or kind is PROXY:
+                if webmail is not None and service == "imap" and (real_ip or ip) is not None \
+                        and (real_ip or ip) in webmail:
+                    service = "webmail"
+                    key = (user, service)
+                    counts[kind, "imap"] -= 1
+                    counts[kind, service] += 1
+                if service in join and pid is not None:
+                    self._remember(service, pid, ip)
+                table_ = logins
+            else:
+                if ip is None and pid is not None:
+                    ip = self._login_ip.get((service, pid))
+                key = (user, kind)
+                table_ = others
+                if extras:
+                    detail = " ".join(f"{k}={m.group(i).decode('utf-8', 'replace')}" for k, i in extras)
+                    self._put(others, trace, kind, service, user, t, digits, ip, node, detail)
+                    continue
+            cur = table_.get(key)
+            if cur is None or t >= cur[0]:
+                table_[key] = (t, digits, ip, node, service, None)
+            if trace is not None:
+                trace.append((kind, service, user, t, digits, ip, node, None))
+
+    @staticmethod
+    def _put(table: dict, trace: list | None, kind: str, service: str, user: bytes, t: int, digits: int,
+             ip: bytes | None, node: bytes | str | None, detail: str | None) -> None:
+        key = (user, service) if kind in ROW_KINDS else (user, kind)
+        cur = table.get(key)
+        if cur is None or t >= cur[0]:
+            table[key] = (t, digits, ip, node, service, detail)
+        if trace is not None:
+            trace.append((kind, service, user, t, digits, ip, node, detail))
+
+    # -- helpers ------------------------------------------------------------------
+    def _remember(self, service: str, pid: bytes, ip: bytes | None) -> None:
+        self._login_ip[service, pid] = ip
+        if len(self._login_ip) > _PID_STATE_MAX:
+            _drop_oldest(self._login_ip)
+
+    def _not_understood(self, text: bytes, start: int, name: str, offset: int) -> None:
+        watch = name.split(":", 1)[1]
+        self.stats.not_understood[watch] += 1
+        samples = self.stats.not_understood_samples
+        line = _line(text, start)
+        if len(samples) < _SAMPLES:
+            samples.append(line)
+        self.problem("not_understood", offset + start - 1, line)
+
+    def _strip_nul(self, block: bytes, offset: int) -> bytes:
+        """Drop what precedes the last NUL of each line (a crash or copytruncate hole)."""
+        lines = block.split(b"\n")
+        pos = 0
+        for i, line in enumerate(lines):
+            if b"\x00" in line:
+                self.problem("nul", offset + pos, line.replace(b"\x00", b"\\0")[:120])
+                lines[i] = line[line.rindex(b"\x00") + 1:]
+            pos += len(line) + 1
+        return b"\n".join(lines)
+
+
+_REASONS = {
+    "nul": "line(s) with NUL bytes (the text before the NULs)",
+    "utf8": "row(s) whose user name is not valid UTF-8",
+    "timestamp": "line(s) with an impossible timestamp",
+    "long_line": "line(s) longer than max_line_bytes",
+    "not_understood": "line(s) that look like logins or deliveries but match no pattern",
+}
+
+
+def _line(text: bytes, start: int) -> bytes:
+    end = text.find(b"\n", start)
+    return text[start:end if end >= 0 else len(text)][:300]
+
+
+def _drop_oldest(d: dict) -> None:
+    for k in list(islice(d, len(d) // 2)):
+        del d[k]

@@ -1,0 +1,273 @@
+"""Load pattern packs (TOML data) and compile them into one regex per line prefix.
+
+Speed comes from handing the C regex engine whole multi-megabyte blocks: every
+event regex of a pack becomes one alternative of a single pattern anchored on
+"\\n" + prefix, so lines that are not Dovecot events cost no Python at all.
+Which alternative matched is read from `Match.lastindex` (its wrapper group
+closes last), and its fields from one `Match.group(*indices)` call.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from harvester.events import KINDS, ROW_KINDS, STATE_KINDS
+
+# Fields a regex may capture, in the order Spec.fields extracts them.
+PREFIX_FIELDS = ("ts", "frac", "tz", "host")
+EVENT_FIELDS = ("user", "service", "ip", "pid", "real_ip")
+FIELDS = PREFIX_FIELDS + EVENT_FIELDS
+STYLES = ("bsd", "iso")
+
+_GROUP_DEF = re.compile(r"\(\?P<([A-Za-z_]\w*)>")
+_GROUP_REF = re.compile(r"\(\?P=([A-Za-z_]\w*)\)")
+_NEVER = "_never"
+
+
+class PackError(ValueError):
+    """A pattern pack that cannot be used; the message names the file and the entry."""
+
+
+@dataclass(frozen=True)
+class Prefix:
+    name: str
+    style: str
+    regex: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class EventPattern:
+    name: str
+    kind: str
+    regex: str
+    service: str | None = None
+
+
+@dataclass(frozen=True)
+class Pack:
+    name: str
+    description: str
+    prefixes: dict[str, Prefix]
+    events: dict[str, EventPattern]
+    watch: dict[str, str]
+    gate: str | None = None
+    sources: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one alternative of the compiled regex means."""
+
+    name: str  # event name, or "watch:<name>" for a line the pack must understand
+    kind: str | None  # None for watch alternatives
+    service: str | None  # fixed service, when the regex has no service group
+    fields: tuple[int, ...]  # group indices in FIELDS order (missing ones: a never-set group)
+    extras: tuple[tuple[str, int], ...] = ()  # other named groups -> detail
+
+
+@dataclass
+class Compiled:
+    """One pack joined with one prefix: the hot-path regex and what its groups mean."""
+
+    pack: Pack
+    prefix: Prefix
+    regex: re.Pattern[bytes]
+    specs: dict[int, Spec] = field(default_factory=dict)  # wrapper group index -> Spec
+
+
+def builtin_dir() -> Path:
+    """Where the packs shipped with harvester live (patterns/ in a checkout)."""
+    return Path(str(resources.files("harvester._packs")))
+
+
+def available(search_dirs: list[Path] | tuple[Path, ...] = ()) -> dict[str, Path]:
+    """Pack name -> file; operator directories override the built-in packs."""
+    found: dict[str, Path] = {}
+    for d in (builtin_dir(), *search_dirs):
+        if d.is_dir():
+            for f in sorted(d.glob("*.toml")):
+                found[f.stem] = f
+    return found
+
+
+def load(name_or_path: str, search_dirs: list[Path] | tuple[Path, ...] = ()) -> Pack:
+    """Load a pack by name (searched in operator dirs, then built-in) or by file path."""
+    return _load(name_or_path, list(search_dirs), ())
+
+
+def _load(name_or_path: str, search_dirs: list[Path], seen: tuple[str, ...]) -> Pack:
+    path = Path(name_or_path)
+    if not (path.suffix == ".toml" and path.exists()):
+        packs = available(search_dirs)
+        if name_or_path not in packs:
+            known = ", ".join(sorted(packs)) or "none"
+            raise PackError(f"pattern pack {name_or_path!r} not found (known packs: {known})")
+        path = packs[name_or_path]
+    src = str(path)
+    if src in seen:
+        raise PackError(f"{src}: 'extends' loops back to itself")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise PackError(f"{src}: cannot read pattern pack: {e}") from None
+    unknown = set(data) - {"name", "description", "extends", "gate", "prefixes", "events", "watch"}
+    if unknown:
+        raise PackError(f"{src}: unknown key(s) {', '.join(sorted(unknown))}")
+    base = None
+    if "extends" in data:
+        base = _load(str(data["extends"]), search_dirs, (*seen, src))
+    prefixes = dict(base.prefixes) if base else {}
+    events = dict(base.events) if base else {}
+    watch = dict(base.watch) if base else {}
+    for name, p in _table(data, "prefixes", src).items():
+        prefixes[name] = _prefix(name, p, src)
+    for name, e in _table(data, "events", src).items():
+        if isinstance(e, dict) and e.get("disabled") is True:
+            events.pop(name, None)  # an operator may switch an inherited event off
+            continue
+        events[name] = _event(name, e, src)
+    for name, rx in _table(data, "watch", src).items():
+        if not isinstance(rx, str):
+            raise PackError(f"{src}: watch.{name} must be a regex string")
+        _check_regex(rx, f"{src}: watch.{name}")
+        watch[name] = rx
+    gate = data.get("gate", base.gate if base else None)
+    if gate is not None:
+        if not isinstance(gate, str):
+            raise PackError(f"{src}: gate must be a regex string")
+        _check_regex(gate, f"{src}: gate")
+    if not prefixes:
+        raise PackError(f"{src}: a pack needs at least one [prefixes.NAME]")
+    if not any(e.kind in ROW_KINDS for e in events.values()):
+        raise PackError(f"{src}: a pack needs at least one login or delivery event")
+    return Pack(
+        name=str(data.get("name", path.stem)),
+        description=str(data.get("description", base.description if base else "")),
+        prefixes=prefixes,
+        events=events,
+        watch=watch,
+        gate=gate or None,
+        sources=(*(base.sources if base else ()), src),
+    )
+
+
+def _table(data: dict, key: str, src: str) -> dict:
+    t = data.get(key, {})
+    if not isinstance(t, dict):
+        raise PackError(f"{src}: [{key}] must be a table")
+    return t
+
+
+def _prefix(name: str, p: object, src: str) -> Prefix:
+    where = f"{src}: prefixes.{name}"
+    if not isinstance(p, dict):
+        raise PackError(f"{where} must be a table")
+    unknown = set(p) - {"regex", "style", "description"}
+    if unknown:
+        raise PackError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    style = p.get("style")
+    if style not in STYLES:
+        raise PackError(f"{where}: style must be one of {', '.join(STYLES)}, not {style!r}")
+    rx = p.get("regex")
+    if not isinstance(rx, str):
+        raise PackError(f"{where}: regex is missing")
+    groups = _check_regex(rx, where)
+    if "ts" not in groups:
+        raise PackError(f"{where}: the regex needs a (?P<ts>...) group")
+    bad = groups - set(PREFIX_FIELDS)
+    if bad:
+        raise PackError(f"{where}: prefix groups may only be {', '.join(PREFIX_FIELDS)}, not {', '.join(bad)}")
+    return Prefix(name, style, rx, str(p.get("description", "")))
+
+
+def _event(name: str, e: object, src: str) -> EventPattern:
+    where = f"{src}: events.{name}"
+    if not isinstance(e, dict):
+        raise PackError(f"{where} must be a table")
+    unknown = set(e) - {"regex", "kind", "service"}
+    if unknown:
+        raise PackError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    kind = e.get("kind")
+    if kind not in KINDS:
+        raise PackError(f"{where}: kind must be one of {', '.join(sorted(KINDS))}, not {kind!r}")
+    rx = e.get("regex")
+    if not isinstance(rx, str):
+        raise PackError(f"{where}: regex is missing")
+    groups = _check_regex(rx, where)
+    clash = groups & set(PREFIX_FIELDS)
+    if clash:
+        raise PackError(f"{where}: groups {', '.join(sorted(clash))} belong to the prefix")
+    service = e.get("service")
+    if service is None and "service" not in groups:
+        raise PackError(f"{where}: give service = \"...\" or a (?P<service>...) group")
+    if kind in STATE_KINDS:
+        if "pid" not in groups:
+            raise PackError(f"{where}: a {kind} event needs a (?P<pid>...) group")
+    elif "user" not in groups:
+        raise PackError(f"{where}: the regex needs a (?P<user>...) group")
+    return EventPattern(name, kind, rx, service)
+
+
+def _check_regex(rx: str, where: str) -> set[str]:
+    try:
+        compiled = re.compile(rx.encode())
+    except (re.error, UnicodeEncodeError) as e:
+        raise PackError(f"{where}: bad regex: {e}") from None
+    return set(compiled.groupindex)
+
+
+def compile_pack(pack: Pack, prefix_name: str) -> Compiled:
+    """Join every event and watch regex of `pack` behind one prefix into a single pattern."""
+    prefix = pack.prefixes[prefix_name]
+    alts: list[str] = []
+    plans: list[tuple[str, str | None, str | None, list[str], str]] = []
+    for i, ev in enumerate(pack.events.values()):
+        tag = f"e{i}"
+        alts.append(f"(?P<{tag}>{_rename(ev.regex, tag)})")
+        plans.append((ev.name, ev.kind, ev.service, sorted(_GROUP_DEF.findall(ev.regex)), tag))
+    for i, (name, rx) in enumerate(pack.watch.items()):
+        tag = f"w{i}"
+        alts.append(f"(?P<{tag}>{_rename(rx, tag)})")
+        plans.append((f"watch:{name}", None, None, [], tag))
+    gate = f"(?={pack.gate})" if pack.gate else ""
+    source = "\\n" + prefix.regex + gate + "(?:" + "|".join(alts) + f")(?:(?!)(?P<{_NEVER}>))?"
+    try:
+        regex = re.compile(source.encode())
+    except re.error as e:  # names were checked one by one; a clash here is a pack bug
+        raise PackError(f"{', '.join(pack.sources)}: regexes cannot be joined: {e}") from None
+    gi = regex.groupindex
+    never = gi[_NEVER]
+    compiled = Compiled(pack, prefix, regex)
+    for name, kind, service, groups, tag in plans:
+        fields = tuple(gi.get(f, never) for f in PREFIX_FIELDS) + tuple(
+            gi.get(f"{tag}_{f}", never) for f in EVENT_FIELDS
+        )
+        extras = tuple((g, gi[f"{tag}_{g}"]) for g in groups if g not in EVENT_FIELDS)
+        compiled.specs[gi[tag]] = Spec(name, kind, service, fields, extras)
+    return compiled
+
+
+def _rename(rx: str, tag: str) -> str:
+    rx = _GROUP_DEF.sub(lambda m: f"(?P<{tag}_{m.group(1)}>", rx)
+    return _GROUP_REF.sub(lambda m: f"(?P={tag}_{m.group(1)})", rx)
+
+
+def detect_prefix(pack: Pack, sample: bytes) -> tuple[str | None, dict[str, int]]:
+    """Pick the prefix under which the pack understands most lines of `sample`.
+
+    Returns (name or None, matches per prefix). Falls back to the prefix that
+    merely parses most lines when no event is recognised (a quiet log).
+    """
+    text = b"\n" + sample
+    scores = {n: sum(1 for _ in compile_pack(pack, n).regex.finditer(text)) for n in pack.prefixes}
+    best = max(scores, key=lambda n: scores[n])
+    if scores[best] > 0:
+        return best, scores
+    bare = {n: len(re.findall(("\\n" + p.regex).encode(), text)) for n, p in pack.prefixes.items()}
+    best = max(bare, key=lambda n: bare[n])
+    return (best if bare[best] > 0 else None), bare

@@ -1,0 +1,33 @@
+"""Stores: SQLite (embedded default) and, for fleets, Cassandra."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from harvester.sinks.base import Store, StoreError
+
+
+def default_url() -> str:
+    """$STATE_DIRECTORY (systemd) or $XDG_STATE_HOME or ~/.local/state, then harvester/harvester.db."""
+    base = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if base:
+        d = Path(base)
+    else:
+        d = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "harvester"
+    return "sqlite:///" + str((d / "harvester.db").absolute())
+
+
+def open_store(url: str | None, *, create: bool = True) -> Store:
+    """Open the store a URL names (None: the default SQLite file)."""
+    url = url or default_url()
+    if url.startswith("sqlite:"):
+        from harvester.sinks.sqlite import SqliteStore
+
+        return SqliteStore(url, create=create)
+    if url.startswith("cassandra:"):
+        raise StoreError("the Cassandra store is not available in this version yet")
+    raise StoreError(f"unknown store URL {url!r}: use sqlite:///path.db (or cassandra://hosts/keyspace)")
+
+
+__all__ = ["Store", "StoreError", "default_url", "open_store"]

@@ -1,0 +1,134 @@
+"""The embedded store: one SQLite file, for one machine or a first try.
+
+Rows are upserted with a WHERE on the stored time, so replays, late and
+out-of-order writes never move a time backwards and applying the same logs
+twice gives the same table.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+from harvester.coalesce import Row
+from harvester.sinks.base import StoreError
+from harvester.timeparse import rfc3339
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS last_login (
+    user          TEXT    NOT NULL,
+    service       TEXT    NOT NULL,  -- imap, pop3, lmtp, submission, managesieve, webmail
+    last_login    TEXT    NOT NULL,  -- RFC 3339 UTC at the log's precision
+    last_login_us INTEGER NOT NULL,  -- the same instant, epoch microseconds (for ordering)
+    last_ip       TEXT,              -- client address; for lmtp the delivering MTA's
+    node          TEXT,              -- backend that logged it
+    PRIMARY KEY (user, service)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS last_event (
+    user      TEXT    NOT NULL,
+    kind      TEXT    NOT NULL,      -- auth_fail, aborted, refused, pop3_delete
+    service   TEXT    NOT NULL,
+    time      TEXT    NOT NULL,
+    time_us   INTEGER NOT NULL,
+    ip        TEXT,
+    node      TEXT,
+    detail    TEXT,                  -- e.g. deleted=3 messages=3
+    PRIMARY KEY (user, kind)
+) WITHOUT ROWID;
+"""
+
+UPSERT_LOGIN = """
+INSERT INTO last_login (user, service, last_login, last_login_us, last_ip, node)
+VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (user, service) DO UPDATE SET
+    last_login = excluded.last_login, last_login_us = excluded.last_login_us,
+    last_ip = excluded.last_ip, node = excluded.node
+WHERE excluded.last_login_us >= last_login.last_login_us
+"""
+
+UPSERT_EVENT = """
+INSERT INTO last_event (user, kind, service, time, time_us, ip, node, detail)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (user, kind) DO UPDATE SET
+    service = excluded.service, time = excluded.time, time_us = excluded.time_us,
+    ip = excluded.ip, node = excluded.node, detail = excluded.detail
+WHERE excluded.time_us >= last_event.time_us
+"""
+
+# What a support tool runs (also printed in the README).
+LOOKUP_SQL = """
+SELECT service, last_login, last_ip, node FROM last_login
+WHERE user = ? ORDER BY last_login_us DESC
+"""
+
+
+def path_from_url(url: str) -> Path:
+    """sqlite:///relative/path.db or sqlite:////absolute/path.db (SQLAlchemy's convention)."""
+    if not url.startswith("sqlite:///"):
+        raise StoreError(f"not a SQLite URL: {url!r} (expected sqlite:///relative.db or sqlite:////abs.db)")
+    rest = url[len("sqlite:///"):]
+    if not rest:
+        raise StoreError(f"{url!r} names no file")
+    return Path(rest)
+
+
+class SqliteStore:
+    """Last-login rows in a local SQLite file (WAL, one writer)."""
+
+    def __init__(self, url: str, *, create: bool = True) -> None:
+        self.url = url
+        self.path = path_from_url(url)
+        if not create and not self.path.exists():
+            raise StoreError(f"{self.path}: no such store (run 'harvester backfill' first, or pass --store)")
+        try:
+            if create:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(f"{self.path}: cannot open SQLite store: {e}") from None
+
+    def write(self, rows: list[Row]) -> int:
+        logins = [(r.user, r.service, rfc3339(r.time_us, r.digits), r.time_us, r.ip, r.node)
+                  for r in rows if r.kind == "login"]
+        events = [(r.user, r.kind, r.service, rfc3339(r.time_us, r.digits), r.time_us, r.ip, r.node, r.detail)
+                  for r in rows if r.kind != "login"]
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany(UPSERT_LOGIN, logins)
+            self.db.executemany(UPSERT_EVENT, events)
+            self.db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise StoreError(f"{self.path}: write failed: {e}") from None
+        return len(logins) + len(events)
+
+    def lookup(self, user: str) -> list[Row]:
+        rows = [Row(user, s, "login", t, _digits(text), ip, node)
+                for s, text, t, ip, node in self.db.execute(
+                    "SELECT service, last_login, last_login_us, last_ip, node FROM last_login "
+                    "WHERE user = ? ORDER BY last_login_us DESC, service", (user,))]
+        rows += [Row(user, s, k, t, _digits(text), ip, node, detail)
+                 for k, s, text, t, ip, node, detail in self.db.execute(
+                     "SELECT kind, service, time, time_us, ip, node, detail FROM last_event "
+                     "WHERE user = ? ORDER BY time_us DESC, kind", (user,))]
+        return rows
+
+    def export(self) -> Iterator[Row]:
+        for u, s, text, t, ip, node in self.db.execute(
+                "SELECT user, service, last_login, last_login_us, last_ip, node FROM last_login "
+                "ORDER BY user, service"):
+            yield Row(u, s, "login", t, _digits(text), ip, node)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _digits(text: str) -> int:
+    """Fractional digits of a stored RFC 3339 time (its precision)."""
+    dot = text.find(".")
+    return 0 if dot < 0 else len(text) - dot - 2

@@ -1,0 +1,282 @@
+"""Read plain and rotated (compressed) log files as blocks of complete lines.
+
+Compression is recognised by magic bytes, not by name (logrotate's
+compressext can be anything). Decompression runs in a background thread
+(zlib, bz2, lzma and zstandard release the GIL), so inflating the next
+megabytes overlaps with parsing the current ones.
+"""
+
+from __future__ import annotations
+
+import bz2
+import lzma
+import os
+import queue
+import re
+import threading
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+CHUNK = 1 << 20  # compressed bytes read at a time
+BLOCK = 4 << 20  # decompressed bytes handed to the parser at a time (roughly)
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lzma", ".z")
+
+
+class ArchiveError(Exception):
+    """The file could not be read to its end; `partial` says whether earlier lines were used."""
+
+    def __init__(self, message: str, *, partial: bool) -> None:
+        super().__init__(message)
+        self.partial = partial
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    new: Callable[[], object] | None  # a fresh decompressor, or None for plain text
+    errors: tuple[type[BaseException], ...] = ()
+
+
+def _zstd() -> object:
+    import zstandard
+
+    return zstandard.ZstdDecompressor().decompressobj()
+
+
+def _zstd_errors() -> tuple[type[BaseException], ...]:
+    try:
+        import zstandard
+    except ImportError:  # pragma: no cover - it is a dependency
+        return ()
+    return (zstandard.ZstdError,)
+
+
+PLAIN = Format("plain", None)
+FORMATS = {
+    b"\x1f\x8b": Format("gzip", lambda: zlib.decompressobj(zlib.MAX_WBITS | 16), (zlib.error,)),
+    b"BZh": Format("bzip2", bz2.BZ2Decompressor, (OSError, ValueError)),
+    b"\xfd7zXZ\x00": Format("xz", lzma.LZMADecompressor, (lzma.LZMAError,)),
+    b"\x28\xb5\x2f\xfd": Format("zstd", _zstd, _zstd_errors()),
+}
+
+
+def sniff(head: bytes) -> Format:
+    """The compression of a file, from its first bytes."""
+    for magic, fmt in FORMATS.items():
+        if head.startswith(magic):
+            return fmt
+    return PLAIN
+
+
+class Position:
+    """How far into the file (compressed bytes) the reader is: for progress bars."""
+
+    read = 0
+
+
+def raw_chunks(path: Path, chunk: int = CHUNK, position: Position | None = None) -> Iterator[bytes]:
+    """Decompressed bytes of `path`, in pieces; raises ArchiveError for damage.
+
+    Concatenated members (gzip -c a >> b, pbzip2, multi-frame zstd) are read
+    through. A file that ends inside a member is reported as truncated after
+    everything before the damage was yielded.
+    """
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed in finally, across yields
+    except OSError as e:
+        raise ArchiveError(f"cannot open: {e.strerror or e}", partial=False) from None
+    pos = position or Position()
+    try:
+        head = f.read(chunk)
+        pos.read = len(head)
+        fmt = sniff(head)
+        if fmt.new is None:
+            data = head
+            while data:
+                yield data
+                data = f.read(chunk)
+                pos.read += len(data)
+            return
+        d = fmt.new()
+        data = head
+        produced = False
+        while True:
+            if not data:
+                if not d.eof:
+                    raise ArchiveError(f"{fmt.name} data ends early (truncated archive?)", partial=produced)
+                return
+            try:
+                out = d.decompress(data)
+            except fmt.errors as e:
+                raise ArchiveError(f"corrupt {fmt.name} data: {e}", partial=produced) from None
+            if out:
+                produced = True
+                yield out
+            if d.eof:
+                rest = d.unused_data
+                if rest.strip(b"\x00"):  # another member follows (padding of NULs is not one)
+                    d = fmt.new()
+                    data = rest
+                    continue
+                data = f.read(chunk)
+                pos.read += len(data)
+                if data.strip(b"\x00"):
+                    d = fmt.new()
+                    continue
+                return
+            data = f.read(chunk)
+            pos.read += len(data)
+    except OSError as e:
+        raise ArchiveError(f"read error: {e.strerror or e}", partial=True) from None
+    finally:
+        f.close()
+
+
+def line_blocks(chunks: Iterable[bytes], *, max_line: int, on_long_line: Callable[[int], None],
+                block: int = BLOCK) -> Iterator[tuple[int, bytes]]:
+    """Regroup raw pieces into (offset, block of complete lines); the last line may lack "\\n".
+
+    A line longer than `max_line` is dropped (from its start to its newline)
+    and reported through `on_long_line(offset)`, so one endless line cannot
+    eat the memory.
+    """
+    pending: list[bytes] = []
+    size = 0
+    start = 0  # offset of pending[0] in the decompressed stream
+    skipping = False
+    pos = 0  # offset of the next raw byte
+    for piece in chunks:
+        piece_at = pos
+        pos += len(piece)
+        if skipping:
+            nl = piece.find(b"\n")
+            if nl < 0:
+                continue
+            skipping = False
+            piece = piece[nl + 1:]
+            piece_at += nl + 1
+            if not piece:
+                start = pos
+                continue
+        if not pending:
+            start = piece_at
+        pending.append(piece)
+        size += len(piece)
+        if size < block:
+            if size > max_line and b"\n" not in piece and _no_newline(pending):
+                on_long_line(start)
+                pending, size, skipping = [], 0, True
+            continue
+        data = b"".join(pending)
+        cut = data.rfind(b"\n") + 1
+        if cut == 0:
+            if size > max_line:
+                on_long_line(start)
+                pending, size, skipping = [], 0, True
+            else:
+                pending = [data]
+            continue
+        yield start, data[:cut]
+        rest = data[cut:]
+        start += cut
+        pending = [rest] if rest else []
+        size = len(rest)
+    if pending:
+        data = b"".join(pending)
+        if data:
+            yield start, data
+
+
+def _no_newline(parts: list[bytes]) -> bool:
+    return all(b"\n" not in p for p in parts)
+
+
+def prefetch(items: Iterator, depth: int = 4) -> Iterator:
+    """Run `items` in a background thread, `depth` items ahead; exceptions are re-raised here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def pump() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put((True, item))
+            q.put((True, done))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put((False, e))
+
+    t = threading.Thread(target=pump, name="harvester-read", daemon=True)
+    t.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():  # unblock the producer if the consumer stopped early
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(0.05)
+
+
+# --- which files, in which order ---------------------------------------------------------
+
+_ROTATED = re.compile(r"^(?P<base>.+?)(?:\.(?P<num>\d+)|-(?P<date>\d{8}(?:\d{2})?(?:-\d+)?))?$")
+
+
+def strip_compression(name: str) -> str:
+    """maillog.2.gz -> maillog.2"""
+    for suffix in COMPRESSED_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def rotation_key(path: Path) -> tuple:
+    """Sort key putting a rotated set oldest first.
+
+    maillog-20250101.gz < maillog-20250108 < maillog.3.gz < maillog.2.gz < maillog.1 < maillog
+    (dated names ascending, numbered ones descending, the live file last);
+    different logs are grouped by their base name.
+    """
+    m = _ROTATED.match(strip_compression(path.name))
+    base = m.group("base") if m else path.name
+    if m and m.group("date"):
+        order: tuple = (0, m.group("date"), 0)
+    elif m and m.group("num"):
+        order = (1, "", -int(m.group("num")))
+    else:
+        order = (2, "", 0)
+    return (str(path.parent), base, *order)
+
+
+def expand(patterns: Iterable[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Paths and globs -> (existing regular files oldest first, [(pattern, problem)])."""
+    import glob
+
+    files: dict[Path, None] = {}
+    problems: list[tuple[str, str]] = []
+    for pat in patterns:
+        matches = sorted(glob.glob(pat)) if glob.has_magic(pat) else [pat]
+        if not matches:
+            problems.append((pat, "no file matches"))
+        for m in matches:
+            p = Path(m)
+            if p.is_dir():
+                problems.append((m, "is a directory (give files or a glob such as DIR/maillog*)"))
+            elif not p.exists():
+                problems.append((m, "no such file"))
+            elif not os.access(p, os.R_OK):
+                problems.append((m, "permission denied"))
+            else:
+                files[p] = None
+    return sorted(files, key=rotation_key), problems

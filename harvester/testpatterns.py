@@ -1,0 +1,114 @@
+"""`harvester test-patterns FILE`: what a pattern pack makes of a log, line by line.
+
+Like fail2ban-regex for its filters: it is the tool an operator runs after
+changing login_log_format, before trusting the numbers. It reads the whole
+file through the same compiled regex the backfill uses, then classifies every
+line (slow, on purpose: this is a diagnostic, not the hot path).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+from harvester import patterns
+from harvester.backfill import make_parser
+from harvester.coalesce import Coalescer
+from harvester.config import Settings
+from harvester.sources.archive import ArchiveError, raw_chunks
+from harvester.timeparse import Clock, resolve_timezone, rfc3339
+
+SAMPLES = 5
+
+
+def report(path: Path, settings: Settings, *, max_events: int = 20, out=None) -> int:
+    """Print the report; exit status 0 if every login-like line was understood, else 1."""
+    import sys
+
+    out = out or sys.stdout
+    parser = make_parser(settings)
+    pack = parser.pack
+    chunks: list[bytes] = []
+    problem = None
+    try:
+        for piece in raw_chunks(path):
+            chunks.append(piece)
+    except ArchiveError as e:
+        problem = str(e)
+    data = b"".join(chunks)
+    print(f"file:    {path}", file=out)
+    if problem:
+        print(f"warning: {problem}; reporting on what could be read", file=out)
+    print(f"pack:    {pack.name} ({', '.join(pack.sources)})", file=out)
+    if settings.prefix != "auto":
+        prefix, scores = settings.prefix, {}
+    else:
+        prefix, scores = patterns.detect_prefix(pack, data[:64 << 10])
+    if scores:
+        print("prefix:  " + ", ".join(f"{n}={c}" for n, c in scores.items()) + " (matches in the first 64 KiB)",
+              file=out)
+    if prefix is None:
+        print("no line matches any prefix of this pack: is it a Dovecot log?", file=out)
+        return 1
+    print(f"using:   {prefix} ({pack.prefixes[prefix].description})", file=out)
+
+    compiled = patterns.compile_pack(pack, prefix)
+    bare = re.compile(("\\n" + pack.prefixes[prefix].regex).encode())
+    per_pattern: Counter = Counter()
+    unknown: list[bytes] = []
+    no_prefix: list[bytes] = []
+    counts = Counter()
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    for line in lines:
+        text = b"\n" + line
+        m = compiled.regex.match(text)
+        if m is not None:
+            spec = compiled.specs[m.lastindex]
+            if spec.kind is None:
+                counts["not understood"] += 1
+                if len(unknown) < SAMPLES:
+                    unknown.append(line)
+            else:
+                counts["matched"] += 1
+                per_pattern[spec.name] += 1
+        elif bare.match(text):
+            counts["other lines with this prefix"] += 1
+        else:
+            counts["lines without this prefix"] += 1
+            if len(no_prefix) < SAMPLES:
+                no_prefix.append(line)
+
+    print(f"\nlines:   {len(lines):,}", file=out)
+    for k in ("matched", "not understood", "other lines with this prefix", "lines without this prefix"):
+        print(f"  {k:30s} {counts[k]:>10,}", file=out)
+    print("\npatterns (kind): lines matched", file=out)
+    for name, ev in pack.events.items():
+        print(f"  {name:28s} {ev.kind:14s} {per_pattern[name]:>10,}", file=out)
+    if unknown:
+        print("\nlines that look like logins or deliveries but match no pattern (samples):", file=out)
+        for line in unknown:
+            print("  " + line.decode("utf-8", "replace"), file=out)
+    if no_prefix:
+        print("\nlines without this prefix (samples; other programs' lines are normal):", file=out)
+        for line in no_prefix:
+            print("  " + line.decode("utf-8", "replace")[:200], file=out)
+
+    sink = Coalescer(trace=True)
+    style = pack.prefixes[prefix].style
+    mtime = path.stat().st_mtime
+    parser.begin(str(path), prefix, Clock(style, resolve_timezone(settings.timezone), year=settings.year,
+                                          reference=mtime))
+    parser.feed(data, sink)
+    parser.end()
+    events = sink.events()
+    print(f"\nevents:  {len(events):,} (showing {min(max_events, len(events))})", file=out)
+    for e in events[:max_events]:
+        print(f"  {rfc3339(e.time_us, e.digits)}  {e.kind:11s} {e.service:11s} {e.user!r:32s} "
+              f"{e.ip or '-':20s} {e.detail or ''}".rstrip(), file=out)
+    rows = sink.take()
+    print(f"rows:    {sum(1 for r in rows if r.kind == 'login')} last-login rows, "
+          f"{sum(1 for r in rows if r.kind != 'login')} other-event rows would be stored", file=out)
+    return 1 if counts["not understood"] else 0

@@ -1,0 +1,1 @@
+"""Built-in pattern packs: TOML data, loaded by harvester.patterns."""
