@@ -1,0 +1,35 @@
+"""Shared fixtures: where the real Dovecot samples are, and a CLI runner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harvester import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT.parent / "shared" / "samples" / "dovecot-2.3.19"
+
+
+@pytest.fixture
+def samples() -> Path:
+    """Real Dovecot 2.3.19 output; CI has ../shared beside the checkout, so it must be there."""
+    assert SAMPLES.is_dir(), f"{SAMPLES} is missing: the golden tests need ../shared/samples"
+    return SAMPLES
+
+
+@pytest.fixture
+def store_url(tmp_path: Path) -> str:
+    return "sqlite:///" + str(tmp_path / "h.db")
+
+
+def run_cli(*args: str) -> int:
+    return cli.main(list(args))
+
+
+def export_rows(url: str, capsys) -> list[dict]:
+    capsys.readouterr()
+    assert run_cli("export", "--store", url) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
