@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harvester import patterns
+from harvester import patterns, segments
 from harvester.coalesce import Coalescer
 from harvester.config import Settings
 from harvester.parse import Networks, Parser
@@ -63,12 +63,16 @@ def run(paths: list[str], settings: Settings, store: Store, *, progress: bool | 
     sink = Coalescer()
     total = sum(_size(f) for f in files)
     bar = _progress(total, progress)
+    workers = settings.workers or segments.default_workers()
     gc_was = gc.isenabled()
     gc.disable()  # the coalescing dicts hold many small tuples; cyclic GC would rescan them all
     try:
-        for path in files:
-            status = _one_file(path, parser, sink, settings, zone, store, summary, bar)
-            summary.files.append((str(path), status))
+        if workers > 1 and total >= segments.MIN_SEGMENT:
+            _in_parallel(files, parser, sink, settings, zone, store, summary, bar, workers)
+        else:
+            for path in files:
+                status = _one_file(path, parser, sink, settings, zone, store, summary, bar)
+                summary.files.append((str(path), status))
         summary.rows_written += _flush(sink, store)
     finally:
         if gc_was:
@@ -126,6 +130,50 @@ def _one_file(path: Path, parser: Parser, sink: Coalescer, settings: Settings, z
     if bar is not None:
         bar.update(max(_size(path) - done_bytes, 0))
     return status
+
+
+def _in_parallel(files: list[Path], parser: Parser, sink: Coalescer, settings: Settings, zone, store: Store,
+                 summary: Summary, bar, workers: int) -> None:
+    """Parse segments of the files in worker processes; stitch and write them in file order."""
+    plans: list[tuple[Path, list[segments.Segment]]] = []
+    for path in files:
+        try:
+            mtime = path.stat().st_mtime
+            head = next(line_blocks(raw_chunks(path), max_line=settings.max_line_bytes,
+                                    on_long_line=lambda at: None, block=SNIFF_BYTES), (0, b""))[1]
+        except ArchiveError as e:
+            log.error("%s: %s; file skipped", path, e)
+            summary.files.append((str(path), str(e)))
+            continue
+        except OSError as e:
+            log.error("%s: cannot read: %s, skipped", path, e.strerror)
+            summary.files.append((str(path), f"cannot read: {e.strerror}"))
+            continue
+        prefix = _prefix_for(parser, settings, path, head)
+        if prefix is None:
+            summary.files.append((str(path), "no line in a known format"))
+            continue
+        style = parser.pack.prefixes[prefix].style
+        plans.append((path, segments.plan(path, prefix, style, mtime, workers)))
+    jobs = [seg for _, segs in plans for seg in segs]
+    status: dict[str, str] = {}
+    stitcher = segments.Stitcher()
+    with segments.pool(workers, parser.pack, parser.node, parser.webmail, zone, settings.year,
+                       settings.max_line_bytes) as pool:
+        for result in pool.imap(segments.parse_segment, jobs):
+            seg = result.segment
+            stitcher.apply(result, sink)
+            parser.stats.add(result.stats)
+            if result.error and seg.path not in status:
+                log.error("%s: %s; %s", seg.path, result.error,
+                          "the lines before the damage were used" if result.partial else "file skipped")
+                status[seg.path] = result.error
+            if len(sink) >= settings.flush_rows:
+                summary.rows_written += _flush(sink, store)
+            if bar is not None:
+                bar.update(_size(Path(seg.path)) // seg.count)
+                bar.set_postfix_str(Path(seg.path).name, refresh=False)
+    summary.files.extend((str(p), status.get(str(p), "ok")) for p, _ in plans)
 
 
 def _prefix_for(parser: Parser, settings: Settings, path: Path, block: bytes) -> str | None:

@@ -8,7 +8,7 @@ survivors, which is also where a user name that is not UTF-8 is caught.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from harvester.events import Event
 
@@ -17,8 +17,7 @@ from harvester.events import Event
 Value = tuple[int, int, "bytes | None", "bytes | str | None", str, "str | None"]
 
 
-@dataclass(frozen=True)
-class Row:
+class Row(NamedTuple):
     """One store row: the newest event of its kind for one account."""
 
     user: str
@@ -63,8 +62,9 @@ class Coalescer:
             except UnicodeDecodeError:
                 self.bad_users.append(user)
                 continue
-            yield Row(u, service, second if other else "login", t, digits, _text(ip, names),
-                      _text(node, names), detail)
+            yield Row(u, service, second if other else "login", t, digits,
+                      None if ip is None else names.get(ip) or _text(ip, names),
+                      None if node is None else names.get(node) or _text(node, names), detail)
 
     def events(self) -> list[Event]:
         """The traced events, decoded (invalid UTF-8 shown with replacement characters)."""

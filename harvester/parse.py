@@ -60,6 +60,17 @@ class Stats:
     not_understood_samples: list[bytes] = field(default_factory=list)
     bad: Counter = field(default_factory=Counter)  # reason -> n
 
+    def add(self, other: Stats) -> None:
+        """Sum another part's figures into these (a backfill split across processes)."""
+        self.lines += other.lines
+        self.bytes += other.bytes
+        for k, v in other.events.items():
+            self.events[k] += v
+        self.not_understood.update(other.not_understood)
+        room = 5 - len(self.not_understood_samples)
+        self.not_understood_samples.extend(other.not_understood_samples[:max(room, 0)])
+        self.bad.update(other.bad)
+
 
 class Networks:
     """Membership test for client IPs against CIDRs, cached per distinct IP text."""
@@ -107,6 +118,11 @@ class Parser:
         self._lmtp: dict[bytes, list] = {}
         # (service, pid) -> ip of the login, for events whose line has no IP (POP3 deletions).
         self._login_ip: dict[tuple[str, bytes], bytes | None] = {}
+        # Segment mode (a backfill split across processes): events whose session began in an
+        # earlier segment are kept here instead of being stored without an IP, and LMTP
+        # sessions that end here without having begun here in `ended`; see segments.py.
+        self.orphans: list | None = None
+        self.ended: dict[bytes, bytes | None] = {}
         self._join_services = {
             e.service for e in pack.events.values()
             if e.kind in OTHER_KINDS and e.service and "(?P<ip>" not in e.regex
@@ -169,13 +185,15 @@ class Parser:
         logins = sink.logins
         others = sink.others
         trace = sink.trace
+        names = _SERVICE
+        orphans = self.orphans
         for m in self._regex.finditer(text):
             kind, service, fields, extras, name = table[m.lastindex]
             if kind is None:
                 self._not_understood(text, m.start() + 1, name, offset)
                 continue
             ts, frac, tzs, host, user, svc, ip, pid, real_ip = m.group(*fields)
-            t = cache.get(ts if tzs is None else ts + tzs)
+            t = cache.get(ts) if tzs is None else cache.get(ts + tzs)
             if t is None:
                 try:
                     t = clock.seconds(ts, tzs)
@@ -188,53 +206,65 @@ class Parser:
                 t += int(frac[:6].ljust(6, b"0"))
                 digits = min(len(frac), 6)
             if svc is not None:
-                service = _SERVICE.get(svc) or svc.decode("utf-8", "replace")
+                service = names.get(svc) or svc.decode("utf-8", "replace")
             node = node_default if host is None else host
-            if ip == b"local":
-                ip = None
-            if kind is SESSION_START:
-                lmtp[pid] = [ip, []]
-                if len(lmtp) > _PID_STATE_MAX:
-                    _drop_oldest(lmtp)
-                continue
-            if kind is SESSION_END:
-                session = lmtp.pop(pid, None)
-                if session and session[0] != ip:  # XCLIENT changed the address: re-stamp deliveries
-                    for u, t0, d0, n0 in session[1]:
-                        self._put(logins, trace, DELIVERY, service, u, t0, d0, ip, n0, None)
-                continue
-            key = (user, service)
-            ck = (kind, service)
-            counts[ck] = counts.get(ck, 0) + 1
-            if not user:  # failures before a user name was known: counted, never stored
-                continue
-            if kind is DELIVERY:
+            if kind is LOGIN or kind is PROXY:
+                if webmail is not None and service == "imap":
+                    probe = real_ip or ip
+                    if probe is not None and probe in webmail:
+                        service = "webmail"
+                if service in join and pid is not None:
+                    self._remember(service, pid, ip)
+                table_ = logins
+                key = (user, service)
+            elif kind is DELIVERY:
                 if pid is not None:
                     session = lmtp.get(pid)
                     if session is not None:
                         ip = session[0]
                         if len(session[1]) < 1000:
                             session[1].append((user, t, digits, node))
+                    elif orphans is not None and pid not in lmtp:  # session began in an earlier segment
+                        counts[kind, service] = counts.get((kind, service), 0) + 1
+                        orphans.append((kind, service, user, t, digits, node, pid, None))
+                        continue
                 table_ = logins
-            elif kind is LOGIN or kind is PROXY:
-                if webmail is not None and service == "imap" and (real_ip or ip) is not None \
-                        and (real_ip or ip) in webmail:
-                    service = "webmail"
-                    key = (user, service)
-                    counts[kind, "imap"] -= 1
-                    counts[kind, service] += 1
-                if service in join and pid is not None:
-                    self._remember(service, pid, ip)
-                table_ = logins
+                key = (user, service)
+            elif kind is SESSION_START:
+                lmtp[pid] = [None if ip == b"local" else ip, []]
+                if len(lmtp) > _PID_STATE_MAX:
+                    _drop_oldest(lmtp)
+                continue
+            elif kind is SESSION_END:
+                session = lmtp.pop(pid, None)
+                if ip == b"local":
+                    ip = None
+                if session is None and orphans is not None:  # it began in an earlier segment
+                    self.ended.setdefault(pid, ip)
+                    lmtp[pid] = None  # closed: later deliveries of this pid without Connect get no IP
+                if session and session[0] != ip:  # XCLIENT changed the address: re-stamp deliveries
+                    for u, t0, d0, n0 in session[1]:
+                        self._put(logins, trace, DELIVERY, service, u, t0, d0, ip, n0, None)
+                continue
             else:
                 if ip is None and pid is not None:
                     ip = self._login_ip.get((service, pid))
-                key = (user, kind)
+                    if ip is None and orphans is not None and (service, pid) not in self._login_ip \
+                            and service in join and user:
+                        counts[kind, service] = counts.get((kind, service), 0) + 1
+                        detail = " ".join(f"{k}={m.group(i).decode('utf-8', 'replace')}" for k, i in extras)
+                        orphans.append((kind, service, user, t, digits, node, pid, detail or None))
+                        continue
                 table_ = others
-                if extras:
-                    detail = " ".join(f"{k}={m.group(i).decode('utf-8', 'replace')}" for k, i in extras)
-                    self._put(others, trace, kind, service, user, t, digits, ip, node, detail)
-                    continue
+                key = (user, kind)
+            ck = (kind, service)
+            counts[ck] = counts.get(ck, 0) + 1
+            if not user:  # failures before a user name was known: counted, never stored
+                continue
+            if extras:
+                detail = " ".join(f"{k}={m.group(i).decode('utf-8', 'replace')}" for k, i in extras)
+                self._put(table_, trace, kind, service, user, t, digits, ip, node, detail)
+                continue
             cur = table_.get(key)
             if cur is None or t >= cur[0]:
                 table_[key] = (t, digits, ip, node, service, None)

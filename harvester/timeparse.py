@@ -99,10 +99,7 @@ class Clock:
 
     def _parse(self, ts: bytes, tzs: bytes | None) -> int:
         try:
-            if self.style == "bsd":
-                dt = self._bsd(ts)
-            else:
-                dt = self._iso(ts, tzs)
+            dt = self._bsd(ts) if self.style == "bsd" else self._iso(ts, tzs)
         except (ValueError, KeyError, OverflowError) as e:
             raise TimeError(f"bad timestamp {ts!r}: {e}") from None
         return int(dt.timestamp()) * 1_000_000

@@ -11,10 +11,8 @@ from harvester.sinks.base import Store, StoreError
 def default_url() -> str:
     """$STATE_DIRECTORY (systemd) or $XDG_STATE_HOME or ~/.local/state, then harvester/harvester.db."""
     base = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
-    if base:
-        d = Path(base)
-    else:
-        d = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "harvester"
+    xdg = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "harvester"
+    d = Path(base) if base else xdg
     return "sqlite:///" + str((d / "harvester.db").absolute())
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from harvester.coalesce import Row
 from harvester.sinks.base import StoreError
-from harvester.timeparse import rfc3339
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS last_login (
@@ -38,18 +37,22 @@ CREATE TABLE IF NOT EXISTS last_event (
 ) WITHOUT ROWID;
 """
 
-UPSERT_LOGIN = """
+# RFC 3339 UTC text at the log's precision, made by SQLite from (time_us, digits): ?3 and ?4.
+_TEXT = ("strftime('%Y-%m-%dT%H:%M:%S', ?3 / 1000000, 'unixepoch') || "
+         "CASE ?4 WHEN 0 THEN '' ELSE substr(printf('.%06d', ?3 % 1000000), 1, ?4 + 1) END || 'Z'")
+
+UPSERT_LOGIN = f"""
 INSERT INTO last_login (user, service, last_login, last_login_us, last_ip, node)
-VALUES (?, ?, ?, ?, ?, ?)
+VALUES (?1, ?2, {_TEXT}, ?3, ?5, ?6)
 ON CONFLICT (user, service) DO UPDATE SET
     last_login = excluded.last_login, last_login_us = excluded.last_login_us,
     last_ip = excluded.last_ip, node = excluded.node
 WHERE excluded.last_login_us >= last_login.last_login_us
 """
 
-UPSERT_EVENT = """
+UPSERT_EVENT = f"""
 INSERT INTO last_event (user, kind, service, time, time_us, ip, node, detail)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+VALUES (?1, ?7, ?2, {_TEXT}, ?3, ?5, ?6, ?8)
 ON CONFLICT (user, kind) DO UPDATE SET
     service = excluded.service, time = excluded.time, time_us = excluded.time_us,
     ip = excluded.ip, node = excluded.node, detail = excluded.detail
@@ -87,14 +90,15 @@ class SqliteStore:
             self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA cache_size=-65536")  # 64 MiB: big batches touch many B-tree pages
             self.db.executescript(SCHEMA)
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"{self.path}: cannot open SQLite store: {e}") from None
 
     def write(self, rows: list[Row]) -> int:
-        logins = [(r.user, r.service, rfc3339(r.time_us, r.digits), r.time_us, r.ip, r.node)
-                  for r in rows if r.kind == "login"]
-        events = [(r.user, r.kind, r.service, rfc3339(r.time_us, r.digits), r.time_us, r.ip, r.node, r.detail)
+        # Key order makes the B-tree inserts sequential: about twice as fast for large batches.
+        logins = sorted((r.user, r.service, r.time_us, r.digits, r.ip, r.node) for r in rows if r.kind == "login")
+        events = [(r.user, r.service, r.time_us, r.digits, r.ip, r.node, r.kind, r.detail)
                   for r in rows if r.kind != "login"]
         try:
             self.db.execute("BEGIN IMMEDIATE")

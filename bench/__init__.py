@@ -1,0 +1,1 @@
+"""Benchmarks: figures with references measured in the same run (see bench/run)."""

@@ -1,0 +1,277 @@
+"""Split a backfill across processes: each parses one segment of a file, the parent stitches.
+
+Parsing is CPU-bound Python, so one process is one core. A file is cut into
+segments (plain files by byte range; compressed ones by how far into the
+compressed bytes the reader is, so every worker decompresses from the start
+and cuts at the same place without any coordination). Each worker parses its
+segment with a fresh Parser and returns the coalesced rows, plus what it could
+not know: deliveries whose LMTP Connect line was in an earlier segment, LMTP
+sessions that ended here but began before, and the sessions still open at its
+end. The parent applies segments in file order, so the result is the same as
+one sequential pass (one exception: two events of the same account and
+service in the same microsecond on both sides of a cut, where the sequential
+pass would pick by line order and this one picks the non-orphan).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harvester.coalesce import Coalescer
+from harvester.events import DELIVERY
+from harvester.parse import Parser, Problem, Stats
+from harvester.sources.archive import (
+    CHUNK,
+    ArchiveError,
+    Position,
+    line_blocks,
+    prefetch,
+    raw_chunks,
+    sniff,
+)
+from harvester.timeparse import Clock
+
+log = logging.getLogger(__name__)
+MIN_SEGMENT = 16 << 20  # compressed or plain bytes; smaller files are one segment
+
+
+@dataclass(frozen=True)
+class Segment:
+    path: str
+    index: int  # k of `count`
+    count: int
+    prefix: str
+    style: str
+    mtime: float
+
+
+@dataclass
+class Result:
+    """What one worker found in one segment."""
+
+    segment: Segment
+    logins: dict
+    others: dict
+    orphans: list
+    ended: dict
+    open_sessions: dict
+    login_ip: dict
+    stats: Stats
+    problems: dict[str, Problem]
+    bad_users: list[bytes]
+    error: str | None = None
+    partial: bool = True
+
+
+def plan(path: Path, prefix: str, style: str, mtime: float, workers: int) -> list[Segment]:
+    """Cut a file into up to `workers` segments of at least MIN_SEGMENT bytes."""
+    size = path.stat().st_size
+    count = max(1, min(workers, size // MIN_SEGMENT))
+    return [Segment(str(path), k, count, prefix, style, mtime) for k in range(count)]
+
+
+def _bounded_pieces(seg: Segment) -> Iterator[tuple[int, bytes]]:
+    """(decompressed offset, bytes) of exactly the lines this segment owns.
+
+    A segment owns the lines that start at decompressed offsets in [lo, hi).
+    For a compressed file, lo and hi are the offsets of the first decompressed
+    piece produced once the compressed position reached k/n of the file: every
+    worker reads the same way, so neighbours agree on the cut.
+    """
+    path = Path(seg.path)
+    size = path.stat().st_size
+    lo_c, hi_c = seg.index * size // seg.count, (seg.index + 1) * size // seg.count
+    last = seg.index + 1 == seg.count
+    with open(path, "rb") as f:
+        plain = sniff(f.read(8)).new is None
+    if plain:
+        hi = None if last else hi_c
+        start = max(lo_c - 1, 0)
+        stream = ((at, piece, lo_c, hi) for at, piece in _plain_from(path, start))
+    else:
+        stream = _compressed(path, lo_c, None if last else hi_c)
+    return _owned(stream)
+
+
+def _compressed(path: Path, lo_c: int, hi_c: int | None) -> Iterator[tuple[int, bytes, int | None, int | None]]:
+    pos = Position()
+    at = 0
+    lo = 0 if lo_c == 0 else None
+    hi = None
+    for piece in raw_chunks(path, CHUNK, pos):
+        if lo is None and pos.read >= lo_c:
+            lo = at
+        if hi_c is not None and hi is None and pos.read >= hi_c:
+            hi = at
+        yield at, piece, lo, hi
+        at += len(piece)
+
+
+def _owned(stream: Iterator[tuple[int, bytes, int | None, int | None]]) -> Iterator[tuple[int, bytes]]:
+    state = "seek"  # seek -> (skip to newline) -> in -> done
+    last = b"\n"  # the byte before the current piece
+    lo_at = 0
+    for at, piece, lo, hi in stream:
+        i = 0
+        if state == "seek":
+            if lo is None or at + len(piece) <= lo:
+                last = piece[-1:] or last
+                continue
+            lo_at = lo
+            i = lo - at
+            before = piece[i - 1:i] if i > 0 else last
+            state = "in" if before == b"\n" else "skip"
+        if state == "skip":
+            nl = piece.find(b"\n", i)
+            if nl < 0:
+                last = piece[-1:] or last
+                continue
+            i, state = nl + 1, "in"
+        if hi is not None:
+            if hi <= lo_at or at + i >= hi and (i > 0 or last == b"\n"):
+                return  # nothing (more) starts before hi
+            j = hi - 1 - at
+            if j < i:
+                if last == b"\n":
+                    return
+                j = i
+            nl = piece.find(b"\n", j)
+            if nl >= 0:
+                yield at + i, piece[i:nl + 1]
+                return
+        if i < len(piece):
+            yield at + i, piece[i:]
+        last = piece[-1:] or last
+
+
+def _plain_from(path: Path, start: int) -> Iterator[tuple[int, bytes]]:
+    with open(path, "rb") as f:
+        f.seek(start)
+        at = start
+        while True:
+            data = f.read(CHUNK)
+            if not data:
+                return
+            yield at, data
+            at += len(data)
+
+
+def _pieces_only(pieces: Iterator[tuple[int, bytes]], first: list[int]) -> Iterator[bytes]:
+    for at, piece in pieces:
+        if not first:
+            first.append(at)
+        yield piece
+
+
+# --- the worker --------------------------------------------------------------------------
+
+_STATE: dict = {}
+
+
+def _init(pack, node, webmail, zone, year, max_line) -> None:
+    _STATE.update(pack=pack, node=node, webmail=webmail, zone=zone, year=year, max_line=max_line)
+
+
+def parse_segment(seg: Segment) -> Result:
+    """Worker entry point: parse one segment, return what the parent needs to stitch."""
+    s = _STATE
+    parser = Parser(s["pack"], node=s["node"], webmail=s["webmail"])
+    parser.orphans = []
+    sink = Coalescer()
+    parser.begin(f"{seg.path} (part {seg.index + 1}/{seg.count})" if seg.count > 1 else seg.path,
+                 seg.prefix, Clock(seg.style, s["zone"], year=s["year"], reference=seg.mtime))
+    first: list[int] = []
+    error, partial = None, True
+    try:
+        pieces = _pieces_only(prefetch(_bounded_pieces(seg)), first)
+        blocks = line_blocks(pieces, max_line=s["max_line"],
+                             on_long_line=lambda at: parser.problem("long_line", at, b"(not shown)"))
+        for offset, block in blocks:
+            parser.feed(block, sink, offset + (first[0] if first else 0))
+    except ArchiveError as e:
+        error, partial = str(e), e.partial
+    except OSError as e:
+        error, partial = f"read error: {e.strerror or e}", True
+    problems = parser.end()
+    return Result(seg, sink.logins, sink.others, parser.orphans, parser.ended,
+                  {k: v for k, v in parser._lmtp.items() if v is not None}, parser._login_ip,
+                  parser.stats, problems, sink.bad_users, error, partial)
+
+
+# --- the parent --------------------------------------------------------------------------
+
+@dataclass
+class Stitcher:
+    """Carries LMTP and POP3 session state from one segment (and file) to the next."""
+
+    open_sessions: dict = field(default_factory=dict)
+    login_ip: dict = field(default_factory=dict)
+
+    def apply(self, r: Result, sink: Coalescer) -> None:
+        logins, others = sink.logins, sink.others
+        for kind, service, user, t, digits, node, pid, detail in r.orphans:
+            if kind == DELIVERY:
+                session = self.open_sessions.get(pid)
+                ip = session[0] if session else None
+                if pid in r.ended:
+                    ip = r.ended[pid] if session else None
+                elif session is not None:
+                    session[1].append((user, t, digits, node))
+                _put(logins, (user, service), (t, digits, ip, node, service, None))
+            else:
+                ip = self.login_ip.get((service, pid))
+                _put(others, (user, kind), (t, digits, ip, node, service, detail))
+        for pid, ip in r.ended.items():
+            session = self.open_sessions.pop(pid, None)
+            if session and session[0] != ip:
+                for user, t, digits, node in session[1]:
+                    _put(logins, (user, "lmtp"), (t, digits, ip, node, "lmtp", None))
+        _merge(logins, r.logins)
+        _merge(others, r.others)
+        sink.bad_users.extend(r.bad_users)
+        self.open_sessions.update(r.open_sessions)
+        self.login_ip.update(r.login_ip)
+        for d in (self.open_sessions, self.login_ip):
+            if len(d) > 100_000:
+                for k in list(d)[: len(d) // 2]:
+                    del d[k]
+
+
+def _put(table: dict, key, value) -> None:
+    cur = table.get(key)
+    if cur is None or value[0] >= cur[0]:
+        table[key] = value
+
+
+def _merge(into: dict, later: dict) -> None:
+    """Rows of a later segment win ties; iterate the smaller side."""
+    if len(later) >= len(into):
+        for k, v in into.items():
+            cur = later.get(k)
+            if cur is None or v[0] > cur[0]:
+                later[k] = v
+        into.clear()
+        into.update(later)
+    else:
+        for k, v in later.items():
+            cur = into.get(k)
+            if cur is None or v[0] >= cur[0]:
+                into[k] = v
+
+
+def pool(workers: int, pack, node, webmail, zone, year, max_line):
+    """A process pool whose workers hold the pack (forked, so nothing is pickled per task)."""
+    ctx = multiprocessing.get_context("fork")
+    return ctx.Pool(workers, initializer=_init, initargs=(pack, node, webmail, zone, year, max_line))
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
