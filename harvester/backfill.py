@@ -101,6 +101,7 @@ def _one_file(path: Path, parser: Parser, sink: Coalescer, settings: Settings, z
     status = "ok"
     done_bytes = 0
     first = True
+    parser.name(str(path))
     position = Position()
     blocks = line_blocks(raw_chunks(path, position=position), max_line=settings.max_line_bytes,
                          on_long_line=lambda at: parser.problem("long_line", at, b"(not shown)"))
@@ -125,8 +126,7 @@ def _one_file(path: Path, parser: Parser, sink: Coalescer, settings: Settings, z
         log.error("%s: %s; %s", path, e,
                   "the lines before the damage were used" if e.partial else "file skipped")
         status = str(e)
-    if not first:
-        parser.end()
+    parser.end()
     if bar is not None:
         bar.update(max(_size(path) - done_bytes, 0))
     return status

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -142,13 +143,16 @@ class Parser:
         self._regex = compiled.regex
         self._clock = clock
         self._file = name
-        self.problems = {}
+
+    def name(self, name: str) -> None:
+        """Name the file that problems are reported against (before its first line is parsed)."""
+        self._file = name
 
     def end(self) -> dict[str, Problem]:
         """Finish the current file: log one clear line per kind of bad input, return them."""
         for reason, p in self.problems.items():
             log.warning("%s: %d %s, skipped (first at byte %d: %r)", self._file, p.count,
-                        _REASONS.get(reason, reason), p.first_offset, p.sample[:120])
+                        _REASONS.get(reason, reason), p.first_offset, p.sample[:160])
         problems, self.problems = self.problems, {}
         return problems
 
@@ -302,7 +306,8 @@ class Parser:
         pos = 0
         for i, line in enumerate(lines):
             if b"\x00" in line:
-                self.problem("nul", offset + pos, line.replace(b"\x00", b"\\0")[:120])
+                shown = _NULS.sub(lambda m: b"<%d NUL bytes>" % len(m.group()), line)
+                self.problem("nul", offset + pos, shown[:160])
                 lines[i] = line[line.rindex(b"\x00") + 1:]
             pos += len(line) + 1
         return b"\n".join(lines)
@@ -315,6 +320,9 @@ _REASONS = {
     "long_line": "line(s) longer than max_line_bytes",
     "not_understood": "line(s) that look like logins or deliveries but match no pattern",
 }
+
+
+_NULS = re.compile(rb"\x00+")
 
 
 def _line(text: bytes, start: int) -> bytes:

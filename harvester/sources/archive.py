@@ -147,7 +147,19 @@ def line_blocks(chunks: Iterable[bytes], *, max_line: int, on_long_line: Callabl
     start = 0  # offset of pending[0] in the decompressed stream
     skipping = False
     pos = 0  # offset of the next raw byte
-    for piece in chunks:
+    pieces = iter(chunks)
+    while True:
+        try:
+            piece = next(pieces)
+        except StopIteration:
+            break
+        except ArchiveError:
+            # Damage further on: hand over the complete lines read before it, then report.
+            data = b"".join(pending)
+            cut = data.rfind(b"\n") + 1
+            if cut:
+                yield start, data[:cut]
+            raise
         piece_at = pos
         pos += len(piece)
         if skipping:
@@ -178,7 +190,7 @@ def line_blocks(chunks: Iterable[bytes], *, max_line: int, on_long_line: Callabl
             else:
                 pending = [data]
             continue
-        yield start, data[:cut]
+        yield start, _drop_long_lines(data[:cut], start, max_line, on_long_line)
         rest = data[cut:]
         start += cut
         pending = [rest] if rest else []
@@ -186,7 +198,33 @@ def line_blocks(chunks: Iterable[bytes], *, max_line: int, on_long_line: Callabl
     if pending:
         data = b"".join(pending)
         if data:
-            yield start, data
+            yield start, _drop_long_lines(data, start, max_line, on_long_line)
+
+
+def _drop_long_lines(block: bytes, start: int, max_line: int, report: Callable[[int], None]) -> bytes:
+    """Cut out lines longer than `max_line` from a block of complete lines.
+
+    Jumps from newline to the last newline within the next max_line bytes, so
+    a block costs about len(block) / max_line memrchr calls.
+    """
+    if len(block) <= max_line:
+        return block
+    keep: list[bytes] = []
+    i = kept_from = 0
+    end = len(block)
+    while end - i > max_line:
+        j = block.rfind(b"\n", i, i + max_line + 1)
+        if j >= 0:
+            i = j + 1
+            continue
+        nl = block.find(b"\n", i)  # a long line runs from i to nl
+        report(start + i)
+        keep.append(block[kept_from:i])
+        i = kept_from = nl + 1
+    if not keep:
+        return block
+    keep.append(block[kept_from:])
+    return b"".join(keep)
 
 
 def _no_newline(parts: list[bytes]) -> bool:
