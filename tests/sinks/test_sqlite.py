@@ -1,0 +1,63 @@
+"""The embedded store: times never move backwards, replays change nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from harvester.coalesce import Row
+from harvester.sinks import StoreError, open_store
+from harvester.sinks.sqlite import path_from_url
+
+
+def row(t: int, ip: str = "192.0.2.1", user: str = "jane", service: str = "imap", kind: str = "login") -> Row:
+    return Row(user, service, kind, t, 0, ip, "mx1")
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = open_store("sqlite:///" + str(tmp_path / "h.db"))
+    yield s
+    s.close()
+
+
+def test_urls_follow_sqlalchemy():
+    assert str(path_from_url("sqlite:///rel/h.db")) == "rel/h.db"
+    assert str(path_from_url("sqlite:////var/lib/h.db")) == "/var/lib/h.db"
+    with pytest.raises(StoreError):
+        path_from_url("sqlite://h.db")
+
+
+def test_an_older_write_never_moves_the_time_backwards(store):
+    store.write([row(2_000_000, "192.0.2.2")])
+    store.write([row(1_000_000, "192.0.2.1")])
+    assert [(r.time_us, r.ip) for r in store.lookup("jane")] == [(2_000_000, "192.0.2.2")]
+
+
+def test_equal_time_the_later_write_wins_and_replay_is_idempotent(store):
+    store.write([row(5_000_000, "192.0.2.1")])
+    store.write([row(5_000_000, "192.0.2.9")])
+    assert store.lookup("jane")[0].ip == "192.0.2.9"
+    before = list(store.export())
+    store.write([row(5_000_000, "192.0.2.9")])
+    assert list(store.export()) == before
+
+
+def test_lookup_is_newest_first_and_keeps_other_events_apart(store):
+    store.write([row(1_000_000, service="pop3"), row(3_000_000, service="lmtp"), row(2_000_000),
+                 row(4_000_000, kind="auth_fail")])
+    rows = store.lookup("jane")
+    assert [(r.kind, r.service) for r in rows] == [("login", "lmtp"), ("login", "imap"), ("login", "pop3"),
+                                                   ("auth_fail", "imap")]
+    assert len(list(store.export())) == 3
+
+
+def test_time_text_keeps_the_precision(store):
+    store.write([Row("a", "imap", "login", 1_795_312_323_242_533, 6, None, None),
+                 Row("b", "imap", "login", 1_795_312_323_000_000, 0, None, None)])
+    texts = dict(store.db.execute("SELECT user, last_login FROM last_login").fetchall())
+    assert texts == {"a": "2026-11-22T01:52:03.242533Z", "b": "2026-11-22T01:52:03Z"}
+
+
+def test_missing_store_for_lookup_says_what_to_do(tmp_path):
+    with pytest.raises(StoreError, match="run 'harvester backfill' first"):
+        open_store("sqlite:///" + str(tmp_path / "none.db"), create=False)

@@ -1,0 +1,98 @@
+"""Reading plain and compressed files: same lines whatever the compression, damage reported."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import lzma
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from harvester.sources.archive import ArchiveError, expand, line_blocks, prefetch, raw_chunks, rotation_key
+
+BODY = b"".join(b"line %d " % i + b"x" * (i % 50) + b"\n" for i in range(20000))
+COMPRESS = {"": bytes, ".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress,
+            ".zst": lambda b: zstandard.ZstdCompressor().compress(b)}
+
+
+def blocks(path: Path, max_line: int = 1 << 20, block: int = 64 << 10) -> tuple[bytes, list[int]]:
+    long: list[int] = []
+    out = b"".join(b for _, b in line_blocks(raw_chunks(path, 4096), max_line=max_line, on_long_line=long.append,
+                                             block=block))
+    return out, long
+
+
+@pytest.mark.parametrize("suffix", list(COMPRESS))
+def test_every_compression_gives_the_same_lines(tmp_path, suffix):
+    p = tmp_path / f"maillog.1{suffix}"
+    p.write_bytes(COMPRESS[suffix](BODY))
+    assert blocks(p)[0] == BODY
+
+
+def test_blocks_end_on_line_boundaries_and_keep_a_last_line_without_newline(tmp_path):
+    p = tmp_path / "maillog"
+    p.write_bytes(BODY + b"tail without newline")
+    parts = list(line_blocks(raw_chunks(p, 1000), max_line=1 << 20, on_long_line=print, block=10_000))
+    assert all(b.endswith(b"\n") for _, b in parts[:-1])
+    assert parts[-1][1].endswith(b"tail without newline")
+    assert all(off == sum(len(b) for _, b in parts[:i]) for i, (off, _) in enumerate(parts))
+
+
+def test_concatenated_gzip_members_are_read_through(tmp_path):
+    p = tmp_path / "maillog.gz"
+    p.write_bytes(gzip.compress(BODY[:1000]) + gzip.compress(BODY[1000:]))
+    assert blocks(p)[0] == BODY
+
+
+def test_truncated_gzip_yields_the_lines_before_the_damage_then_raises(tmp_path):
+    data = gzip.compress(BODY)
+    p = tmp_path / "maillog.gz"
+    p.write_bytes(data[: len(data) // 2])
+    got = []
+    with pytest.raises(ArchiveError) as e:
+        for _, b in line_blocks(raw_chunks(p, 4096), max_line=1 << 20, on_long_line=print, block=64 << 10):
+            got.append(b)
+    assert e.value.partial and "truncated" in str(e.value)
+    text = b"".join(got)
+    assert text and BODY.startswith(text) and text.endswith(b"\n")
+
+
+def test_missing_file_is_an_archive_error_with_nothing_read(tmp_path):
+    with pytest.raises(ArchiveError) as e:
+        list(raw_chunks(tmp_path / "nope"))
+    assert not e.value.partial
+
+
+def test_line_longer_than_max_line_is_dropped_and_reported(tmp_path):
+    p = tmp_path / "maillog"
+    p.write_bytes(b"a\n" + b"x" * 300_000 + b"\nb\n" + b"y" * 50_000 + b"\nc\n")
+    out, long = blocks(p, max_line=100_000, block=64 << 10)
+    assert out == b"a\nb\n" + b"y" * 50_000 + b"\nc\n"
+    assert long == [2]
+
+
+def test_rotated_set_is_ordered_oldest_first():
+    names = ["maillog", "maillog.1", "maillog.2.gz", "maillog-20250108.xz", "maillog-20250101.bz2"]
+    assert [p.name for p in sorted(map(Path, names), key=rotation_key)] == [
+        "maillog-20250101.bz2", "maillog-20250108.xz", "maillog.2.gz", "maillog.1", "maillog"]
+
+
+def test_expand_reports_missing_files_and_directories_without_raising(tmp_path):
+    (tmp_path / "maillog").write_bytes(b"x\n")
+    files, problems = expand([str(tmp_path / "mail*"), str(tmp_path / "nope"), str(tmp_path)])
+    assert files == [tmp_path / "maillog"]
+    assert {why for _, why in problems} == {"no such file", "is a directory (give files or a glob such as "
+                                                               "DIR/maillog*)"}
+
+
+def test_prefetch_hands_a_producer_error_to_the_consumer():
+    def produce():
+        yield 1
+        raise ArchiveError("boom", partial=True)
+
+    it = prefetch(produce())
+    assert next(it) == 1
+    with pytest.raises(ArchiveError, match="boom"):
+        next(it)
