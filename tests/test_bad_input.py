@@ -111,3 +111,24 @@ def test_unknown_login_shape_is_counted_as_not_understood(tmp_path, store_url, c
     f.write_bytes(login(1) + b"Nov 22 01:54:00 vm dovecot: imap-login: Login: usr=<x> from 1.2.3.4\n")
     assert backfill(store_url, f) == 0
     assert "lines not understood: 1" in capsys.readouterr().err
+
+
+def test_permission_denied_even_as_root_via_the_open_seam(tmp_path, store_url, capsys, monkeypatch):
+    """The same scenario where tests run as root: the file opens with EACCES."""
+    from harvester.sources import archive
+
+    locked = tmp_path / "maillog.1"
+    locked.write_bytes(login(2))
+    good = tmp_path / "maillog"
+    good.write_bytes(login(1))
+    real_open = open
+
+    def guarded(path, *a, **k):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(archive, "open", guarded, raising=False)
+    assert run_cli("backfill", "--store", store_url, "--year", "2026", "--workers", "1", str(locked), str(good)) == 1
+    assert f"{locked}: cannot open: Permission denied" in capsys.readouterr().err
+    assert users(store_url, capsys) == {"u1"}
