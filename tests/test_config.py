@@ -50,3 +50,10 @@ def test_every_setting_is_documented_in_the_readme():
     readme = (config.Path(__file__).parent.parent / "README.md").read_text()
     for opt in config.OPTIONS:
         assert f"`{opt.key}`" in readme, opt.key
+
+
+def test_shipped_example_config_is_valid(tmp_path):
+    example = config.Path(__file__).parent.parent / "deploy" / "harvester.toml.example"
+    s = config.Settings()
+    config.load_file(s, example)
+    assert s.webmail_networks and s.store.startswith("sqlite:////")
