@@ -106,7 +106,9 @@ def _one_file(path: Path, parser: Parser, sink: Coalescer, settings: Settings, z
     blocks = line_blocks(raw_chunks(path, position=position), max_line=settings.max_line_bytes,
                          on_long_line=lambda at: parser.problem("long_line", at, b"(not shown)"))
     try:
-        for offset, block in prefetch(blocks):
+        # Each block carries how far the reader was when it was cut, so the bar follows the parser.
+        tagged = ((offset, block, position.read) for offset, block in blocks)
+        for offset, block, read in prefetch(tagged):
             if first:
                 first = False
                 prefix = _prefix_for(parser, settings, path, block)
@@ -118,10 +120,10 @@ def _one_file(path: Path, parser: Parser, sink: Coalescer, settings: Settings, z
             parser.feed(block, sink, offset)
             if len(sink) >= settings.flush_rows:
                 summary.rows_written += _flush(sink, store)
-            if bar is not None and position.read > done_bytes:
-                bar.update(position.read - done_bytes)
+            if bar is not None and read > done_bytes:
+                bar.update(read - done_bytes)
                 bar.set_postfix_str(path.name, refresh=False)
-                done_bytes = position.read
+                done_bytes = read
     except ArchiveError as e:
         log.error("%s: %s; %s", path, e,
                   "the lines before the damage were used" if e.partial else "file skipped")

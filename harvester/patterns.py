@@ -163,42 +163,36 @@ def _table(data: dict, key: str, src: str) -> dict:
     return t
 
 
-def _prefix(name: str, p: object, src: str) -> Prefix:
-    where = f"{src}: prefixes.{name}"
-    if not isinstance(p, dict):
+def _entry(table: str, name: str, entry: object, src: str, keys: set[str], choice: str,
+           choices) -> tuple[str, str, set[str], dict]:
+    """Checks shared by prefixes and events: a table with known keys, a choice, a regex."""
+    where = f"{src}: {table}.{name}"
+    if not isinstance(entry, dict):
         raise PackError(f"{where} must be a table")
-    unknown = set(p) - {"regex", "style", "description"}
+    unknown = set(entry) - keys
     if unknown:
         raise PackError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
-    style = p.get("style")
-    if style not in STYLES:
-        raise PackError(f"{where}: style must be one of {', '.join(STYLES)}, not {style!r}")
-    rx = p.get("regex")
+    if entry.get(choice) not in choices:
+        raise PackError(f"{where}: {choice} must be one of {', '.join(sorted(choices))}, not {entry.get(choice)!r}")
+    rx = entry.get("regex")
     if not isinstance(rx, str):
         raise PackError(f"{where}: regex is missing")
-    groups = _check_regex(rx, where)
+    return where, rx, _check_regex(rx, where), entry
+
+
+def _prefix(name: str, p: object, src: str) -> Prefix:
+    where, rx, groups, p = _entry("prefixes", name, p, src, {"regex", "style", "description"}, "style", STYLES)
     if "ts" not in groups:
         raise PackError(f"{where}: the regex needs a (?P<ts>...) group")
     bad = groups - set(PREFIX_FIELDS)
     if bad:
         raise PackError(f"{where}: prefix groups may only be {', '.join(PREFIX_FIELDS)}, not {', '.join(bad)}")
-    return Prefix(name, style, rx, str(p.get("description", "")))
+    return Prefix(name, p["style"], rx, str(p.get("description", "")))
 
 
 def _event(name: str, e: object, src: str) -> EventPattern:
-    where = f"{src}: events.{name}"
-    if not isinstance(e, dict):
-        raise PackError(f"{where} must be a table")
-    unknown = set(e) - {"regex", "kind", "service"}
-    if unknown:
-        raise PackError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
-    kind = e.get("kind")
-    if kind not in KINDS:
-        raise PackError(f"{where}: kind must be one of {', '.join(sorted(KINDS))}, not {kind!r}")
-    rx = e.get("regex")
-    if not isinstance(rx, str):
-        raise PackError(f"{where}: regex is missing")
-    groups = _check_regex(rx, where)
+    where, rx, groups, e = _entry("events", name, e, src, {"regex", "kind", "service"}, "kind", KINDS)
+    kind = e["kind"]
     clash = groups & set(PREFIX_FIELDS)
     if clash:
         raise PackError(f"{where}: groups {', '.join(sorted(clash))} belong to the prefix")
