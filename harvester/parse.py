@@ -265,8 +265,8 @@ class Parser:
             counts[ck] = counts.get(ck, 0) + 1
             if not user:  # failures before a user name was known: counted, never stored
                 continue
-            if extras:
-                detail = " ".join(f"{k}={m.group(i).decode('utf-8', 'replace')}" for k, i in extras)
+            if extras and (table_ is others or trace is not None):  # a login row keeps no detail
+                detail = " ".join(f"{k}={(m.group(i) or b'').decode('utf-8', 'replace')}" for k, i in extras)
                 self._put(table_, trace, kind, service, user, t, digits, ip, node, detail)
                 continue
             cur = table_.get(key)
