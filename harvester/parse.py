@@ -265,15 +265,17 @@ class Parser:
             counts[ck] = counts.get(ck, 0) + 1
             if not user:  # failures before a user name was known: counted, never stored
                 continue
+            detail = None
             if extras and (table_ is others or trace is not None):  # a login row keeps no detail
                 detail = " ".join(f"{k}={(m.group(i) or b'').decode('utf-8', 'replace')}" for k, i in extras)
-                self._put(table_, trace, kind, service, user, t, digits, ip, node, detail)
-                continue
+                if table_ is others:
+                    self._put(others, trace, kind, service, user, t, digits, ip, node, detail)
+                    continue
             cur = table_.get(key)
             if cur is None or t >= cur[0]:
                 table_[key] = (t, digits, ip, node, service, None)
             if trace is not None:
-                trace.append((kind, service, user, t, digits, ip, node, None))
+                trace.append((kind, service, user, t, digits, ip, node, detail))
 
     @staticmethod
     def _put(table: dict, trace: list | None, kind: str, service: str, user: bytes, t: int, digits: int,
