@@ -7,10 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from harvester import cli
+from harvester import cli, config
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT.parent / "shared" / "samples" / "dovecot-2.3.19"
+
+
+@pytest.fixture(autouse=True)
+def no_site_config(monkeypatch, tmp_path):
+    """Neither $HARVESTER_CONFIG nor /etc/harvester/harvester.toml of the machine may leak into a test."""
+    monkeypatch.delenv("HARVESTER_CONFIG", raising=False)
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", tmp_path / "no-such-config.toml")
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from harvester import cli, config
+from harvester import cli
 
 SAMPLES = Path(__file__).resolve().parent.parent.parent / "shared" / "samples" / "dovecot-2.3.19"
 SAMPLE_LOGS = ("logpath-default.log", "logpath-usecs.log", "syslog-rfc3339.log", "syslog-traditional.log")
@@ -22,13 +22,6 @@ LOGIN = "Nov 22 01:53:{s:02d} vm dovecot: imap-login: Login: user=<{user}>, meth
 
 def login(user: str, i: int = 1) -> bytes:
     return LOGIN.format(s=i % 60, user=user, ip=i % 250 + 1, pid=1000 + i).encode()
-
-
-@pytest.fixture(autouse=True)
-def no_site_config(monkeypatch, tmp_path):
-    """Neither $HARVESTER_CONFIG nor /etc/harvester/harvester.toml of the machine may leak into a test."""
-    monkeypatch.delenv("HARVESTER_CONFIG", raising=False)
-    monkeypatch.setattr(config, "DEFAULT_CONFIG", tmp_path / "no-such-config.toml")
 
 
 @pytest.fixture
