@@ -114,3 +114,15 @@ def test_older_line_after_a_newer_one_changes_nothing():
 def test_unknown_login_shape_is_counted_not_guessed():
     parser, sink = parse(L("imap-login: Login: usr=<x> from 1.2.3.4"))
     assert parser.stats.not_understood["login"] == 1 and not sink.logins
+
+
+def test_a_client_chosen_user_name_cannot_choose_the_stored_ip():
+    _, sink = parse(L("imap-login: Disconnected: Connection closed (auth failed, 1 attempts in 2 secs): "
+                      "user=<victim>, rip=203.0.113.66>, method=PLAIN, rip=198.51.100.1, lip=10.0.0.1, session=<s>"))
+    assert rows(sink) == {("victim>, rip=203.0.113.66", "auth_fail"): ("198.51.100.1", "attempts=1")}
+
+
+def test_2_2_early_lmtp_shape_joins_its_session():
+    _, sink = parse(L("lmtp(123): Connect from 192.0.2.7")
+                    + L("lmtp(123, bob): Info: ABC: msgid=<x@y>: saved mail to INBOX"))
+    assert rows(sink) == {("bob", "lmtp"): ("192.0.2.7", None)}

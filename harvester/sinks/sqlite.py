@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
+from operator import itemgetter
 from pathlib import Path
 
 from harvester.coalesce import Row
@@ -97,7 +98,9 @@ class SqliteStore:
 
     def write(self, rows: list[Row]) -> int:
         # Key order makes the B-tree inserts sequential: about twice as fast for large batches.
-        logins = sorted((r.user, r.service, r.time_us, r.digits, r.ip, r.node) for r in rows if r.kind == "login")
+        # Stable on the key alone, so two rows of one key keep their order (the later one wins).
+        logins = sorted(((r.user, r.service, r.time_us, r.digits, r.ip, r.node) for r in rows if r.kind == "login"),
+                        key=_key)
         events = [(r.user, r.service, r.time_us, r.digits, r.ip, r.node, r.kind, r.detail)
                   for r in rows if r.kind != "login"]
         try:
@@ -130,6 +133,9 @@ class SqliteStore:
 
     def close(self) -> None:
         self.db.close()
+
+
+_key = itemgetter(0, 1)
 
 
 def _digits(text: str) -> int:

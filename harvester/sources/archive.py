@@ -9,6 +9,7 @@ megabytes overlaps with parsing the current ones.
 from __future__ import annotations
 
 import bz2
+import logging
 import lzma
 import os
 import queue
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 CHUNK = 1 << 20  # compressed bytes read at a time
 BLOCK = 4 << 20  # decompressed bytes handed to the parser at a time (roughly)
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lzma", ".z")
@@ -116,22 +118,31 @@ def raw_chunks(path: Path, chunk: int = CHUNK, position: Position | None = None)
                 yield out
             if d.eof:
                 rest = d.unused_data
-                if rest.strip(b"\x00"):  # another member follows (padding of NULs is not one)
-                    d = fmt.new()
-                    data = rest
-                    continue
-                data = f.read(chunk)
-                pos.read += len(data)
-                if data.strip(b"\x00"):
-                    d = fmt.new()
-                    continue
-                return
+                if len(rest) < 8:  # too short to tell a member's magic from garbage
+                    more = f.read(chunk)
+                    pos.read += len(more)
+                    rest += more
+                if not rest.strip(b"\x00"):  # the end, or padding of NULs
+                    return
+                if sniff(rest) is not fmt:  # not another member: gzip -d calls it trailing garbage
+                    log.warning("%s: %d bytes of trailing garbage after the %s data, ignored",
+                                path, len(rest) + _rest_size(f), fmt.name)
+                    return
+                d = fmt.new()
+                data = rest
+                continue
             data = f.read(chunk)
             pos.read += len(data)
     except OSError as e:
         raise ArchiveError(f"read error: {e.strerror or e}", partial=True) from None
     finally:
         f.close()
+
+
+def _rest_size(f) -> int:
+    here = f.tell()
+    f.seek(0, os.SEEK_END)
+    return f.tell() - here
 
 
 def line_blocks(chunks: Iterable[bytes], *, max_line: int, on_long_line: Callable[[int], None],
@@ -158,7 +169,7 @@ def line_blocks(chunks: Iterable[bytes], *, max_line: int, on_long_line: Callabl
             data = b"".join(pending)
             cut = data.rfind(b"\n") + 1
             if cut:
-                yield start, data[:cut]
+                yield start, _drop_long_lines(data[:cut], start, max_line, on_long_line)
             raise
         piece_at = pos
         pos += len(piece)
@@ -217,9 +228,11 @@ def _drop_long_lines(block: bytes, start: int, max_line: int, report: Callable[[
         if j >= 0:
             i = j + 1
             continue
-        nl = block.find(b"\n", i)  # a long line runs from i to nl
+        nl = block.find(b"\n", i)  # a long line runs from i to nl (or to the end: an unterminated last line)
         report(start + i)
         keep.append(block[kept_from:i])
+        if nl < 0:
+            return b"".join(keep)
         i = kept_from = nl + 1
     if not keep:
         return block

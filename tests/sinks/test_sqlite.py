@@ -61,3 +61,8 @@ def test_time_text_keeps_the_precision(store):
 def test_missing_store_for_lookup_says_what_to_do(tmp_path):
     with pytest.raises(StoreError, match="run 'harvester backfill' first"):
         open_store("sqlite:///" + str(tmp_path / "none.db"), create=False)
+
+
+def test_two_rows_of_one_key_in_one_write_keep_their_order(store):
+    store.write([row(5_000_000, "192.0.2.9"), row(5_000_000, "192.0.2.1")])
+    assert store.lookup("jane")[0].ip == "192.0.2.1"

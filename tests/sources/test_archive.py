@@ -96,3 +96,46 @@ def test_prefetch_hands_a_producer_error_to_the_consumer():
     assert next(it) == 1
     with pytest.raises(ArchiveError, match="boom"):
         next(it)
+
+
+@pytest.mark.parametrize("suffix", [".bz2", ".xz", ".zst"])
+def test_concatenated_members_of_every_compression_are_read_through(tmp_path, suffix):
+    p = tmp_path / f"maillog{suffix}"
+    p.write_bytes(COMPRESS[suffix](BODY[:5000]) + COMPRESS[suffix](BODY[5000:]))
+    assert blocks(p)[0] == BODY
+
+
+def test_nul_padding_and_trailing_garbage_after_the_last_member_are_not_damage(tmp_path, caplog):
+    p = tmp_path / "maillog.gz"
+    p.write_bytes(gzip.compress(BODY) + b"\x00" * 512)
+    assert blocks(p)[0] == BODY
+    p.write_bytes(gzip.compress(BODY) + b"not a gzip member at all")
+    assert blocks(p)[0] == BODY
+    assert "trailing garbage" in caplog.text
+
+
+def guarded(calls: list[int]):
+    """on_long_line that fails the test instead of looping forever."""
+    def report(offset: int) -> None:
+        calls.append(offset)
+        assert len(calls) < 50, "on_long_line called again and again for one line"
+    return report
+
+
+def test_a_final_unterminated_long_line_is_dropped_once():
+    calls: list[int] = []
+    out = list(line_blocks(iter([b"a\n" + b"x" * 2000]), max_line=1024, on_long_line=guarded(calls)))
+    assert b"".join(b for _, b in out) == b"a\n" and calls == [2]
+
+
+def test_lines_before_damage_still_drop_an_over_long_line():
+    def chunks():
+        yield b"a\n" + b"x" * 2000 + b"\nb\n"
+        raise ArchiveError("gzip data ends early (truncated archive?)", partial=True)
+
+    calls: list[int] = []
+    got: list[bytes] = []
+    with pytest.raises(ArchiveError):
+        for _, block in line_blocks(chunks(), max_line=1024, on_long_line=guarded(calls)):
+            got.append(block)
+    assert b"".join(got) == b"a\nb\n" and calls == [2]
