@@ -68,7 +68,7 @@ class Stats:
         for k, v in other.events.items():
             self.events[k] += v
         self.not_understood.update(other.not_understood)
-        room = 5 - len(self.not_understood_samples)
+        room = _SAMPLES - len(self.not_understood_samples)
         self.not_understood_samples.extend(other.not_understood_samples[:max(room, 0)])
         self.bad.update(other.bad)
 
@@ -79,9 +79,6 @@ class Networks:
     def __init__(self, cidrs: Iterable[str]) -> None:
         self.nets = [ipaddress.ip_network(c, strict=False) for c in cidrs]
         self._cache: dict[bytes | str, bool] = {}
-
-    def __bool__(self) -> bool:
-        return bool(self.nets)
 
     def __contains__(self, ip: bytes | str) -> bool:
         hit = self._cache.get(ip)
@@ -101,7 +98,7 @@ class Networks:
 
 
 class Parser:
-    """Turns blocks of complete lines into events through `emit`."""
+    """Turns blocks of complete lines into events, coalesced straight into a Coalescer."""
 
     def __init__(self, pack: Pack, *, node: str | None = None, webmail: Networks | None = None) -> None:
         self.pack = pack
