@@ -17,6 +17,16 @@ from harvester.events import Event
 Value = tuple[int, int, "bytes | None", "bytes | str | None", str, "str | None"]
 
 
+def newest(table: dict, key: tuple, value: Value) -> None:
+    """Store `value` unless the table holds a newer one; equal times: the later call wins.
+
+    (Parser.feed inlines this on its hot path.)
+    """
+    cur = table.get(key)
+    if cur is None or value[0] >= cur[0]:
+        table[key] = value
+
+
 class Row(NamedTuple):
     """One store row: the newest event of its kind for one account."""
 

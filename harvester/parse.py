@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import islice
 
-from harvester.coalesce import Coalescer
+from harvester.coalesce import Coalescer, newest
 from harvester.events import (
     DELIVERY,
     KINDS,
@@ -34,7 +34,7 @@ from harvester.timeparse import Clock, TimeError
 log = logging.getLogger(__name__)
 
 
-_PID_STATE_MAX = 100_000  # remembered LMTP sessions / POP3 logins before the oldest half is dropped
+PID_STATE_MAX = 100_000  # remembered LMTP sessions / POP3 logins before the oldest half is dropped
 _SAMPLES = 5
 # Kinds from a pack are equal strings, not the same objects; the hot loop compares with `is`.
 _CANON = {k: k for k in KINDS}
@@ -91,7 +91,7 @@ class Networks:
                 hit = any(addr in n for n in self.nets)
             except ValueError:
                 hit = False
-            if len(self._cache) > _PID_STATE_MAX:
+            if len(self._cache) > PID_STATE_MAX:
                 self._cache.clear()
             self._cache[ip] = hit
         return hit
@@ -233,8 +233,8 @@ class Parser:
                 key = (user, service)
             elif kind is SESSION_START:
                 lmtp[pid] = [None if ip == b"local" else ip, []]
-                if len(lmtp) > _PID_STATE_MAX:
-                    _drop_oldest(lmtp)
+                if len(lmtp) > PID_STATE_MAX:
+                    drop_oldest(lmtp)
                 continue
             elif kind is SESSION_END:
                 session = lmtp.pop(pid, None)
@@ -277,18 +277,15 @@ class Parser:
     @staticmethod
     def _put(table: dict, trace: list | None, kind: str, service: str, user: bytes, t: int, digits: int,
              ip: bytes | None, node: bytes | str | None, detail: str | None) -> None:
-        key = (user, service) if kind in ROW_KINDS else (user, kind)
-        cur = table.get(key)
-        if cur is None or t >= cur[0]:
-            table[key] = (t, digits, ip, node, service, detail)
+        newest(table, (user, service) if kind in ROW_KINDS else (user, kind), (t, digits, ip, node, service, detail))
         if trace is not None:
             trace.append((kind, service, user, t, digits, ip, node, detail))
 
     # -- helpers ------------------------------------------------------------------
     def _remember(self, service: str, pid: bytes, ip: bytes | None) -> None:
         self._login_ip[service, pid] = ip
-        if len(self._login_ip) > _PID_STATE_MAX:
-            _drop_oldest(self._login_ip)
+        if len(self._login_ip) > PID_STATE_MAX:
+            drop_oldest(self._login_ip)
 
     def _not_understood(self, text: bytes, start: int, name: str, offset: int) -> None:
         watch = name.split(":", 1)[1]
@@ -329,6 +326,7 @@ def _line(text: bytes, start: int) -> bytes:
     return text[start:end if end >= 0 else len(text)][:300]
 
 
-def _drop_oldest(d: dict) -> None:
+def drop_oldest(d: dict) -> None:
+    """Bound session state: forget the older half (dicts keep insertion order)."""
     for k in list(islice(d, len(d) // 2)):
         del d[k]

@@ -22,9 +22,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harvester.coalesce import Coalescer
+from harvester.coalesce import Coalescer, newest
 from harvester.events import DELIVERY
-from harvester.parse import Parser, Problem, Stats
+from harvester.parse import PID_STATE_MAX, Parser, Problem, Stats, drop_oldest
 from harvester.sources.archive import (
     CHUNK,
     ArchiveError,
@@ -222,30 +222,23 @@ class Stitcher:
                     ip = r.ended[pid] if session else None
                 elif session is not None:
                     session[1].append((user, t, digits, node))
-                _put(logins, (user, service), (t, digits, ip, node, service, None))
+                newest(logins, (user, service), (t, digits, ip, node, service, None))
             else:
                 ip = self.login_ip.get((service, pid))
-                _put(others, (user, kind), (t, digits, ip, node, service, detail))
+                newest(others, (user, kind), (t, digits, ip, node, service, detail))
         for pid, ip in r.ended.items():
             session = self.open_sessions.pop(pid, None)
             if session and session[0] != ip:
                 for user, t, digits, node in session[1]:
-                    _put(logins, (user, "lmtp"), (t, digits, ip, node, "lmtp", None))
+                    newest(logins, (user, "lmtp"), (t, digits, ip, node, "lmtp", None))
         _merge(logins, r.logins)
         _merge(others, r.others)
         sink.bad_users.extend(r.bad_users)
         self.open_sessions.update(r.open_sessions)
         self.login_ip.update(r.login_ip)
         for d in (self.open_sessions, self.login_ip):
-            if len(d) > 100_000:
-                for k in list(d)[: len(d) // 2]:
-                    del d[k]
-
-
-def _put(table: dict, key, value) -> None:
-    cur = table.get(key)
-    if cur is None or value[0] >= cur[0]:
-        table[key] = value
+            if len(d) > PID_STATE_MAX:
+                drop_oldest(d)
 
 
 def _merge(into: dict, later: dict) -> None:
