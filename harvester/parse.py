@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -39,6 +40,15 @@ _SAMPLES = 5
 # Kinds from a pack are equal strings, not the same objects; the hot loop compares with `is`.
 _CANON = {k: k for k in KINDS}
 _SERVICE = {s.encode(): s for s in ("imap", "pop3", "submission", "managesieve", "lmtp")}
+# Kind codes of the native scanner (native/src/lib.rs); None is a watch pattern.
+_KIND_CODE = {None: 0, LOGIN: 1, PROXY: 2, DELIVERY: 3, SESSION_START: 4, SESSION_END: 5,
+              **{k: 6 for k in OTHER_KINDS}}
+# HARVESTER_ENGINE=python parses without the native scanner (to compare, or to rule it out).
+ENGINE = os.environ.get("HARVESTER_ENGINE", "auto")
+try:
+    from harvester import _fastscan as fastscan
+except ImportError:  # built without a Rust toolchain: the same results, several times slower
+    fastscan = None
 
 
 @dataclass
@@ -105,9 +115,10 @@ class Parser:
         self.node = node
         self.webmail = webmail or Networks(())
         self.stats = Stats()
-        self._compiled: dict[str, Compiled] = {}
+        self._compiled: dict[str, tuple[Compiled, object | None]] = {}  # prefix -> (regex, native scanner)
         self._table: list = []
         self._regex = None
+        self._scanner = None
         self._clock: Clock | None = None
         self._file = "-"
         self.problems: dict[str, Problem] = {}
@@ -129,9 +140,11 @@ class Parser:
     # -- per file -----------------------------------------------------------------
     def begin(self, name: str, prefix: str, clock: Clock) -> None:
         """Start a file (or stream) whose lines use `prefix` and `clock`."""
-        compiled = self._compiled.get(prefix)
-        if compiled is None:
-            compiled = self._compiled[prefix] = compile_pack(self.pack, prefix)
+        known = self._compiled.get(prefix)
+        if known is None:
+            compiled = compile_pack(self.pack, prefix)
+            known = self._compiled[prefix] = (compiled, self._native(compiled))
+        compiled, self._scanner = known
         size = max(compiled.specs) + 1
         table: list = [None] * size
         for idx, spec in compiled.specs.items():
@@ -140,6 +153,26 @@ class Parser:
         self._regex = compiled.regex
         self._clock = clock
         self._file = name
+
+    @property
+    def engine(self) -> str:
+        """"native" when the PCRE2 scanner runs the current file's hot loop, else "python"."""
+        return "python" if self._scanner is None else "native"
+
+    def _native(self, compiled: Compiled):
+        """The native scanner for one compiled (pack, prefix), or None to parse in Python."""
+        if fastscan is None or ENGINE == "python":
+            return None
+        specs = [(idx, _KIND_CODE[spec.kind], spec.kind or "", spec.service, spec.fields, spec.extras)
+                 for idx, spec in compiled.specs.items()]
+        try:
+            return fastscan.Scanner(
+                compiled.regex.pattern.decode("utf-8"), specs, {k: v for k, v in _SERVICE.items()}, "webmail",
+                self._lmtp, self._login_ip, self._join_services,
+                self.webmail.__contains__ if self.webmail.nets else None, self.node, drop_oldest, PID_STATE_MAX)
+        except (ValueError, UnicodeDecodeError) as e:  # a regex only Python's engine takes: slower, not wrong
+            log.warning("pack %s, prefix %s: parsing in Python: %s", self.pack.name, compiled.prefix.name, e)
+            return None
 
     def name(self, name: str) -> None:
         """Name the file that problems are reported against (before its first line is parsed)."""
@@ -167,7 +200,9 @@ class Parser:
         """Parse `block` (complete lines; the last may lack its newline) found at `offset`.
 
         Events go straight into the sink's dicts, still as bytes: decoding and
-        validating user names waits until a row survives coalescing.
+        validating user names waits until a row survives coalescing. The native
+        scanner runs the loop when it is built (not for traces); `event` is the
+        definition it follows, and it hands back the lines it leaves to Python.
         """
         stats = self.stats
         stats.lines += block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
@@ -175,104 +210,106 @@ class Parser:
         if b"\x00" in block:
             block = self._strip_nul(block, offset)
         text = b"\n" + block
-        table = self._table
+        start = 0
+        regex = self._regex
+        if self._scanner is not None and sink.trace is None:
+            def slow(pos: int) -> None:
+                m = regex.match(text, pos)
+                if m is not None:
+                    self.event(m, text, sink, offset)
+
+            start = self._scanner.feed(text, sink.logins, sink.others, stats.events, self._clock,
+                                       self.orphans is not None, slow)
+            if start >= len(text):
+                return
+        for m in regex.finditer(text, start):
+            self.event(m, text, sink, offset)
+
+    def event(self, m: re.Match[bytes], text: bytes, sink: Coalescer, offset: int) -> None:
+        """What one matched line does to the session state and the sink's tables."""
+        kind, service, fields, extras, name = self._table[m.lastindex]
+        if kind is None:
+            self._not_understood(text, m.start() + 1, name, offset)
+            return
+        ts, frac, tzs, host, user, svc, ip, pid, real_ip = m.group(*fields)
         clock = self._clock
-        cache = clock.cache
-        counts = stats.events
-        node_default = self.node
-        webmail = self.webmail if self.webmail.nets else None
-        lmtp = self._lmtp
-        join = self._join_services
-        logins = sink.logins
-        others = sink.others
+        t = clock.cache.get(ts) if tzs is None else clock.cache.get(ts + tzs)
+        if t is None:
+            try:
+                t = clock.seconds(ts, tzs)
+            except TimeError:
+                self.problem("timestamp", offset + m.start(), _line(text, m.start() + 1))
+                return
+        if frac is None:
+            digits = 0
+        else:
+            t += int(frac[:6].ljust(6, b"0"))
+            digits = min(len(frac), 6)
+        if svc is not None:
+            service = _SERVICE.get(svc) or svc.decode("utf-8", "replace")
+        node = self.node if host is None else host
+        counts = self.stats.events
         trace = sink.trace
-        names = _SERVICE
-        orphans = self.orphans
-        for m in self._regex.finditer(text):
-            kind, service, fields, extras, name = table[m.lastindex]
-            if kind is None:
-                self._not_understood(text, m.start() + 1, name, offset)
-                continue
-            ts, frac, tzs, host, user, svc, ip, pid, real_ip = m.group(*fields)
-            t = cache.get(ts) if tzs is None else cache.get(ts + tzs)
-            if t is None:
-                try:
-                    t = clock.seconds(ts, tzs)
-                except TimeError:
-                    self.problem("timestamp", offset + m.start(), _line(text, m.start() + 1))
-                    continue
-            if frac is None:
-                digits = 0
-            else:
-                t += int(frac[:6].ljust(6, b"0"))
-                digits = min(len(frac), 6)
-            if svc is not None:
-                service = names.get(svc) or svc.decode("utf-8", "replace")
-            node = node_default if host is None else host
-            if kind is LOGIN or kind is PROXY:
-                if webmail is not None and service == "imap":
-                    probe = real_ip or ip
-                    if probe is not None and probe in webmail:
-                        service = "webmail"
-                if service in join and pid is not None:
-                    self._remember(service, pid, ip)
-                table_ = logins
-                key = (user, service)
-            elif kind is DELIVERY:
-                if pid is not None:
-                    session = lmtp.get(pid)
-                    if session is not None:
-                        ip = session[0]
-                        if len(session[1]) < 1000:
-                            session[1].append((user, t, digits, node))
-                    elif orphans is not None and pid not in lmtp:  # session began in an earlier segment
-                        counts[kind, service] = counts.get((kind, service), 0) + 1
-                        orphans.append((kind, service, user, t, digits, node, pid, None))
-                        continue
-                table_ = logins
-                key = (user, service)
-            elif kind is SESSION_START:
-                lmtp[pid] = [None if ip == b"local" else ip, []]
-                if len(lmtp) > PID_STATE_MAX:
-                    drop_oldest(lmtp)
-                continue
-            elif kind is SESSION_END:
-                session = lmtp.pop(pid, None)
-                if ip == b"local":
-                    ip = None
-                if session is None and orphans is not None:  # it began in an earlier segment
-                    self.ended.setdefault(pid, ip)
-                    lmtp[pid] = None  # closed: later deliveries of this pid without Connect get no IP
-                if session and session[0] != ip:  # XCLIENT changed the address: re-stamp deliveries
-                    for u, t0, d0, n0 in session[1]:
-                        self._put(logins, trace, DELIVERY, service, u, t0, d0, ip, n0, None)
-                continue
-            else:
-                if ip is None and pid is not None:
-                    ip = self._login_ip.get((service, pid))
-                    if ip is None and orphans is not None and (service, pid) not in self._login_ip \
-                            and service in join and user:
-                        counts[kind, service] = counts.get((kind, service), 0) + 1
-                        detail = " ".join(f"{k}={m.group(i).decode('utf-8', 'replace')}" for k, i in extras)
-                        orphans.append((kind, service, user, t, digits, node, pid, detail or None))
-                        continue
-                table_ = others
-                key = (user, kind)
-            ck = (kind, service)
-            counts[ck] = counts.get(ck, 0) + 1
-            if not user:  # failures before a user name was known: counted, never stored
-                continue
-            detail = None
-            if extras and (table_ is others or trace is not None):  # a login row keeps no detail
-                detail = " ".join(f"{k}={(m.group(i) or b'').decode('utf-8', 'replace')}" for k, i in extras)
-                if table_ is others:
-                    self._put(others, trace, kind, service, user, t, digits, ip, node, detail)
-                    continue
-            cur = table_.get(key)
-            if cur is None or t >= cur[0]:
-                table_[key] = (t, digits, ip, node, service, None)
-            if trace is not None:
-                trace.append((kind, service, user, t, digits, ip, node, detail))
+        if kind is LOGIN or kind is PROXY:
+            if self.webmail.nets and service == "imap":
+                probe = real_ip or ip
+                if probe is not None and probe in self.webmail:
+                    service = "webmail"
+            if service in self._join_services and pid is not None:
+                self._remember(service, pid, ip)
+            table = sink.logins
+            key = (user, service)
+        elif kind is DELIVERY:
+            lmtp = self._lmtp
+            if pid is not None:
+                session = lmtp.get(pid)
+                if session is not None:
+                    ip = session[0]
+                    if len(session[1]) < 1000:
+                        session[1].append((user, t, digits, node))
+                elif self.orphans is not None and pid not in lmtp:  # session began in an earlier segment
+                    counts[kind, service] = counts.get((kind, service), 0) + 1
+                    self.orphans.append((kind, service, user, t, digits, node, pid, None))
+                    return
+            table = sink.logins
+            key = (user, service)
+        elif kind is SESSION_START:
+            self._lmtp[pid] = [None if ip == b"local" else ip, []]
+            if len(self._lmtp) > PID_STATE_MAX:
+                drop_oldest(self._lmtp)
+            return
+        elif kind is SESSION_END:
+            session = self._lmtp.pop(pid, None)
+            if ip == b"local":
+                ip = None
+            if session is None and self.orphans is not None:  # it began in an earlier segment
+                self.ended.setdefault(pid, ip)
+                self._lmtp[pid] = None  # closed: later deliveries of this pid without Connect get no IP
+            if session and session[0] != ip:  # XCLIENT changed the address: re-stamp deliveries
+                for u, t0, d0, n0 in session[1]:
+                    self._put(sink.logins, trace, DELIVERY, service, u, t0, d0, ip, n0, None)
+            return
+        else:
+            if ip is None and pid is not None:
+                ip = self._login_ip.get((service, pid))
+                if ip is None and self.orphans is not None and (service, pid) not in self._login_ip \
+                        and service in self._join_services and user:
+                    counts[kind, service] = counts.get((kind, service), 0) + 1
+                    detail = " ".join(f"{k}={m.group(i).decode('utf-8', 'replace')}" for k, i in extras)
+                    self.orphans.append((kind, service, user, t, digits, node, pid, detail or None))
+                    return
+            table = sink.others
+            key = (user, kind)
+        ck = (kind, service)
+        counts[ck] = counts.get(ck, 0) + 1
+        if not user:  # failures before a user name was known: counted, never stored
+            return
+        detail = None
+        if extras and (table is sink.others or trace is not None):  # a login row keeps no detail
+            detail = " ".join(f"{k}={(m.group(i) or b'').decode('utf-8', 'replace')}" for k, i in extras)
+        newest(table, key, (t, digits, ip, node, service, detail if table is sink.others else None))
+        if trace is not None:
+            trace.append((kind, service, user, t, digits, ip, node, detail))
 
     @staticmethod
     def _put(table: dict, trace: list | None, kind: str, service: str, user: bytes, t: int, digits: int,

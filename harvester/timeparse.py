@@ -87,15 +87,21 @@ class Clock:
             self._minutes.clear()
         head, sec = ts[:-3], ts[-2:]
         if ts[-3:-2] == b":" and sec.isdigit():
-            mkey = head if tzs is None else head + tzs
-            base = self._minutes.get(mkey)
-            if base is None:
-                base = self._minutes[mkey] = self._parse(head + b":00", tzs)
-            us = base + min(int(sec), 59) * 1_000_000
+            us = self.minute(head, tzs) + min(int(sec), 59) * 1_000_000
         else:
             us = self._parse(ts, tzs)
         self.cache[ts if tzs is None else ts + tzs] = us
         return us
+
+    def minute(self, head: bytes, tzs: bytes | None) -> int:
+        """UTC epoch microseconds of the minute `head` ("Nov 22 01:52"), cached (the native scanner asks too)."""
+        mkey = head if tzs is None else head + tzs
+        base = self._minutes.get(mkey)
+        if base is None:
+            if len(self._minutes) > _CACHE_MAX:
+                self._minutes.clear()
+            base = self._minutes[mkey] = self._parse(head + b":00", tzs)
+        return base
 
     def _parse(self, ts: bytes, tzs: bytes | None) -> int:
         try:

@@ -8,15 +8,26 @@ import pytest
 
 from harvester import patterns
 from harvester.coalesce import Coalescer
-from harvester.parse import Networks, Parser
+from harvester.parse import Networks, Parser, fastscan
 from harvester.timeparse import Clock
 
 PACK = patterns.load("dovecot")
 
 
 def parse(*chunks: bytes, webmail: tuple[str, ...] = ()) -> tuple[Parser, Coalescer]:
+    """Parse with a trace (Python's loop); the native scanner must leave the same tables."""
+    parser, sink = _run(chunks, webmail, trace=True)
+    if fastscan is not None:
+        native, untraced = _run(chunks, webmail, trace=False)
+        assert native.engine == "native"
+        assert (untraced.logins, untraced.others) == (sink.logins, sink.others)
+        assert native.stats.events == parser.stats.events
+    return parser, sink
+
+
+def _run(chunks, webmail, trace: bool) -> tuple[Parser, Coalescer]:
     parser = Parser(PACK, node="n1", webmail=Networks(webmail))
-    sink = Coalescer(trace=True)
+    sink = Coalescer(trace=trace)
     for i, chunk in enumerate(chunks):  # each chunk as its own file: state must carry over
         parser.begin(f"f{i}", "syslog", Clock("bsd", UTC, year=2026))
         parser.feed(chunk, sink)

@@ -1,0 +1,484 @@
+//! harvester's hot path, in native code.
+//!
+//! `Parser.feed` (harvester/parse.py) is the definition of what a block of log
+//! lines does to the coalescing tables; this module is the same loop for the
+//! frequent cases, so that an event line costs a fraction of a microsecond
+//! instead of a few. The pack's joined regex runs under PCRE2's JIT over the
+//! whole block, and events are coalesced straight into the parser's own
+//! Python dicts, so everything after the parser (segments, stitching, rows)
+//! is shared by both engines. Anything rare or subtle (lines a pack must
+//! understand but did not, bad timestamps, sessions begun in an earlier
+//! segment, XCLIENT address changes, events joined to a login by pid) is
+//! handed back to Python with the line's position: `slow(pos)`.
+
+use std::collections::HashMap;
+
+use pcre2::bytes::{CaptureLocations, Regex, RegexBuilder};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+
+// Event kinds, as parse.py names them (see Scanner::new).
+const WATCH: u8 = 0;
+const LOGIN: u8 = 1;
+const PROXY: u8 = 2;
+const DELIVERY: u8 = 3;
+const SESSION_START: u8 = 4;
+const SESSION_END: u8 = 5;
+const OTHER: u8 = 6;
+
+// Field order of Spec.fields (patterns.FIELDS).
+const TS: usize = 0;
+const FRAC: usize = 1;
+const TZ: usize = 2;
+const HOST: usize = 3;
+const USER: usize = 4;
+const SVC: usize = 5;
+const IP: usize = 6;
+const PID: usize = 7;
+const REAL_IP: usize = 8;
+
+/// What one alternative of the joined regex means.
+struct Spec {
+    group: usize,
+    kind: u8,
+    kind_name: Py<PyString>,
+    service: Option<(Py<PyString>, Vec<u8>)>,
+    fields: [usize; 9],
+    extras: Vec<(String, usize)>,
+}
+
+/// The joined regex of one (pack, prefix), compiled for PCRE2's JIT, and the
+/// per-parser state it coalesces into.
+#[pyclass(module = "harvester._fastscan")]
+struct Scanner {
+    regex: Regex,
+    specs: Vec<Spec>,
+    services: Vec<(Vec<u8>, Py<PyString>)>,
+    webmail_name: Py<PyString>,
+    lmtp: Py<PyDict>,
+    login_ip: Py<PyDict>,
+    join: PyObject,
+    webmail: Option<PyObject>,
+    node: PyObject,
+    drop_oldest: PyObject,
+    state_max: usize,
+}
+
+fn group<'t>(locs: &CaptureLocations, text: &'t [u8], i: usize) -> Option<&'t [u8]> {
+    locs.get(i).map(|(s, e)| &text[s..e])
+}
+
+fn same(a: Option<&[u8]>, b: &Bound<'_, PyAny>) -> bool {
+    match a {
+        None => b.is_none(),
+        Some(x) => b.downcast::<PyBytes>().map(|o| o.as_bytes() == x).unwrap_or(false),
+    }
+}
+
+fn opt_bytes<'py>(py: Python<'py>, v: Option<&[u8]>) -> Bound<'py, PyAny> {
+    match v {
+        Some(b) => PyBytes::new(py, b).into_any(),
+        None => py.None().into_bound(py),
+    }
+}
+
+/// Up to six fractional digits as microseconds; None for anything but digits.
+fn micros(frac: &[u8]) -> Option<(i64, i64)> {
+    let digits = frac.len().min(6);
+    let mut v: i64 = 0;
+    for i in 0..6 {
+        let d = if i < digits {
+            let c = frac[i];
+            if !c.is_ascii_digit() {
+                return None;
+            }
+            (c - b'0') as i64
+        } else {
+            0
+        };
+        v = v * 10 + d;
+    }
+    Some((v, digits as i64))
+}
+
+/// Event counts by (kind, service), gathered natively and added to the parser's Counter once per block.
+#[derive(Default)]
+struct Counts(HashMap<(usize, usize), (PyObject, PyObject, u64)>);
+
+impl Counts {
+    fn add(&mut self, kind: &Bound<'_, PyAny>, service: &Bound<'_, PyAny>) {
+        let key = (kind.as_ptr() as usize, service.as_ptr() as usize);
+        self.0
+            .entry(key)
+            .or_insert_with(|| (kind.clone().unbind(), service.clone().unbind(), 0))
+            .2 += 1;
+    }
+
+    fn flush(self, py: Python<'_>, counts: &Bound<'_, PyDict>) -> PyResult<()> {
+        for (_, (k, s, n)) in self.0 {
+            let key = PyTuple::new(py, [k.bind(py), s.bind(py)])?;
+            let cur: u64 = match counts.get_item(&key)? {
+                Some(v) => v.extract()?,
+                None => 0,
+            };
+            counts.set_item(key, cur + n)?;
+        }
+        Ok(())
+    }
+}
+
+#[pymethods]
+impl Scanner {
+    /// `specs`: (wrapper group, kind code, kind name, fixed service or None, 9 field groups,
+    /// ((detail name, group), ...)) per alternative; `services`: service text -> interned name.
+    #[new]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        pattern: &str,
+        specs: Vec<(usize, u8, Py<PyString>, Option<Py<PyString>>, [usize; 9], Vec<(String, usize)>)>,
+        services: HashMap<Vec<u8>, Py<PyString>>,
+        webmail_name: Py<PyString>,
+        lmtp: Py<PyDict>,
+        login_ip: Py<PyDict>,
+        join: PyObject,
+        webmail: PyObject,
+        node: PyObject,
+        drop_oldest: PyObject,
+        state_max: usize,
+        py: Python<'_>,
+    ) -> PyResult<Self> {
+        let webmail = if webmail.is_none(py) { None } else { Some(webmail) };
+        let regex = RegexBuilder::new()
+            .jit_if_available(true)
+            .max_jit_stack_size(Some(8 << 20))
+            .build(pattern)
+            .map_err(|e| PyValueError::new_err(format!("PCRE2 cannot compile the pack's regex: {e}")))?;
+        let mut specs: Vec<Spec> = specs
+            .into_iter()
+            .map(|(group, kind, kind_name, service, fields, extras)| Spec {
+                group,
+                kind,
+                kind_name,
+                service: service.map(|s| {
+                    let b = s.bind(py).to_string().into_bytes();
+                    (s, b)
+                }),
+                fields,
+                extras,
+            })
+            .collect();
+        specs.sort_by_key(|s| s.group);
+        Ok(Scanner {
+            regex,
+            specs,
+            services: services.into_iter().collect(),
+            webmail_name,
+            lmtp,
+            login_ip,
+            join,
+            webmail,
+            node,
+            drop_oldest,
+            state_max,
+        })
+    }
+
+    /// Parse `text` ("\n" + complete lines) into `logins`/`others`, counting into `counts`.
+    ///
+    /// Returns the offset up to which the text was handled: its length, or where
+    /// PCRE2 gave up (a match limit), from which the caller carries on in Python.
+    #[allow(clippy::too_many_arguments)]
+    fn feed(
+        &self,
+        py: Python<'_>,
+        text: &Bound<'_, PyBytes>,
+        logins: &Bound<'_, PyDict>,
+        others: &Bound<'_, PyDict>,
+        counts: &Bound<'_, PyDict>,
+        clock: &Bound<'_, PyAny>,
+        orphans: bool,
+        slow: &Bound<'_, PyAny>,
+    ) -> PyResult<usize> {
+        let data = text.as_bytes();
+        let mut tally = Counts::default();
+        let result = self.scan(py, data, logins, others, &mut tally, clock, orphans, slow);
+        tally.flush(py, counts)?;
+        result
+    }
+}
+
+impl Scanner {
+    #[allow(clippy::too_many_arguments)]
+    fn scan(
+        &self,
+        py: Python<'_>,
+        data: &[u8],
+        logins: &Bound<'_, PyDict>,
+        others: &Bound<'_, PyDict>,
+        tally: &mut Counts,
+        clock: &Bound<'_, PyAny>,
+        orphans: bool,
+        slow: &Bound<'_, PyAny>,
+    ) -> PyResult<usize> {
+        let lmtp = self.lmtp.bind(py);
+        let login_ip = self.login_ip.bind(py);
+        let join = self.join.bind(py);
+        let webmail = self.webmail.as_ref().map(|w| w.bind(py));
+        let node_default = self.node.bind(py);
+        let webmail_name = self.webmail_name.bind(py).as_any();
+        let mut locs = self.regex.capture_locations();
+        let mut minutes: HashMap<Vec<u8>, i64> = HashMap::new();
+        let mut last_ts: (&[u8], Option<&[u8]>, i64) = (b"", None, i64::MIN);
+        let mut last_host: Option<(&[u8], Bound<'_, PyAny>)> = None;
+        let mut pos = 0usize;
+        loop {
+            let m = match self.regex.captures_read_at(&mut locs, data, pos) {
+                Ok(Some(m)) => m,
+                Ok(None) => return Ok(data.len()),
+                Err(_) => return Ok(pos),
+            };
+            let start = m.start();
+            pos = m.end().max(start + 1);
+            let Some(spec) = self.specs.iter().find(|s| locs.get(s.group).is_some()) else {
+                continue;
+            };
+            if spec.kind == WATCH {
+                slow.call1((start,))?;
+                continue;
+            }
+            let f = &spec.fields;
+            let get = |i: usize| group(&locs, data, f[i]);
+            let Some(ts) = get(TS) else {
+                slow.call1((start,))?;
+                continue;
+            };
+            let tzs = get(TZ);
+            // Whole seconds: memo of the previous line's text, else the clock's minute base.
+            let sec = if last_ts.2 != i64::MIN && last_ts.0 == ts && last_ts.1 == tzs {
+                last_ts.2
+            } else {
+                match self.seconds(py, clock, ts, tzs, &mut minutes) {
+                    Some(s) => {
+                        last_ts = (ts, tzs, s);
+                        s
+                    }
+                    None => {
+                        slow.call1((start,))?;
+                        continue;
+                    }
+                }
+            };
+            let (t, digits) = match get(FRAC) {
+                None => (sec, 0),
+                Some(frac) => match micros(frac) {
+                    Some((us, d)) => (sec + us, d),
+                    None => {
+                        slow.call1((start,))?;
+                        continue;
+                    }
+                },
+            };
+            // Service: the line's own, else the event's fixed one.
+            let (mut service, svc_text): (Bound<'_, PyAny>, Vec<u8>) = match get(SVC) {
+                Some(s) => match self.services.iter().find(|(k, _)| k.as_slice() == s) {
+                    Some((k, name)) => (name.bind(py).clone().into_any(), k.clone()),
+                    None => (PyString::new(py, &String::from_utf8_lossy(s)).into_any(), s.to_vec()),
+                },
+                None => match &spec.service {
+                    Some((name, b)) => (name.bind(py).clone().into_any(), b.clone()),
+                    None => {
+                        slow.call1((start,))?;
+                        continue;
+                    }
+                },
+            };
+            let node = match get(HOST) {
+                None => node_default.clone(),
+                Some(h) => match &last_host {
+                    Some((prev, obj)) if *prev == h => obj.clone(),
+                    _ => {
+                        let obj = PyBytes::new(py, h).into_any();
+                        last_host = Some((h, obj.clone()));
+                        obj
+                    }
+                },
+            };
+            let user = get(USER);
+            let ip = get(IP);
+            let pid = get(PID);
+            let table: &Bound<'_, PyDict>;
+            let key_second: Bound<'_, PyAny>;
+            let mut detail: Option<String> = None;
+            let mut session_ip: Option<Bound<'_, PyAny>> = None;
+            match spec.kind {
+                LOGIN | PROXY => {
+                    if let Some(w) = webmail {
+                        if svc_text == b"imap" {
+                            if let Some(probe) = get(REAL_IP).or(ip) {
+                                if w.call1((PyBytes::new(py, probe),))?.is_truthy()? {
+                                    service = webmail_name.clone();
+                                }
+                            }
+                        }
+                    }
+                    if let Some(p) = pid {
+                        if join.contains(&service)? {
+                            let k = PyTuple::new(py, [service.clone(), PyBytes::new(py, p).into_any()])?;
+                            login_ip.set_item(k, opt_bytes(py, ip))?;
+                            if login_ip.len() > self.state_max {
+                                self.drop_oldest.bind(py).call1((login_ip,))?;
+                            }
+                        }
+                    }
+                    table = logins;
+                    key_second = service.clone();
+                }
+                DELIVERY => {
+                    if let Some(p) = pid {
+                        match lmtp.get_item(PyBytes::new(py, p))? {
+                            Some(session) if !session.is_none() => {
+                                let session = session.downcast_into::<PyList>()?;
+                                let list = session.get_item(1)?.downcast_into::<PyList>()?;
+                                if list.len() < 1000 {
+                                    let entry = (opt_bytes(py, user), t, digits, node.clone());
+                                    list.append(entry.into_pyobject(py)?)?;
+                                }
+                                session_ip = Some(session.get_item(0)?);
+                            }
+                            None if orphans => {
+                                slow.call1((start,))?; // the session began in an earlier segment
+                                continue;
+                            }
+                            _ => {}
+                        }
+                    }
+                    table = logins;
+                    key_second = service.clone();
+                }
+                SESSION_START => {
+                    let Some(p) = pid else {
+                        slow.call1((start,))?;
+                        continue;
+                    };
+                    let addr = if ip == Some(b"local".as_slice()) { None } else { ip };
+                    let session = PyList::new(py, [opt_bytes(py, addr), PyList::empty(py).into_any()])?;
+                    lmtp.set_item(PyBytes::new(py, p), session)?;
+                    if lmtp.len() > self.state_max {
+                        self.drop_oldest.bind(py).call1((lmtp,))?;
+                    }
+                    continue;
+                }
+                SESSION_END => {
+                    let Some(p) = pid else {
+                        slow.call1((start,))?;
+                        continue;
+                    };
+                    let addr = if ip == Some(b"local".as_slice()) { None } else { ip };
+                    let pid_obj = PyBytes::new(py, p);
+                    match lmtp.get_item(&pid_obj)? {
+                        Some(session) if !session.is_none() => {
+                            let session = session.downcast_into::<PyList>()?;
+                            if same(addr, &session.get_item(0)?) {
+                                lmtp.del_item(pid_obj)?;
+                            } else {
+                                slow.call1((start,))?; // XCLIENT changed the address: re-stamp in Python
+                            }
+                        }
+                        _ => {
+                            slow.call1((start,))?;
+                        }
+                    }
+                    continue;
+                }
+                OTHER => {
+                    if ip.is_none() && pid.is_some() {
+                        slow.call1((start,))?; // joined to its login by pid (POP3 deletions)
+                        continue;
+                    }
+                    table = others;
+                    key_second = spec.kind_name.bind(py).clone().into_any();
+                    if !spec.extras.is_empty() {
+                        let parts: Vec<String> = spec
+                            .extras
+                            .iter()
+                            .map(|(k, i)| {
+                                let v = group(&locs, data, *i).unwrap_or(b"");
+                                format!("{k}={}", String::from_utf8_lossy(v))
+                            })
+                            .collect();
+                        detail = Some(parts.join(" "));
+                    }
+                }
+                _ => {
+                    slow.call1((start,))?;
+                    continue;
+                }
+            }
+            tally.add(spec.kind_name.bind(py).as_any(), &service);
+            let Some(u) = user.filter(|u| !u.is_empty()) else {
+                continue; // failures before a user name was known: counted, never stored
+            };
+            let key = (PyBytes::new(py, u), key_second).into_pyobject(py)?;
+            let ip = session_ip.unwrap_or_else(|| opt_bytes(py, ip));
+            let value = (t, digits, ip, node, service, detail).into_pyobject(py)?;
+            put(table, key, t, value.into_any())?;
+        }
+    }
+
+    /// Whole seconds of a timestamp as UTC epoch microseconds, or None when the
+    /// clock rejects it (the slow path then reports the line).
+    fn seconds(
+        &self,
+        py: Python<'_>,
+        clock: &Bound<'_, PyAny>,
+        ts: &[u8],
+        tzs: Option<&[u8]>,
+        minutes: &mut HashMap<Vec<u8>, i64>,
+    ) -> Option<i64> {
+        let n = ts.len();
+        if n >= 3 && ts[n - 3] == b':' && ts[n - 2].is_ascii_digit() && ts[n - 1].is_ascii_digit() {
+            let head = &ts[..n - 3];
+            let mut key = head.to_vec();
+            if let Some(z) = tzs {
+                key.push(0);
+                key.extend_from_slice(z);
+            }
+            let base = match minutes.get(&key) {
+                Some(b) => *b,
+                None => {
+                    let b: i64 = clock
+                        .call_method1("minute", (PyBytes::new(py, head), opt_bytes(py, tzs)))
+                        .and_then(|v| v.extract())
+                        .ok()?;
+                    minutes.insert(key, b);
+                    b
+                }
+            };
+            let s = ((ts[n - 2] - b'0') as i64 * 10 + (ts[n - 1] - b'0') as i64).min(59);
+            Some(base + s * 1_000_000)
+        } else {
+            clock
+                .call_method1("seconds", (PyBytes::new(py, ts), opt_bytes(py, tzs)))
+                .and_then(|v| v.extract())
+                .ok()
+        }
+    }
+}
+
+/// Newest wins; on equal times the later line (this one) wins.
+fn put(table: &Bound<'_, PyDict>, key: Bound<'_, PyTuple>, t: i64, value: Bound<'_, PyAny>) -> PyResult<()> {
+    if let Some(cur) = table.get_item(&key)? {
+        let old: i64 = cur.downcast::<PyTuple>()?.get_item(0)?.extract()?;
+        if t < old {
+            return Ok(());
+        }
+    }
+    table.set_item(key, value)
+}
+
+#[pymodule]
+fn _fastscan(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Scanner>()?;
+    Ok(())
+}

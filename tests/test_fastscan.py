@@ -1,0 +1,163 @@
+"""The native scanner (native/, harvester._fastscan): built, used, and equal to Python's loop.
+
+Parser.event is the definition; the scanner runs the same loop in Rust over
+PCRE2's JIT. Every test here parses the same bytes with both engines and
+compares everything the rest of the program sees: the coalescing tables, the
+counts, the problems, the session state, and the orphans of segment mode.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC
+
+import pytest
+
+from harvester import parse, patterns
+from harvester.coalesce import Coalescer
+from harvester.parse import Networks, Parser
+from harvester.timeparse import Clock
+from tests import corpus
+
+PACK = patterns.load("dovecot")
+
+
+def test_the_native_scanner_is_built_and_used():
+    assert parse.fastscan is not None, (
+        "harvester._fastscan was not built: `pip install -e .` builds it with cargo (setuptools-rust); "
+        "without it every backfill parses in Python, several times slower")
+    parser = Parser(PACK)
+    parser.begin("f", "syslog", Clock("bsd", UTC, year=2026))
+    assert parser.engine == "native"
+
+
+def both(blocks: list[bytes], *, webmail=("10.99.0.0/16",), orphans: bool = False, block_prefix="syslog",
+         style="bsd", year: int | None = 2026, reference: float | None = None) -> dict[str, tuple]:
+    """Everything observable after parsing `blocks` with each engine."""
+    seen = {}
+    for engine in ("python", "native"):
+        parser = Parser(PACK, node="n1", webmail=Networks(webmail))
+        parser._compiled.clear()
+        old = parse.ENGINE
+        parse.ENGINE = "python" if engine == "python" else "auto"
+        try:
+            parser.begin("f", block_prefix, Clock(style, UTC, year=year, reference=reference))
+        finally:
+            parse.ENGINE = old
+        assert parser.engine == engine
+        if orphans:
+            parser.orphans = []
+        sink = Coalescer()
+        offset = 0
+        for block in blocks:
+            parser.feed(block, sink, offset)
+            offset += len(block)
+        problems = {k: (p.count, p.first_offset, p.sample) for k, p in parser.end().items()}
+        st = parser.stats
+        seen[engine] = (sink.logins, sink.others, dict(st.events), dict(st.not_understood), dict(st.bad),
+                        st.lines, problems, parser._lmtp, parser._login_ip, parser.orphans, parser.ended)
+    return seen
+
+
+def assert_same(seen: dict[str, tuple]) -> None:
+    names = ("logins", "others", "events", "not_understood", "bad", "lines", "problems", "lmtp", "login_ip",
+             "orphans", "ended")
+    for name, p, n in zip(names, seen["python"], seen["native"], strict=True):
+        assert n == p, f"{name} differs between the engines"
+
+
+def blocks_of(data: bytes, size: int) -> list[bytes]:
+    out, pos = [], 0
+    while pos < len(data):
+        end = data.rfind(b"\n", pos, pos + size) + 1
+        if end <= pos:
+            end = len(data)
+        out.append(data[pos:end])
+        pos = end
+    return out
+
+
+@pytest.fixture(scope="module")
+def maillog(tmp_path_factory) -> bytes:
+    c = corpus.generate(tmp_path_factory.mktemp("corpus"), lines=30_000, users=2000, compress=("",))
+    return b"".join(f.read_bytes() for f in c.files)
+
+
+@pytest.mark.skipif(parse.fastscan is None, reason="covered by test_the_native_scanner_is_built_and_used")
+class TestSameAsPython:
+    def test_generated_corpus_in_small_blocks(self, maillog):
+        seen = both(blocks_of(maillog, 16 << 10))
+        assert_same(seen)
+        logins = seen["native"][0]
+        assert len(logins) > 1000 and any(s == "webmail" for _, s in logins)
+
+    def test_segment_mode_keeps_the_same_orphans(self, maillog):
+        """A segment that starts mid-file: deliveries and POP3 deletions whose session began
+        earlier become orphans, and Disconnects without Connect end up in `ended`."""
+        orphans = ended = 0
+        for k in range(1, 8):
+            middle = maillog[len(maillog) * k // 8:]
+            middle = middle[middle.index(b"\n") + 1:]
+            seen = both(blocks_of(middle, 64 << 10), orphans=True)
+            assert_same(seen)
+            orphans += len(seen["native"][9])
+            ended += len(seen["native"][10])
+        assert orphans and ended
+
+    def test_bad_input_is_reported_alike(self):
+        L = b"Nov 22 01:00:%02d mx1 dovecot: %s\n"
+        lines = [
+            L % (1, b"imap-login: Login: user=<ok>, method=PLAIN, rip=192.0.2.1, lip=10.0.0.1, mpid=5, session=<s>"),
+            b"Feb 30 01:00:02 mx1 dovecot: imap-login: Login: user=<feb30>, method=PLAIN, rip=192.0.2.2\n",
+            L % (3, b"imap-login: Login: user=<\xff\xfebad>, method=PLAIN, rip=192.0.2.3"),
+            L % (4, b"imap-login: Login: " + b"x" * 50),  # login-like, understood by no event
+            b"\x00" * 100 + L % (5, b"pop3-login: Login: user=<afternul>, method=PLAIN, rip=::1, lip=::1, "
+                                    b"mpid=9, session=<s>"),
+            L % (6, b"lmtp(42): Connect from 192.0.2.9"),
+            L % (7, b"lmtp(dave)<42><sid>: msgid=<m@x>: saved mail to INBOX"),
+            L % (8, b"lmtp(42): Disconnect from 10.1.1.1: Successful quit"),  # XCLIENT: re-stamped
+            L % (9, b"pop3(afternul)<9><s>: Disconnected: Logged out top=0/0, retr=1/10, del=2/3, size=9"),
+            L % (9, b"imap-login: Disconnected (auth failed, 1 attempts in 2 secs): user=<eve>, method=PLAIN, "
+                    b"rip=192.0.2.66, lip=10.0.0.1, TLS, session=<x>"),
+            b"Nov 22 01:00:10.123 mx1 dovecot: imap-login: Login: user=<frac>, method=PLAIN, rip=192.0.2.7\n",
+            L % (11, b"imap-login: Login: user=<web>, method=PLAIN, rip=10.99.1.1, lip=10.0.0.1, mpid=77, "
+                     b"session=<w>"),
+        ]
+        seen = both([b"".join(lines)])
+        assert_same(seen)
+        logins, others, *_ = seen["native"]
+        assert logins[b"dave", "lmtp"][2] == b"10.1.1.1"
+        assert others[b"afternul", "pop3_delete"][2] == b"::1"
+        assert (b"web", "webmail") in logins and (b"\xff\xfebad", "imap") in logins
+
+    def test_iso_prefix_with_offsets_and_microseconds(self):
+        data = (b"2026-11-22T01:52:03.242533+01:00 mx1 dovecot: imap-login: Login: user=<a>, method=PLAIN, "
+                b"rip=192.0.2.1, lip=10.0.0.1, mpid=1, session=<s>\n"
+                b"2026-11-22T01:52:03.9+01:00 mx1 dovecot: imap-login: Login: user=<a>, method=PLAIN, "
+                b"rip=192.0.2.2, lip=10.0.0.1, mpid=2, session=<s>\n"
+                b"2026-11-22T01:52:04Z mx1 dovecot: pop3-login: Login: user=<b>, method=PLAIN, rip=::1\n")
+        seen = both([data], block_prefix="syslog-rfc3339", style="iso")
+        assert_same(seen)
+        assert seen["native"][0][b"a", "imap"][:3] == (1795308723900000, 1, b"192.0.2.2")
+
+
+def test_a_pack_pcre2_cannot_compile_is_parsed_in_python(tmp_path, caplog):
+    """PCRE2 allows group names of at most 128 characters; Python's engine takes longer ones."""
+    long = "a" * 140
+    (tmp_path / "site.toml").write_text(f'''
+name = "site"
+extends = "dovecot"
+[events.login]
+kind = "login"
+regex = '(?P<service>imap|pop3)-login: Login: user=<(?P<user>[^>]*)>, method=(?P<{long}>\\w+), rip=(?P<ip>[0-9a-f.:]+)'
+''')
+    pack = patterns.load(str(tmp_path / "site.toml"))
+    parser = Parser(pack)
+    with caplog.at_level(logging.WARNING):
+        parser.begin("f", "syslog", Clock("bsd", UTC, year=2026))
+    assert parser.engine == "python"
+    if parse.fastscan is not None:
+        assert "parsing in Python" in caplog.text
+    sink = Coalescer()
+    parser.feed(b"Nov 22 01:00:00 mx1 dovecot: imap-login: Login: user=<u>, method=PLAIN, rip=192.0.2.1\n", sink)
+    assert list(sink.logins) == [(b"u", "imap")]
