@@ -1,30 +1,85 @@
 """Keep only the newest event per key, so a batch reaches the store as one write per key.
 
-The parser fills these dicts directly (a call per event would cost more than
-the rest of the work); keys and values stay bytes until `rows()` decodes the
-survivors, which is also where a user name that is not UTF-8 is caught.
+The parser puts events straight into a Table: the native one (harvester._fastscan,
+filled by the native scanner without a Python call per event) or PyTable, the same
+contract in Python. Keys and values stay bytes until `take()` decodes the survivors,
+which is also where a user name that is not UTF-8 is caught.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
+from harvester import native
 from harvester.events import Event
 
 # A value: (time_us, digits, ip, node, service, detail); ip/node still bytes (node may be the
 # configured default, a str).
 Value = tuple[int, int, "bytes | None", "bytes | str | None", str, "str | None"]
+# What take() hands out, sorted by (user, second): second is the service for logins, the kind otherwise.
+Taken = tuple[str, str, int, int, "str | None", "str | None", str, "str | None"]
 
 
-def newest(table: dict, key: tuple, value: Value) -> None:
-    """Store `value` unless the table holds a newer one; equal times: the later call wins.
+class Table(Protocol):
+    """Newest value per (user, second); equal times: the later put wins."""
 
-    (Parser.feed inlines this on its hot path.)
-    """
-    cur = table.get(key)
-    if cur is None or value[0] >= cur[0]:
-        table[key] = value
+    def __len__(self) -> int: ...
+
+    def put(self, user: bytes, second: str, t: int, digits: int, ip: bytes | None, node: bytes | str | None,
+            service: str, detail: str | None = None) -> None: ...
+
+    def get(self, user: bytes, second: str) -> Value | None: ...
+
+    def items(self) -> list[tuple[tuple[bytes, str], Value]]: ...
+
+    def update(self, items: list[tuple[tuple[bytes, str], Value]]) -> None: ...
+
+    def take(self) -> tuple[list[Taken], list[bytes]]: ...
+
+
+class PyTable:
+    """The Table contract in Python (when the native module is not built or switched off)."""
+
+    def __init__(self) -> None:
+        self._d: dict[tuple[bytes, str], Value] = {}
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def put(self, user: bytes, second: str, t: int, digits: int, ip: bytes | None, node: bytes | str | None,
+            service: str, detail: str | None = None) -> None:
+        key = (user, second)
+        cur = self._d.get(key)
+        if cur is None or t >= cur[0]:
+            self._d[key] = (t, digits, ip, node, service, detail)
+
+    def get(self, user: bytes, second: str) -> Value | None:
+        return self._d.get((user, second))
+
+    def items(self) -> list[tuple[tuple[bytes, str], Value]]:
+        return list(self._d.items())
+
+    def update(self, items: list[tuple[tuple[bytes, str], Value]]) -> None:
+        for (user, second), value in items:
+            self.put(user, second, *value)
+
+    def take(self) -> tuple[list[Taken], list[bytes]]:
+        d, self._d = self._d, {}
+        rows: list[Taken] = []
+        bad: list[bytes] = []
+        names: dict = {}
+        for (user, second), (t, digits, ip, node, service, detail) in sorted(d.items(), key=_first):
+            try:
+                u = user.decode("utf-8")
+            except UnicodeDecodeError:
+                bad.append(user)
+                continue
+            rows.append((u, second, t, digits, _text(ip, names), _text(node, names), service, detail))
+        return rows, bad
+
+
+def new_table() -> Table:
+    return native.fastscan.Table() if native.enabled() else PyTable()
 
 
 class Row(NamedTuple):
@@ -43,13 +98,13 @@ class Row(NamedTuple):
 class Coalescer:
     """Newest login per (user, service) and newest other event per (user, kind).
 
-    Events arrive in line order, so on equal times the later line wins (>=).
+    Events arrive in line order, so on equal times the later line wins.
     With `trace=True` every event is also kept in order (for test-patterns).
     """
 
     def __init__(self, trace: bool = False) -> None:
-        self.logins: dict[tuple[bytes, str], Value] = {}
-        self.others: dict[tuple[bytes, str], Value] = {}
+        self.logins: Table = new_table()
+        self.others: Table = new_table()
         self.trace: list | None = [] if trace else None
         self.bad_users: list[bytes] = []
 
@@ -57,29 +112,23 @@ class Coalescer:
         return len(self.logins) + len(self.others)
 
     def take(self) -> list[Row]:
-        """Decode what was gathered into rows and start empty (the caller writes them)."""
-        logins, others = self.logins, self.others
-        self.logins, self.others = {}, {}
-        out = [r for r in self._rows(logins, None)]
-        out.extend(self._rows(others, True))
+        """Decode what was gathered into rows (sorted by user) and start empty (the caller writes them)."""
+        rows, bad = self.logins.take()
+        out = [Row(u, svc, "login", t, d, ip, n) for u, _, t, d, ip, n, svc, _ in rows]
+        self.bad_users.extend(bad)
+        rows, bad = self.others.take()
+        out.extend(Row(u, svc, kind, t, d, ip, n, det) for u, kind, t, d, ip, n, svc, det in rows)
+        self.bad_users.extend(bad)
         return out
-
-    def _rows(self, table: dict, other: bool | None) -> Iterator[Row]:
-        names: dict = {}
-        for (user, second), (t, digits, ip, node, service, detail) in table.items():
-            try:
-                u = user.decode("utf-8")
-            except UnicodeDecodeError:
-                self.bad_users.append(user)
-                continue
-            yield Row(u, service, second if other else "login", t, digits,
-                      None if ip is None else names.get(ip) or _text(ip, names),
-                      None if node is None else names.get(node) or _text(node, names), detail)
 
     def events(self) -> list[Event]:
         """The traced events, decoded (invalid UTF-8 shown with replacement characters)."""
         return [Event(k, s, u.decode("utf-8", "replace"), t, d, _text(ip, {}), _text(n, {}), det)
                 for k, s, u, t, d, ip, n, det in (self.trace or ())]
+
+
+def _first(item: tuple) -> tuple:
+    return item[0]
 
 
 def _text(raw: bytes | str | None, cache: dict) -> str | None:

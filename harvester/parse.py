@@ -11,21 +11,20 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import islice
 
-from harvester.coalesce import Coalescer, newest
+from harvester import native
+from harvester.coalesce import Coalescer
 from harvester.events import (
     DELIVERY,
     KINDS,
     LOGIN,
     OTHER_KINDS,
     PROXY,
-    ROW_KINDS,
     SESSION_END,
     SESSION_START,
 )
@@ -43,12 +42,6 @@ _SERVICE = {s.encode(): s for s in ("imap", "pop3", "submission", "managesieve",
 # Kind codes of the native scanner (native/src/lib.rs); None is a watch pattern.
 _KIND_CODE = {None: 0, LOGIN: 1, PROXY: 2, DELIVERY: 3, SESSION_START: 4, SESSION_END: 5,
               **{k: 6 for k in OTHER_KINDS}}
-# HARVESTER_ENGINE=python parses without the native scanner (to compare, or to rule it out).
-ENGINE = os.environ.get("HARVESTER_ENGINE", "auto")
-try:
-    from harvester import _fastscan as fastscan
-except ImportError:  # built without a Rust toolchain: the same results, several times slower
-    fastscan = None
 
 
 @dataclass
@@ -161,12 +154,12 @@ class Parser:
 
     def _native(self, compiled: Compiled):
         """The native scanner for one compiled (pack, prefix), or None to parse in Python."""
-        if fastscan is None or ENGINE == "python":
+        if not native.enabled():
             return None
         specs = [(idx, _KIND_CODE[spec.kind], spec.kind or "", spec.service, spec.fields, spec.extras)
                  for idx, spec in compiled.specs.items()]
         try:
-            return fastscan.Scanner(
+            return native.fastscan.Scanner(
                 compiled.regex.pattern.decode("utf-8"), specs, {k: v for k, v in _SERVICE.items()}, "webmail",
                 self._lmtp, self._login_ip, self._join_services,
                 self.webmail.__contains__ if self.webmail.nets else None, self.node, drop_oldest, PID_STATE_MAX)
@@ -205,7 +198,8 @@ class Parser:
         definition it follows, and it hands back the lines it leaves to Python.
         """
         stats = self.stats
-        stats.lines += block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
+        count = block.count(b"\n") if self._scanner is None else native.fastscan.newlines(block)
+        stats.lines += count + (0 if block.endswith(b"\n") else 1)
         stats.bytes += len(block)
         if b"\x00" in block:
             block = self._strip_nul(block, offset)
@@ -258,7 +252,7 @@ class Parser:
             if service in self._join_services and pid is not None:
                 self._remember(service, pid, ip)
             table = sink.logins
-            key = (user, service)
+            second = service
         elif kind is DELIVERY:
             lmtp = self._lmtp
             if pid is not None:
@@ -272,7 +266,7 @@ class Parser:
                     self.orphans.append((kind, service, user, t, digits, node, pid, None))
                     return
             table = sink.logins
-            key = (user, service)
+            second = service
         elif kind is SESSION_START:
             self._lmtp[pid] = [None if ip == b"local" else ip, []]
             if len(self._lmtp) > PID_STATE_MAX:
@@ -287,7 +281,9 @@ class Parser:
                 self._lmtp[pid] = None  # closed: later deliveries of this pid without Connect get no IP
             if session and session[0] != ip:  # XCLIENT changed the address: re-stamp deliveries
                 for u, t0, d0, n0 in session[1]:
-                    self._put(sink.logins, trace, DELIVERY, service, u, t0, d0, ip, n0, None)
+                    sink.logins.put(u, service, t0, d0, ip, n0, service)
+                    if trace is not None:
+                        trace.append((DELIVERY, service, u, t0, d0, ip, n0, None))
             return
         else:
             if ip is None and pid is not None:
@@ -299,7 +295,7 @@ class Parser:
                     self.orphans.append((kind, service, user, t, digits, node, pid, detail or None))
                     return
             table = sink.others
-            key = (user, kind)
+            second = kind
         ck = (kind, service)
         counts[ck] = counts.get(ck, 0) + 1
         if not user:  # failures before a user name was known: counted, never stored
@@ -307,14 +303,7 @@ class Parser:
         detail = None
         if extras and (table is sink.others or trace is not None):  # a login row keeps no detail
             detail = " ".join(f"{k}={(m.group(i) or b'').decode('utf-8', 'replace')}" for k, i in extras)
-        newest(table, key, (t, digits, ip, node, service, detail if table is sink.others else None))
-        if trace is not None:
-            trace.append((kind, service, user, t, digits, ip, node, detail))
-
-    @staticmethod
-    def _put(table: dict, trace: list | None, kind: str, service: str, user: bytes, t: int, digits: int,
-             ip: bytes | None, node: bytes | str | None, detail: str | None) -> None:
-        newest(table, (user, service) if kind in ROW_KINDS else (user, kind), (t, digits, ip, node, service, detail))
+        table.put(user, second, t, digits, ip, node, service, detail if table is sink.others else None)
         if trace is not None:
             trace.append((kind, service, user, t, digits, ip, node, detail))
 

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harvester.coalesce import Coalescer, newest
+from harvester.coalesce import Coalescer
 from harvester.events import DELIVERY
 from harvester.parse import PID_STATE_MAX, Parser, Problem, Stats, drop_oldest
 from harvester.sources.archive import (
@@ -55,8 +55,8 @@ class Result:
     """What one worker found in one segment."""
 
     segment: Segment
-    logins: dict
-    others: dict
+    logins: list  # Table.items(): a segment's rows, to be applied after those of earlier segments
+    others: list
     orphans: list
     ended: dict
     open_sessions: dict
@@ -198,7 +198,7 @@ def parse_segment(seg: Segment) -> Result:
     except OSError as e:
         error, partial = f"read error: {e.strerror or e}", True
     problems = parser.end()
-    return Result(seg, sink.logins, sink.others, parser.orphans, parser.ended,
+    return Result(seg, sink.logins.items(), sink.others.items(), parser.orphans, parser.ended,
                   {k: v for k, v in parser._lmtp.items() if v is not None}, parser._login_ip,
                   parser.stats, problems, sink.bad_users, error, partial)
 
@@ -222,39 +222,23 @@ class Stitcher:
                     ip = r.ended[pid] if session else None
                 elif session is not None:
                     session[1].append((user, t, digits, node))
-                newest(logins, (user, service), (t, digits, ip, node, service, None))
+                logins.put(user, service, t, digits, ip, node, service)
             else:
                 ip = self.login_ip.get((service, pid))
-                newest(others, (user, kind), (t, digits, ip, node, service, detail))
+                others.put(user, kind, t, digits, ip, node, service, detail)
         for pid, ip in r.ended.items():
             session = self.open_sessions.pop(pid, None)
             if session and session[0] != ip:
                 for user, t, digits, node in session[1]:
-                    newest(logins, (user, "lmtp"), (t, digits, ip, node, "lmtp", None))
-        _merge(logins, r.logins)
-        _merge(others, r.others)
+                    logins.put(user, "lmtp", t, digits, ip, node, "lmtp")
+        logins.update(r.logins)
+        others.update(r.others)
         sink.bad_users.extend(r.bad_users)
         self.open_sessions.update(r.open_sessions)
         self.login_ip.update(r.login_ip)
         for d in (self.open_sessions, self.login_ip):
             if len(d) > PID_STATE_MAX:
                 drop_oldest(d)
-
-
-def _merge(into: dict, later: dict) -> None:
-    """Rows of a later segment win ties; iterate the smaller side."""
-    if len(later) >= len(into):
-        for k, v in into.items():
-            cur = later.get(k)
-            if cur is None or v[0] > cur[0]:
-                later[k] = v
-        into.clear()
-        into.update(later)
-    else:
-        for k, v in later.items():
-            cur = into.get(k)
-            if cur is None or v[0] >= cur[0]:
-                into[k] = v
 
 
 def pool(workers: int, pack, node, webmail, zone, year, max_line):

@@ -13,7 +13,7 @@ from datetime import UTC
 
 import pytest
 
-from harvester import parse, patterns
+from harvester import native, patterns
 from harvester.coalesce import Coalescer
 from harvester.parse import Networks, Parser
 from harvester.timeparse import Clock
@@ -23,7 +23,7 @@ PACK = patterns.load("dovecot")
 
 
 def test_the_native_scanner_is_built_and_used():
-    assert parse.fastscan is not None, (
+    assert native.enabled(), (
         "harvester._fastscan was not built: `pip install -e .` builds it with cargo (setuptools-rust); "
         "without it every backfill parses in Python, several times slower")
     parser = Parser(PACK)
@@ -36,26 +36,26 @@ def both(blocks: list[bytes], *, webmail=("10.99.0.0/16",), orphans: bool = Fals
     """Everything observable after parsing `blocks` with each engine."""
     seen = {}
     for engine in ("python", "native"):
-        parser = Parser(PACK, node="n1", webmail=Networks(webmail))
-        parser._compiled.clear()
-        old = parse.ENGINE
-        parse.ENGINE = "python" if engine == "python" else "auto"
+        old = native.ENGINE
+        native.ENGINE = "python" if engine == "python" else "auto"
         try:
+            parser = Parser(PACK, node="n1", webmail=Networks(webmail))
             parser.begin("f", block_prefix, Clock(style, UTC, year=year, reference=reference))
+            sink = Coalescer()
         finally:
-            parse.ENGINE = old
+            native.ENGINE = old
         assert parser.engine == engine
         if orphans:
             parser.orphans = []
-        sink = Coalescer()
         offset = 0
         for block in blocks:
             parser.feed(block, sink, offset)
             offset += len(block)
         problems = {k: (p.count, p.first_offset, p.sample) for k, p in parser.end().items()}
         st = parser.stats
-        seen[engine] = (sink.logins, sink.others, dict(st.events), dict(st.not_understood), dict(st.bad),
-                        st.lines, problems, parser._lmtp, parser._login_ip, parser.orphans, parser.ended)
+        seen[engine] = (dict(sink.logins.items()), dict(sink.others.items()), dict(st.events),
+                        dict(st.not_understood), dict(st.bad), st.lines, problems, parser._lmtp,
+                        parser._login_ip, parser.orphans, parser.ended)
     return seen
 
 
@@ -83,7 +83,7 @@ def maillog(tmp_path_factory) -> bytes:
     return b"".join(f.read_bytes() for f in c.files)
 
 
-@pytest.mark.skipif(parse.fastscan is None, reason="covered by test_the_native_scanner_is_built_and_used")
+@pytest.mark.skipif(native.fastscan is None, reason="covered by test_the_native_scanner_is_built_and_used")
 class TestSameAsPython:
     def test_generated_corpus_in_small_blocks(self, maillog):
         seen = both(blocks_of(maillog, 16 << 10))
@@ -156,8 +156,8 @@ regex = '(?P<service>imap|pop3)-login: Login: user=<(?P<user>[^>]*)>, method=(?P
     with caplog.at_level(logging.WARNING):
         parser.begin("f", "syslog", Clock("bsd", UTC, year=2026))
     assert parser.engine == "python"
-    if parse.fastscan is not None:
+    if native.fastscan is not None:
         assert "parsing in Python" in caplog.text
     sink = Coalescer()
     parser.feed(b"Nov 22 01:00:00 mx1 dovecot: imap-login: Login: user=<u>, method=PLAIN, rip=192.0.2.1\n", sink)
-    assert list(sink.logins) == [(b"u", "imap")]
+    assert [k for k, _ in sink.logins.items()] == [(b"u", "imap")]

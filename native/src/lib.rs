@@ -11,12 +11,15 @@
 //! segment, XCLIENT address changes, events joined to a login by pid) is
 //! handed back to Python with the line's position: `slow(pos)`.
 
+mod table;
+
 use std::collections::HashMap;
 
 use pcre2::bytes::{CaptureLocations, Regex, RegexBuilder};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+use table::{Entry, Table};
 
 // Event kinds, as parse.py names them (see Scanner::new).
 const WATCH: u8 = 0;
@@ -43,6 +46,7 @@ struct Spec {
     group: usize,
     kind: u8,
     kind_name: Py<PyString>,
+    kind_text: Vec<u8>,
     service: Option<(Py<PyString>, Vec<u8>)>,
     fields: [usize; 9],
     extras: Vec<(String, usize)>,
@@ -104,7 +108,7 @@ fn micros(frac: &[u8]) -> Option<(i64, i64)> {
 
 /// Event counts by (kind, service), gathered natively and added to the parser's Counter once per block.
 #[derive(Default)]
-struct Counts(HashMap<(usize, usize), (PyObject, PyObject, u64)>);
+struct Counts(HashMap<(usize, usize), (PyObject, PyObject, u64), ahash::RandomState>);
 
 impl Counts {
     fn add(&mut self, kind: &Bound<'_, PyAny>, service: &Bound<'_, PyAny>) {
@@ -159,6 +163,7 @@ impl Scanner {
             .map(|(group, kind, kind_name, service, fields, extras)| Spec {
                 group,
                 kind,
+                kind_text: kind_name.bind(py).to_string().into_bytes(),
                 kind_name,
                 service: service.map(|s| {
                     let b = s.bind(py).to_string().into_bytes();
@@ -193,8 +198,8 @@ impl Scanner {
         &self,
         py: Python<'_>,
         text: &Bound<'_, PyBytes>,
-        logins: &Bound<'_, PyDict>,
-        others: &Bound<'_, PyDict>,
+        logins: &Bound<'_, Table>,
+        others: &Bound<'_, Table>,
         counts: &Bound<'_, PyDict>,
         clock: &Bound<'_, PyAny>,
         orphans: bool,
@@ -214,8 +219,8 @@ impl Scanner {
         &self,
         py: Python<'_>,
         data: &[u8],
-        logins: &Bound<'_, PyDict>,
-        others: &Bound<'_, PyDict>,
+        logins: &Bound<'_, Table>,
+        others: &Bound<'_, Table>,
         tally: &mut Counts,
         clock: &Bound<'_, PyAny>,
         orphans: bool,
@@ -226,9 +231,9 @@ impl Scanner {
         let join = self.join.bind(py);
         let webmail = self.webmail.as_ref().map(|w| w.bind(py));
         let node_default = self.node.bind(py);
-        let webmail_name = self.webmail_name.bind(py).as_any();
+        let webmail_name = self.webmail_name.bind(py);
         let mut locs = self.regex.capture_locations();
-        let mut minutes: HashMap<Vec<u8>, i64> = HashMap::new();
+        let mut minutes: HashMap<Vec<u8>, i64, ahash::RandomState> = HashMap::default();
         let mut last_ts: (&[u8], Option<&[u8]>, i64) = (b"", None, i64::MIN);
         let mut last_host: Option<(&[u8], Bound<'_, PyAny>)> = None;
         let mut pos = 0usize;
@@ -280,13 +285,13 @@ impl Scanner {
                 },
             };
             // Service: the line's own, else the event's fixed one.
-            let (mut service, svc_text): (Bound<'_, PyAny>, Vec<u8>) = match get(SVC) {
+            let (mut service, mut svc_text): (Bound<'_, PyString>, &[u8]) = match get(SVC) {
                 Some(s) => match self.services.iter().find(|(k, _)| k.as_slice() == s) {
-                    Some((k, name)) => (name.bind(py).clone().into_any(), k.clone()),
-                    None => (PyString::new(py, &String::from_utf8_lossy(s)).into_any(), s.to_vec()),
+                    Some((k, name)) => (name.bind(py).clone(), k.as_slice()),
+                    None => (PyString::new(py, &String::from_utf8_lossy(s)), s),
                 },
                 None => match &spec.service {
-                    Some((name, b)) => (name.bind(py).clone().into_any(), b.clone()),
+                    Some((name, b)) => (name.bind(py).clone(), b.as_slice()),
                     None => {
                         slow.call1((start,))?;
                         continue;
@@ -307,10 +312,10 @@ impl Scanner {
             let user = get(USER);
             let ip = get(IP);
             let pid = get(PID);
-            let table: &Bound<'_, PyDict>;
-            let key_second: Bound<'_, PyAny>;
-            let mut detail: Option<String> = None;
-            let mut session_ip: Option<Bound<'_, PyAny>> = None;
+            let table: &Bound<'_, Table>;
+            let key_second: &[u8];
+            let mut detail: Option<Py<PyString>> = None;
+            let mut session_ip: Option<Option<Box<[u8]>>> = None;
             match spec.kind {
                 LOGIN | PROXY => {
                     if let Some(w) = webmail {
@@ -318,13 +323,14 @@ impl Scanner {
                             if let Some(probe) = get(REAL_IP).or(ip) {
                                 if w.call1((PyBytes::new(py, probe),))?.is_truthy()? {
                                     service = webmail_name.clone();
+                                    svc_text = b"webmail";
                                 }
                             }
                         }
                     }
                     if let Some(p) = pid {
                         if join.contains(&service)? {
-                            let k = PyTuple::new(py, [service.clone(), PyBytes::new(py, p).into_any()])?;
+                            let k = PyTuple::new(py, [service.clone().into_any(), PyBytes::new(py, p).into_any()])?;
                             login_ip.set_item(k, opt_bytes(py, ip))?;
                             if login_ip.len() > self.state_max {
                                 self.drop_oldest.bind(py).call1((login_ip,))?;
@@ -332,7 +338,7 @@ impl Scanner {
                         }
                     }
                     table = logins;
-                    key_second = service.clone();
+                    key_second = svc_text;
                 }
                 DELIVERY => {
                     if let Some(p) = pid {
@@ -344,7 +350,11 @@ impl Scanner {
                                     let entry = (opt_bytes(py, user), t, digits, node.clone());
                                     list.append(entry.into_pyobject(py)?)?;
                                 }
-                                session_ip = Some(session.get_item(0)?);
+                                let sip = session.get_item(0)?;
+                                session_ip = Some(match sip.downcast::<PyBytes>() {
+                                    Ok(b) => Some(b.as_bytes().into()),
+                                    Err(_) => None,
+                                });
                             }
                             None if orphans => {
                                 slow.call1((start,))?; // the session began in an earlier segment
@@ -354,7 +364,7 @@ impl Scanner {
                         }
                     }
                     table = logins;
-                    key_second = service.clone();
+                    key_second = svc_text;
                 }
                 SESSION_START => {
                     let Some(p) = pid else {
@@ -397,7 +407,7 @@ impl Scanner {
                         continue;
                     }
                     table = others;
-                    key_second = spec.kind_name.bind(py).clone().into_any();
+                    key_second = spec.kind_text.as_slice();
                     if !spec.extras.is_empty() {
                         let parts: Vec<String> = spec
                             .extras
@@ -407,7 +417,7 @@ impl Scanner {
                                 format!("{k}={}", String::from_utf8_lossy(v))
                             })
                             .collect();
-                        detail = Some(parts.join(" "));
+                        detail = Some(PyString::new(py, &parts.join(" ")).unbind());
                     }
                 }
                 _ => {
@@ -415,14 +425,13 @@ impl Scanner {
                     continue;
                 }
             }
-            tally.add(spec.kind_name.bind(py).as_any(), &service);
+            tally.add(spec.kind_name.bind(py).as_any(), service.as_any());
             let Some(u) = user.filter(|u| !u.is_empty()) else {
                 continue; // failures before a user name was known: counted, never stored
             };
-            let key = (PyBytes::new(py, u), key_second).into_pyobject(py)?;
-            let ip = session_ip.unwrap_or_else(|| opt_bytes(py, ip));
-            let value = (t, digits, ip, node, service, detail).into_pyobject(py)?;
-            put(table, key, t, value.into_any())?;
+            let ip = session_ip.unwrap_or_else(|| ip.map(|b| b.into()));
+            let entry = Entry { t, digits, ip, node: node.unbind(), service: service.unbind(), detail };
+            table.borrow_mut().put_entry(u, key_second, entry);
         }
     }
 
@@ -434,7 +443,7 @@ impl Scanner {
         clock: &Bound<'_, PyAny>,
         ts: &[u8],
         tzs: Option<&[u8]>,
-        minutes: &mut HashMap<Vec<u8>, i64>,
+        minutes: &mut HashMap<Vec<u8>, i64, ahash::RandomState>,
     ) -> Option<i64> {
         let n = ts.len();
         if n >= 3 && ts[n - 3] == b':' && ts[n - 2].is_ascii_digit() && ts[n - 1].is_ascii_digit() {
@@ -466,19 +475,16 @@ impl Scanner {
     }
 }
 
-/// Newest wins; on equal times the later line (this one) wins.
-fn put(table: &Bound<'_, PyDict>, key: Bound<'_, PyTuple>, t: i64, value: Bound<'_, PyAny>) -> PyResult<()> {
-    if let Some(cur) = table.get_item(&key)? {
-        let old: i64 = cur.downcast::<PyTuple>()?.get_item(0)?.extract()?;
-        if t < old {
-            return Ok(());
-        }
-    }
-    table.set_item(key, value)
+/// Number of b"\n" in `block` (bytes.count is several times slower for one byte).
+#[pyfunction]
+fn newlines(py: Python<'_>, block: &[u8]) -> usize {
+    py.allow_threads(|| block.chunks(1 << 16).map(|c| c.iter().filter(|&&b| b == b'\n').count()).sum())
 }
 
 #[pymodule]
 fn _fastscan(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(newlines, m)?)?;
     m.add_class::<Scanner>()?;
+    m.add_class::<Table>()?;
     Ok(())
 }

@@ -1,0 +1,22 @@
+"""The optional native module (native/, built by setuptools-rust into harvester._fastscan).
+
+It runs the parser's hot loop and holds the coalescing tables. Without it
+(an install with no Rust toolchain) everything works the same in Python,
+several times slower. HARVESTER_ENGINE=python switches it off, to compare
+the two or to rule it out.
+"""
+
+from __future__ import annotations
+
+import os
+
+ENGINE = os.environ.get("HARVESTER_ENGINE", "auto")
+try:
+    from harvester import _fastscan as fastscan
+except ImportError:  # built without cargo
+    fastscan = None
+
+
+def enabled() -> bool:
+    """Whether new parsers and tables use the native module."""
+    return fastscan is not None and ENGINE != "python"

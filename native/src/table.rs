@@ -1,0 +1,177 @@
+//! The coalescing table: the newest event per (account, service or kind).
+//!
+//! Same contract as coalesce.PyTable (the fallback when this module is not
+//! built): `put` keeps the newest time and, on equal times, the later call.
+//! Keys stay bytes until `take`, which decodes the survivors once and hands
+//! them out sorted by key, the order SQLite's B-tree inserts fastest.
+
+use std::collections::HashMap;
+
+use ahash::RandomState;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
+
+pub struct Entry {
+    pub t: i64,
+    pub digits: i64,
+    pub ip: Option<Box<[u8]>>,
+    pub node: PyObject,
+    pub service: Py<PyString>,
+    pub detail: Option<Py<PyString>>,
+}
+
+/// Newest value per key; a key is [len(second)] + second + user, unambiguous for any bytes.
+#[pyclass(module = "harvester._fastscan")]
+pub struct Table {
+    map: HashMap<Box<[u8]>, Entry, RandomState>,
+    buf: Vec<u8>,
+}
+
+impl Table {
+    fn key(&mut self, user: &[u8], second: &[u8]) -> &[u8] {
+        self.buf.clear();
+        self.buf.push(second.len().min(255) as u8);
+        self.buf.extend_from_slice(&second[..second.len().min(255)]);
+        self.buf.extend_from_slice(user);
+        &self.buf
+    }
+
+    /// Keep `entry` unless a newer one is stored (equal times: this one wins).
+    pub fn put_entry(&mut self, user: &[u8], second: &[u8], entry: Entry) {
+        let t = entry.t;
+        self.key(user, second);
+        if let Some(cur) = self.map.get_mut(self.buf.as_slice()) {
+            if t >= cur.t {
+                *cur = entry;
+            }
+            return;
+        }
+        let key: Box<[u8]> = self.buf.as_slice().into();
+        self.map.insert(key, entry);
+    }
+}
+
+fn split(key: &[u8]) -> (&[u8], &[u8]) {
+    let n = key[0] as usize;
+    (&key[1..1 + n], &key[1 + n..])
+}
+
+fn value<'py>(py: Python<'py>, e: &Entry) -> PyResult<Bound<'py, PyTuple>> {
+    let ip = match &e.ip {
+        Some(b) => PyBytes::new(py, b).into_any(),
+        None => py.None().into_bound(py),
+    };
+    (e.t, e.digits, ip, e.node.clone_ref(py), e.service.clone_ref(py), e.detail.as_ref().map(|d| d.clone_ref(py)))
+        .into_pyobject(py)
+}
+
+#[pymethods]
+impl Table {
+    #[new]
+    fn new() -> Self {
+        Table { map: HashMap::with_hasher(RandomState::new()), buf: Vec::with_capacity(256) }
+    }
+
+    fn __len__(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Store (t, digits, ip, node, service, detail) for (user, second) unless a newer one is there.
+    #[pyo3(signature = (user, second, t, digits, ip, node, service, detail=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn put(
+        &mut self,
+        user: &[u8],
+        second: &str,
+        t: i64,
+        digits: i64,
+        ip: Option<&[u8]>,
+        node: PyObject,
+        service: Py<PyString>,
+        detail: Option<Py<PyString>>,
+    ) {
+        let entry = Entry { t, digits, ip: ip.map(|b| b.into()), node, service, detail };
+        self.put_entry(user, second.as_bytes(), entry);
+    }
+
+    /// The stored value of (user, second), or None.
+    fn get<'py>(&mut self, py: Python<'py>, user: &[u8], second: &str) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        self.key(user, second.as_bytes());
+        match self.map.get(self.buf.as_slice()) {
+            Some(e) => Ok(Some(value(py, e)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// [((user, second), value), ...] in no particular order (to ship a segment's rows).
+    fn items<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        for (k, e) in &self.map {
+            let (second, user) = split(k);
+            let key = (PyBytes::new(py, user), PyString::new(py, &String::from_utf8_lossy(second)));
+            out.append((key, value(py, e)?))?;
+        }
+        Ok(out)
+    }
+
+    /// Apply items of a later part (equal times: they win), as `put` would one by one.
+    fn update(&mut self, items: &Bound<'_, PyList>) -> PyResult<()> {
+        for item in items.iter() {
+            let ((user, second), (t, digits, ip, node, service, detail)): (
+                (Vec<u8>, String),
+                (i64, i64, Option<Vec<u8>>, PyObject, Py<PyString>, Option<Py<PyString>>),
+            ) = item.extract()?;
+            self.put(&user, &second, t, digits, ip.as_deref(), node, service, detail);
+        }
+        Ok(())
+    }
+
+    /// Empty the table into rows sorted by (user, second):
+    /// ([(user, second, t, digits, ip, node, service, detail), ...], [undecodable user, ...]).
+    fn take<'py>(&mut self, py: Python<'py>) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
+        let map = std::mem::replace(&mut self.map, HashMap::with_hasher(RandomState::new()));
+        let mut entries: Vec<(Box<[u8]>, Entry)> = map.into_iter().collect();
+        entries.sort_unstable_by(|a, b| {
+            let (sa, ua) = split(&a.0);
+            let (sb, ub) = split(&b.0);
+            ua.cmp(ub).then(sa.cmp(sb))
+        });
+        let rows = PyList::empty(py);
+        let bad = PyList::empty(py);
+        let mut seconds: HashMap<Vec<u8>, Py<PyString>> = HashMap::new();
+        let mut texts: HashMap<Vec<u8>, Py<PyString>> = HashMap::new();
+        for (k, e) in entries {
+            let (second, user) = split(&k);
+            let Ok(u) = std::str::from_utf8(user) else {
+                bad.append(PyBytes::new(py, user))?;
+                continue;
+            };
+            let second = seconds
+                .entry(second.to_vec())
+                .or_insert_with(|| PyString::new(py, &String::from_utf8_lossy(second)).unbind())
+                .clone_ref(py);
+            let ip = match &e.ip {
+                Some(b) => Some(text(py, &mut texts, b)),
+                None => None,
+            };
+            let node = match e.node.bind(py).downcast::<PyBytes>() {
+                Ok(b) => text(py, &mut texts, b.as_bytes()).into_any(),
+                Err(_) => e.node.clone_ref(py),
+            };
+            rows.append((PyString::new(py, u), second, e.t, e.digits, ip, node, e.service, e.detail))?;
+        }
+        Ok((rows, bad))
+    }
+}
+
+/// Decoded text of an IP or host name, shared between rows (there are few distinct ones).
+fn text(py: Python<'_>, cache: &mut HashMap<Vec<u8>, Py<PyString>>, b: &[u8]) -> Py<PyString> {
+    if let Some(s) = cache.get(b) {
+        return s.clone_ref(py);
+    }
+    let s = PyString::new(py, &String::from_utf8_lossy(b)).unbind();
+    if cache.len() < 100_000 {
+        cache.insert(b.to_vec(), s.clone_ref(py));
+    }
+    s
+}
