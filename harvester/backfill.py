@@ -20,7 +20,7 @@ from harvester.coalesce import Coalescer
 from harvester.config import Settings
 from harvester.parse import Networks, Parser
 from harvester.sinks.base import Store
-from harvester.sources.archive import ArchiveError, Position, expand, line_blocks, prefetch, raw_chunks
+from harvester.sources.archive import ArchiveError, expand, file_blocks, line_blocks, raw_chunks, read_ahead
 from harvester.timeparse import Clock, resolve_timezone
 
 log = logging.getLogger(__name__)
@@ -102,13 +102,12 @@ def _one_file(path: Path, parser: Parser, sink: Coalescer, settings: Settings, z
     done_bytes = 0
     first = True
     parser.name(str(path))
-    position = Position()
-    blocks = line_blocks(raw_chunks(path, position=position), max_line=settings.max_line_bytes,
-                         on_long_line=lambda at: parser.problem("long_line", at, b"(not shown)"))
+    max_line = settings.max_line_bytes
+    blocks = read_ahead(lambda report: file_blocks(path, max_line=max_line, on_long_line=report),
+                        on_long_line=lambda at: parser.problem("long_line", at, b"(not shown)"))
     try:
         # Each block carries how far the reader was when it was cut, so the bar follows the parser.
-        tagged = ((offset, block, position.read) for offset, block in blocks)
-        for offset, block, read in prefetch(tagged):
+        for offset, block, read in blocks:
             if first:
                 first = False
                 prefix = _prefix_for(parser, settings, path, block)

@@ -16,8 +16,6 @@ from harvester.events import Event
 # A value: (time_us, digits, ip, node, service, detail); ip/node still bytes (node may be the
 # configured default, a str).
 Value = tuple[int, int, "bytes | None", "bytes | str | None", str, "str | None"]
-# What take() hands out, sorted by (user, second): second is the service for logins, the kind otherwise.
-Taken = tuple[str, str, int, int, "str | None", "str | None", str, "str | None"]
 
 
 class Table(Protocol):
@@ -34,7 +32,9 @@ class Table(Protocol):
 
     def update(self, items: list[tuple[tuple[bytes, str], Value]]) -> None: ...
 
-    def take(self) -> tuple[list[Taken], list[bytes]]: ...
+    def take(self, row_type: type, kind: str | None) -> tuple[list, list[bytes]]:
+        """Empty the table into row_type(user, service, kind or second, t, digits, ip, node, detail),
+        sorted by (user, second), and the user names that are not UTF-8."""
 
 
 class PyTable:
@@ -63,9 +63,9 @@ class PyTable:
         for (user, second), value in items:
             self.put(user, second, *value)
 
-    def take(self) -> tuple[list[Taken], list[bytes]]:
+    def take(self, row_type: type, kind: str | None) -> tuple[list, list[bytes]]:
         d, self._d = self._d, {}
-        rows: list[Taken] = []
+        rows: list = []
         bad: list[bytes] = []
         names: dict = {}
         for (user, second), (t, digits, ip, node, service, detail) in sorted(d.items(), key=_first):
@@ -74,7 +74,7 @@ class PyTable:
             except UnicodeDecodeError:
                 bad.append(user)
                 continue
-            rows.append((u, second, t, digits, _text(ip, names), _text(node, names), service, detail))
+            rows.append(row_type(u, service, kind or second, t, digits, _text(ip, names), _text(node, names), detail))
         return rows, bad
 
 
@@ -112,14 +112,12 @@ class Coalescer:
         return len(self.logins) + len(self.others)
 
     def take(self) -> list[Row]:
-        """Decode what was gathered into rows (sorted by user) and start empty (the caller writes them)."""
-        rows, bad = self.logins.take()
-        out = [Row(u, svc, "login", t, d, ip, n) for u, _, t, d, ip, n, svc, _ in rows]
+        """Decode what was gathered into rows in key order and start empty (the caller writes them)."""
+        out, bad = self.logins.take(Row, "login")
         self.bad_users.extend(bad)
-        rows, bad = self.others.take()
-        out.extend(Row(u, svc, kind, t, d, ip, n, det) for u, kind, t, d, ip, n, svc, det in rows)
+        rows, bad = self.others.take(Row, None)
         self.bad_users.extend(bad)
-        return out
+        return out + rows
 
     def events(self) -> list[Event]:
         """The traced events, decoded (invalid UTF-8 shown with replacement characters)."""

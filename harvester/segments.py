@@ -30,8 +30,8 @@ from harvester.sources.archive import (
     ArchiveError,
     Position,
     line_blocks,
-    prefetch,
     raw_chunks,
+    read_ahead,
     sniff,
 )
 from harvester.timeparse import Clock
@@ -161,11 +161,19 @@ def _plain_from(path: Path, start: int) -> Iterator[tuple[int, bytes]]:
             at += len(data)
 
 
-def _pieces_only(pieces: Iterator[tuple[int, bytes]], first: list[int]) -> Iterator[bytes]:
-    for at, piece in pieces:
-        if not first:
-            first.append(at)
-        yield piece
+def _segment_blocks(seg: Segment, max_line: int, on_long_line) -> Iterator[tuple[int, bytes, int]]:
+    """The segment's lines as (offset in the decompressed file, block, 0)."""
+    first: list[int] = []
+
+    def pieces() -> Iterator[bytes]:
+        for at, piece in _bounded_pieces(seg):
+            if not first:
+                first.append(at)
+            yield piece
+
+    for offset, block in line_blocks(pieces(), max_line=max_line,
+                                     on_long_line=lambda at: on_long_line(at + first[0])):
+        yield offset + first[0], block, 0
 
 
 # --- the worker --------------------------------------------------------------------------
@@ -185,14 +193,12 @@ def parse_segment(seg: Segment) -> Result:
     sink = Coalescer()
     parser.begin(f"{seg.path} (part {seg.index + 1}/{seg.count})" if seg.count > 1 else seg.path,
                  seg.prefix, Clock(seg.style, s["zone"], year=s["year"], reference=seg.mtime))
-    first: list[int] = []
     error, partial = None, True
     try:
-        pieces = _pieces_only(prefetch(_bounded_pieces(seg)), first)
-        blocks = line_blocks(pieces, max_line=s["max_line"],
-                             on_long_line=lambda at: parser.problem("long_line", at, b"(not shown)"))
-        for offset, block in blocks:
-            parser.feed(block, sink, offset + (first[0] if first else 0))
+        blocks = read_ahead(lambda report: _segment_blocks(seg, s["max_line"], report),
+                            on_long_line=lambda at: parser.problem("long_line", at, b"(not shown)"))
+        for offset, block, _ in blocks:
+            parser.feed(block, sink, offset)
     except ArchiveError as e:
         error, partial = str(e), e.partial
     except OSError as e:

@@ -1,24 +1,27 @@
 """Read plain and rotated (compressed) log files as blocks of complete lines.
 
 Compression is recognised by magic bytes, not by name (logrotate's
-compressext can be anything). Decompression runs in a background thread
-(zlib, bz2, lzma and zstandard release the GIL), so inflating the next
-megabytes overlaps with parsing the current ones.
+compressext can be anything). Reading and decompressing run in a helper
+process (read_ahead), so inflating the next megabytes overlaps with parsing
+the current ones on another core.
 """
 
 from __future__ import annotations
 
 import bz2
+import contextlib
+import fcntl
 import logging
 import lzma
 import os
-import queue
 import re
-import threading
-import zlib
+import signal
+import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from isal import isal_zlib
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20  # compressed bytes read at a time
@@ -57,7 +60,9 @@ def _zstd_errors() -> tuple[type[BaseException], ...]:
 
 PLAIN = Format("plain", None)
 FORMATS = {
-    b"\x1f\x8b": Format("gzip", lambda: zlib.decompressobj(zlib.MAX_WBITS | 16), (zlib.error,)),
+    # ISA-L's inflate (python-isal) takes half the time of zlib's (0.61 s vs 1.14 s for 65 MB);
+    # zcat needs 1.48 s for the same file.
+    b"\x1f\x8b": Format("gzip", lambda: isal_zlib.decompressobj(isal_zlib.MAX_WBITS | 16), (isal_zlib.error,)),
     b"BZh": Format("bzip2", bz2.BZ2Decompressor, (OSError, ValueError)),
     b"\xfd7zXZ\x00": Format("xz", lzma.LZMADecompressor, (lzma.LZMAError,)),
     b"\x28\xb5\x2f\xfd": Format("zstd", _zstd, _zstd_errors()),
@@ -244,39 +249,82 @@ def _no_newline(parts: list[bytes]) -> bool:
     return all(b"\n" not in p for p in parts)
 
 
-def prefetch(items: Iterator, depth: int = 4) -> Iterator:
-    """Run `items` in a background thread, `depth` items ahead; exceptions are re-raised here."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
+Block = tuple[int, bytes, int]  # (decompressed offset, complete lines, compressed bytes read so far)
+_HEAD = struct.Struct("<BQQQ")  # kind, a, b, payload length
+_BLOCK, _LONG, _ERROR, _END = range(4)
 
-    def pump() -> None:
+
+def file_blocks(path: Path, *, max_line: int, on_long_line: Callable[[int], None]) -> Iterator[Block]:
+    """A file as blocks of complete lines, each with how far the reader was (for progress bars)."""
+    position = Position()
+    for offset, block in line_blocks(raw_chunks(path, position=position), max_line=max_line,
+                                     on_long_line=on_long_line):
+        yield offset, block, position.read
+
+
+def read_ahead(make: Callable[[Callable[[int], None]], Iterable[Block]],
+               on_long_line: Callable[[int], None]) -> Iterator[Block]:
+    """Run `make(report_long_line)` in a forked helper process and yield its blocks here.
+
+    Reading, decompressing and cutting lines happen in a process of their own,
+    one block ahead of the parser. A thread would share this process's GIL,
+    which the native parser holds for milliseconds at a time: measured, zlib in
+    a thread beside a busy main thread took 3.1 s instead of 1.3 s. Blocks come
+    through a pipe (one copy); an ArchiveError in the helper is raised here,
+    after the blocks before the damage.
+    """
+    r, w = os.pipe()
+    with contextlib.suppress(OSError):  # fewer, larger writes; the default is 64 KiB
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the helper; its results are checked in the parent
+        os.close(r)
+        code = 0
         try:
-            for item in items:
-                if stop.is_set():
-                    return
-                q.put((True, item))
-            q.put((True, done))
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            q.put((False, e))
-
-    t = threading.Thread(target=pump, name="harvester-read", daemon=True)
-    t.start()
+            with os.fdopen(w, "wb", buffering=1 << 16) as out:
+                _pump(make, out)
+        except BrokenPipeError:  # the parent stopped reading early
+            pass
+        except BaseException:  # noqa: BLE001 - a helper never unwinds into the parent's code
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
     try:
-        while True:
-            ok, item = q.get()
-            if not ok:
-                raise item
-            if item is done:
-                return
-            yield item
+        with os.fdopen(r, "rb", buffering=1 << 16) as f:
+            while True:
+                head = f.read(_HEAD.size)
+                if len(head) < _HEAD.size:
+                    raise ArchiveError("the reader process ended unexpectedly", partial=True)
+                kind, a, b, n = _HEAD.unpack(head)
+                if kind == _BLOCK:
+                    yield a, f.read(n), b
+                elif kind == _LONG:
+                    on_long_line(a)
+                elif kind == _ERROR:
+                    raise ArchiveError(f.read(n).decode("utf-8", "replace"), partial=bool(a))
+                else:
+                    return
     finally:
-        stop.set()
-        while t.is_alive():  # unblock the producer if the consumer stopped early
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                t.join(0.05)
+        os.kill(pid, signal.SIGKILL)  # it may still be ahead of a consumer that stopped early
+        os.waitpid(pid, 0)
+
+
+def _pump(make: Callable[[Callable[[int], None]], Iterable[Block]], out) -> None:
+    def long_line(at: int) -> None:
+        out.write(_HEAD.pack(_LONG, at, 0, 0))
+
+    try:
+        for offset, block, read in make(long_line):
+            out.write(_HEAD.pack(_BLOCK, offset, read, len(block)))
+            out.write(block)
+    except (ArchiveError, OSError) as e:
+        partial = e.partial if isinstance(e, ArchiveError) else True
+        text = (str(e) if isinstance(e, ArchiveError) else f"read error: {e.strerror or e}").encode()
+        out.write(_HEAD.pack(_ERROR, int(partial), 0, len(text)))
+        out.write(text)
+        return
+    out.write(_HEAD.pack(_END, 0, 0, 0))
 
 
 # --- which files, in which order ---------------------------------------------------------

@@ -126,46 +126,70 @@ impl Table {
         Ok(())
     }
 
-    /// Empty the table into rows sorted by (user, second):
-    /// ([(user, second, t, digits, ip, node, service, detail), ...], [undecodable user, ...]).
-    fn take<'py>(&mut self, py: Python<'py>) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
+    /// Empty the table into `row_type` tuples sorted by (user, second), the order SQLite's
+    /// B-tree takes fastest: (user, service, kind, t, digits, ip, node, detail), where kind is
+    /// `kind` or, when None, the key's second part. Returns (rows, [undecodable user, ...]).
+    fn take<'py>(
+        &mut self,
+        py: Python<'py>,
+        row_type: &Bound<'py, PyAny>,
+        kind: Option<Bound<'py, PyString>>,
+    ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
         let map = std::mem::replace(&mut self.map, HashMap::with_hasher(RandomState::new()));
         let mut entries: Vec<(Box<[u8]>, Entry)> = map.into_iter().collect();
-        entries.sort_unstable_by(|a, b| {
-            let (sa, ua) = split(&a.0);
-            let (sb, ub) = split(&b.0);
-            ua.cmp(ub).then(sa.cmp(sb))
+        // Sort (16-byte prefix of the user, index): most comparisons never touch the keys' memory.
+        let mut order: Vec<(u128, u32)> = entries
+            .iter()
+            .enumerate()
+            .map(|(i, (k, _))| {
+                let user = split(k).1;
+                let mut head = [0u8; 16];
+                let n = user.len().min(16);
+                head[..n].copy_from_slice(&user[..n]);
+                (u128::from_be_bytes(head), i as u32)
+            })
+            .collect();
+        order.sort_unstable_by(|a, b| {
+            a.0.cmp(&b.0).then_with(|| {
+                let (sa, ua) = split(&entries[a.1 as usize].0);
+                let (sb, ub) = split(&entries[b.1 as usize].0);
+                ua.cmp(ub).then(sa.cmp(sb))
+            })
         });
+        let mut slots: Vec<Option<(Box<[u8]>, Entry)>> = entries.drain(..).map(Some).collect();
+        let entries = order.into_iter().map(|(_, i)| slots[i as usize].take().expect("each index once"));
+        let new = py.get_type::<PyTuple>().getattr("__new__")?;
         let rows = PyList::empty(py);
         let bad = PyList::empty(py);
-        let mut seconds: HashMap<Vec<u8>, Py<PyString>> = HashMap::new();
-        let mut texts: HashMap<Vec<u8>, Py<PyString>> = HashMap::new();
+        let mut seconds: HashMap<Vec<u8>, Py<PyString>, RandomState> = HashMap::default();
+        let mut texts: HashMap<Vec<u8>, Py<PyString>, RandomState> = HashMap::default();
         for (k, e) in entries {
             let (second, user) = split(&k);
             let Ok(u) = std::str::from_utf8(user) else {
                 bad.append(PyBytes::new(py, user))?;
                 continue;
             };
-            let second = seconds
-                .entry(second.to_vec())
-                .or_insert_with(|| PyString::new(py, &String::from_utf8_lossy(second)).unbind())
-                .clone_ref(py);
-            let ip = match &e.ip {
-                Some(b) => Some(text(py, &mut texts, b)),
-                None => None,
+            let kind = match &kind {
+                Some(k) => k.clone().unbind(),
+                None => seconds
+                    .entry(second.to_vec())
+                    .or_insert_with(|| PyString::new(py, &String::from_utf8_lossy(second)).unbind())
+                    .clone_ref(py),
             };
+            let ip = e.ip.as_ref().map(|b| text(py, &mut texts, b));
             let node = match e.node.bind(py).downcast::<PyBytes>() {
                 Ok(b) => text(py, &mut texts, b.as_bytes()).into_any(),
                 Err(_) => e.node.clone_ref(py),
             };
-            rows.append((PyString::new(py, u), second, e.t, e.digits, ip, node, e.service, e.detail))?;
+            let fields = (PyString::new(py, u), e.service, kind, e.t, e.digits, ip, node, e.detail).into_pyobject(py)?;
+            rows.append(new.call1((row_type, fields))?)?;
         }
         Ok((rows, bad))
     }
 }
 
 /// Decoded text of an IP or host name, shared between rows (there are few distinct ones).
-fn text(py: Python<'_>, cache: &mut HashMap<Vec<u8>, Py<PyString>>, b: &[u8]) -> Py<PyString> {
+fn text(py: Python<'_>, cache: &mut HashMap<Vec<u8>, Py<PyString>, RandomState>, b: &[u8]) -> Py<PyString> {
     if let Some(s) = cache.get(b) {
         return s.clone_ref(py);
     }

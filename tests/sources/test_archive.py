@@ -5,12 +5,13 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
+import os
 from pathlib import Path
 
 import pytest
 import zstandard
 
-from harvester.sources.archive import ArchiveError, expand, line_blocks, prefetch, raw_chunks, rotation_key
+from harvester.sources.archive import ArchiveError, expand, line_blocks, raw_chunks, read_ahead, rotation_key
 
 BODY = b"".join(b"line %d " % i + b"x" * (i % 50) + b"\n" for i in range(20000))
 COMPRESS = {"": bytes, ".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress,
@@ -87,15 +88,33 @@ def test_expand_reports_missing_files_and_directories_without_raising(tmp_path):
                                                                "DIR/maillog*)"}
 
 
-def test_prefetch_hands_a_producer_error_to_the_consumer():
-    def produce():
-        yield 1
-        raise ArchiveError("boom", partial=True)
+def test_read_ahead_hands_blocks_long_lines_and_damage_to_the_parser_in_order(tmp_path):
+    """The helper process's blocks, long-line reports and the error after them arrive as produced."""
+    def produce(report):
+        yield 0, b"a\n", 10
+        report(2)
+        yield 2, b"b" * (3 << 20) + b"\n", 20
+        raise ArchiveError("gzip data ends early", partial=True)
 
-    it = prefetch(produce())
-    assert next(it) == 1
-    with pytest.raises(ArchiveError, match="boom"):
+    longs: list[int] = []
+    it = read_ahead(produce, on_long_line=longs.append)
+    assert next(it) == (0, b"a\n", 10)
+    assert next(it) == (2, b"b" * (3 << 20) + b"\n", 20) and longs == [2]
+    with pytest.raises(ArchiveError, match="ends early") as e:
         next(it)
+    assert e.value.partial
+
+
+def test_read_ahead_stopped_early_leaves_no_helper_behind():
+    def produce(report):
+        for i in range(1000):
+            yield i, b"x" * (1 << 20), 0
+
+    it = read_ahead(produce, on_long_line=print)
+    next(it)
+    it.close()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)
 
 
 @pytest.mark.parametrize("suffix", [".bz2", ".xz", ".zst"])
