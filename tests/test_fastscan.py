@@ -141,6 +141,15 @@ class TestSameAsPython:
         assert seen["native"][0][b"a", "imap"][:3] == (1795308723900000, 1, b"192.0.2.2")
 
 
+@pytest.mark.skipif(native.fastscan is None, reason="covered by test_the_native_scanner_is_built_and_used")
+def test_native_rfc3339_text_is_the_python_one():
+    from harvester.timeparse import rfc3339
+
+    for t in (0, 1, 999_999, 1_795_308_723_242_533, -1, -86_400_000_001, 253_402_300_799_999_999, 951_782_400 * 10**6):
+        for digits in range(7):
+            assert native.fastscan.rfc3339(t, digits) == rfc3339(t, digits)
+
+
 def test_a_pack_pcre2_cannot_compile_is_parsed_in_python(tmp_path, caplog):
     """PCRE2 allows group names of at most 128 characters; Python's engine takes longer ones."""
     long = "a" * 140

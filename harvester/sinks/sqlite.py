@@ -11,8 +11,10 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+from harvester import native
 from harvester.coalesce import Row
 from harvester.sinks.base import StoreError
+from harvester.timeparse import rfc3339
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS last_login (
@@ -37,27 +39,26 @@ CREATE TABLE IF NOT EXISTS last_event (
 ) WITHOUT ROWID;
 """
 
-# RFC 3339 UTC text at the log's precision, made by SQLite from (time_us, digits): ?3 and ?4.
-_TEXT = ("strftime('%Y-%m-%dT%H:%M:%S', ?3 / 1000000, 'unixepoch') || "
-         "CASE ?4 WHEN 0 THEN '' ELSE substr(printf('.%06d', ?3 % 1000000), 1, ?4 + 1) END || 'Z'")
-
-UPSERT_LOGIN = f"""
+UPSERT_LOGIN = """
 INSERT INTO last_login (user, service, last_login, last_login_us, last_ip, node)
-VALUES (?1, ?2, {_TEXT}, ?3, ?5, ?6)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6)
 ON CONFLICT (user, service) DO UPDATE SET
     last_login = excluded.last_login, last_login_us = excluded.last_login_us,
     last_ip = excluded.last_ip, node = excluded.node
 WHERE excluded.last_login_us >= last_login.last_login_us
 """
 
-UPSERT_EVENT = f"""
+UPSERT_EVENT = """
 INSERT INTO last_event (user, kind, service, time, time_us, ip, node, detail)
-VALUES (?1, ?7, ?2, {_TEXT}, ?3, ?5, ?6, ?8)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
 ON CONFLICT (user, kind) DO UPDATE SET
     service = excluded.service, time = excluded.time, time_us = excluded.time_us,
     ip = excluded.ip, node = excluded.node, detail = excluded.detail
 WHERE excluded.time_us >= last_event.time_us
 """
+
+# RFC 3339 UTC text at the log's precision; the native one is the same function, 20 times faster.
+_text = native.fastscan.rfc3339 if native.fastscan is not None else rfc3339
 
 # What a support tool runs (also printed in the README).
 LOOKUP_SQL = """
@@ -98,8 +99,10 @@ class SqliteStore:
     def write(self, rows: list[Row]) -> int:
         # Rows in key order (as Coalescer.take gives them) make the B-tree inserts sequential: about
         # twice as fast for large batches. Any order is correct: of two rows of one key, the later wins.
-        logins = [(r.user, r.service, r.time_us, r.digits, r.ip, r.node) for r in rows if r.kind == "login"]
-        events = [(r.user, r.service, r.time_us, r.digits, r.ip, r.node, r.kind, r.detail)
+        text = _text
+        logins = [(r.user, r.service, text(r.time_us, r.digits), r.time_us, r.ip, r.node)
+                  for r in rows if r.kind == "login"]
+        events = [(r.user, r.kind, r.service, text(r.time_us, r.digits), r.time_us, r.ip, r.node, r.detail)
                   for r in rows if r.kind != "login"]
         try:
             self.db.execute("BEGIN IMMEDIATE")

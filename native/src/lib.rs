@@ -1,15 +1,14 @@
 //! harvester's hot path, in native code.
 //!
-//! `Parser.feed` (harvester/parse.py) is the definition of what a block of log
-//! lines does to the coalescing tables; this module is the same loop for the
-//! frequent cases, so that an event line costs a fraction of a microsecond
-//! instead of a few. The pack's joined regex runs under PCRE2's JIT over the
-//! whole block, and events are coalesced straight into the parser's own
-//! Python dicts, so everything after the parser (segments, stitching, rows)
-//! is shared by both engines. Anything rare or subtle (lines a pack must
-//! understand but did not, bad timestamps, sessions begun in an earlier
-//! segment, XCLIENT address changes, events joined to a login by pid) is
-//! handed back to Python with the line's position: `slow(pos)`.
+//! `Parser.event` (harvester/parse.py) is the definition of what one log line
+//! does; `Scanner.feed` is the same loop over a whole block for the frequent
+//! cases, so that an event line costs a fraction of a microsecond instead of a
+//! few. The pack's joined regex runs under PCRE2's JIT, events go into the
+//! native coalescing `Table` (table.rs), and the LMTP/POP3 session state stays
+//! in the parser's Python dicts, shared with the Python loop. Anything rare or
+//! subtle (lines a pack must understand but did not, bad timestamps, sessions
+//! begun in an earlier segment, XCLIENT address changes) is handed back to
+//! Python with the line's position: `slow(pos)`.
 
 mod table;
 
@@ -402,9 +401,17 @@ impl Scanner {
                     continue;
                 }
                 OTHER => {
-                    if ip.is_none() && pid.is_some() {
-                        slow.call1((start,))?; // joined to its login by pid (POP3 deletions)
-                        continue;
+                    if let (None, Some(p)) = (ip, pid) {
+                        // Joined to its login by pid (POP3 deletions): the login's IP, if seen.
+                        let k = PyTuple::new(py, [service.clone().into_any(), PyBytes::new(py, p).into_any()])?;
+                        match login_ip.get_item(&k)? {
+                            Some(v) => session_ip = Some(v.downcast::<PyBytes>().ok().map(|b| b.as_bytes().into())),
+                            None if orphans => {
+                                slow.call1((start,))?; // the login may be in an earlier segment
+                                continue;
+                            }
+                            None => {}
+                        }
                     }
                     table = others;
                     key_second = spec.kind_text.as_slice();
@@ -481,9 +488,42 @@ fn newlines(py: Python<'_>, block: &[u8]) -> usize {
     py.allow_threads(|| memchr::memchr_iter(b'\n', block).count())
 }
 
+/// UTC RFC 3339 text of epoch microseconds at `digits` fractional digits (0-6), as
+/// timeparse.rfc3339 writes it: 2026-11-22T01:52:03Z or 2026-11-22T01:52:03.242533Z.
+#[pyfunction]
+fn rfc3339(time_us: i64, digits: i64) -> String {
+    let secs = time_us.div_euclid(1_000_000);
+    let us = time_us.rem_euclid(1_000_000);
+    let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let mut out = format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
+        sod / 3600,
+        sod / 60 % 60,
+        sod % 60
+    );
+    if digits > 0 {
+        let frac = format!("{us:06}");
+        out.push('.');
+        out.push_str(&frac[..digits.min(6) as usize]);
+    }
+    out.push('Z');
+    out
+}
+
 #[pymodule]
 fn _fastscan(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(newlines, m)?)?;
+    m.add_function(wrap_pyfunction!(rfc3339, m)?)?;
     m.add_class::<Scanner>()?;
     m.add_class::<Table>()?;
     Ok(())
