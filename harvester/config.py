@@ -118,8 +118,9 @@ OPTIONS: tuple[Option, ...] = (
            "directories with packs of your own, searched before the built-in ones", "DIR"),
     Option("prefix", _str, "auto",
            "line prefix of the pack to use (auto: detect per file from its first lines)", "NAME"),
-    Option("workers", _opt_int(0, 256), 0,
-           "processes a backfill parses with (0: one per usable core; 1: no extra processes)", "N"),
+    Option("workers", _opt_int(0, 256), 1,
+           "processes a backfill parses with (1: the main one, with a helper that reads and decompresses; "
+           "0: one per usable core)", "N"),
     Option("flush_rows", _opt_int(1, 10_000_000), 500_000,
            "write to the store when this many distinct rows are waiting (bounds memory)", "N"),
     Option("max_line_bytes", _opt_int(1024, 1 << 30), 1 << 20,

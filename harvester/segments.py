@@ -1,9 +1,10 @@
 """Split a backfill across processes: each parses one segment of a file, the parent stitches.
 
-Parsing is CPU-bound Python, so one process is one core. A file is cut into
-segments (plain files by byte range; compressed ones by how far into the
-compressed bytes the reader is, so every worker decompresses from the start
-and cuts at the same place without any coordination). Each worker parses its
+Parsing is CPU-bound, so one process is one core. A plain file is cut into
+segments by byte range; a compressed file is one segment (a worker cannot
+start inside a gzip stream), so several of them go to several workers. On
+two cores this does not pay yet (the default is workers = 1): shipping a
+segment's rows to the parent costs about what parsing them saved. Each worker parses its
 segment with a fresh Parser and returns the coalesced rows, plus what it could
 not know: deliveries whose LMTP Connect line was in an earlier segment, LMTP
 sessions that ended here but began before, and the sessions still open at its
@@ -28,7 +29,6 @@ from harvester.parse import PID_STATE_MAX, Parser, Problem, Stats, drop_oldest
 from harvester.sources.archive import (
     CHUNK,
     ArchiveError,
-    Position,
     line_blocks,
     raw_chunks,
     read_ahead,
@@ -69,19 +69,23 @@ class Result:
 
 
 def plan(path: Path, prefix: str, style: str, mtime: float, workers: int) -> list[Segment]:
-    """Cut a file into up to `workers` segments of at least MIN_SEGMENT bytes."""
+    """Cut a plain file into up to `workers` segments of at least MIN_SEGMENT bytes.
+
+    A compressed file is one segment: a worker cannot start in the middle of a
+    gzip stream, so each would inflate everything before its part again.
+    """
     size = path.stat().st_size
-    count = max(1, min(workers, size // MIN_SEGMENT))
+    with open(path, "rb") as f:
+        compressed = sniff(f.read(8)).new is not None
+    count = 1 if compressed else max(1, min(workers, size // MIN_SEGMENT))
     return [Segment(str(path), k, count, prefix, style, mtime) for k in range(count)]
 
 
 def _bounded_pieces(seg: Segment) -> Iterator[tuple[int, bytes]]:
     """(decompressed offset, bytes) of exactly the lines this segment owns.
 
-    A segment owns the lines that start at decompressed offsets in [lo, hi).
-    For a compressed file, lo and hi are the offsets of the first decompressed
-    piece produced once the compressed position reached k/n of the file: every
-    worker reads the same way, so neighbours agree on the cut.
+    A segment of a plain file owns the lines that start at byte offsets in
+    [k/n, (k+1)/n) of the file; a compressed file is one segment.
     """
     path = Path(seg.path)
     size = path.stat().st_size
@@ -94,21 +98,15 @@ def _bounded_pieces(seg: Segment) -> Iterator[tuple[int, bytes]]:
         start = max(lo_c - 1, 0)
         stream = ((at, piece, lo_c, hi) for at, piece in _plain_from(path, start))
     else:
-        stream = _compressed(path, lo_c, None if last else hi_c)
+        stream = _compressed(path)
     return _owned(stream)
 
 
-def _compressed(path: Path, lo_c: int, hi_c: int | None) -> Iterator[tuple[int, bytes, int | None, int | None]]:
-    pos = Position()
+def _compressed(path: Path) -> Iterator[tuple[int, bytes, int | None, int | None]]:
+    """A compressed file is always one whole segment (see plan)."""
     at = 0
-    lo = 0 if lo_c == 0 else None
-    hi = None
-    for piece in raw_chunks(path, CHUNK, pos):
-        if lo is None and pos.read >= lo_c:
-            lo = at
-        if hi_c is not None and hi is None and pos.read >= hi_c:
-            hi = at
-        yield at, piece, lo, hi
+    for piece in raw_chunks(path, CHUNK):
+        yield at, piece, 0, None
         at += len(piece)
 
 

@@ -20,7 +20,17 @@ def test_segments_reassemble_the_file_exactly(tmp_path, monkeypatch, compressed)
         path = tmp_path / ("f.gz" if compressed else "f")
         path.write_bytes(gzip.compress(data, 1) if compressed else data)
         monkeypatch.setattr(segments, "CHUNK", rng.choice([7, 100, 4096]))
-        for count in (1, 2, 3, 5):
+        for count in (1,) if compressed else (1, 2, 3, 5):
             parts = [b"".join(p for _, p in segments._bounded_pieces(Segment(str(path), k, count, "syslog", "bsd", 0)))
                      for k in range(count)]
             assert b"".join(parts) == data, (trial, count)
+
+
+def test_a_compressed_file_is_one_segment_whatever_its_size(tmp_path, monkeypatch):
+    monkeypatch.setattr(segments, "MIN_SEGMENT", 1)
+    path = tmp_path / "maillog.1.gz"
+    path.write_bytes(gzip.compress(b"line\n" * 1000))
+    plain = tmp_path / "maillog"
+    plain.write_bytes(b"line\n" * 1000)
+    assert len(segments.plan(path, "syslog", "bsd", 0, workers=4)) == 1
+    assert len(segments.plan(plain, "syslog", "bsd", 0, workers=4)) == 4
