@@ -11,7 +11,7 @@ import textwrap
 from datetime import UTC, datetime
 from pathlib import Path
 
-from harvester import __version__, patterns
+from harvester import __version__, native, patterns
 from harvester.config import ConfigError, Settings, add_flags, resolve
 from harvester.sinks import StoreError, open_store
 from harvester.timeparse import TimeError, resolve_timezone, rfc3339
@@ -128,7 +128,9 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
     print(f"files: {ok} read, {len(s.failed_files)} with problems", file=out)
     for path, status in s.failed_files:
         print(f"  {path}: {status}", file=out)
-    print(f"lines: {s.lines:,} ({s.bytes / 1e6:,.1f} MB) in {s.seconds:.2f} s, {rate:,.0f} lines/s", file=out)
+    engine = "native" if native.enabled() else "Python (the native module is not built or HARVESTER_ENGINE=python)"
+    print(f"lines: {s.lines:,} ({s.bytes / 1e6:,.1f} MB) in {s.seconds:.2f} s, {rate:,.0f} lines/s, "
+          f"{engine} engine", file=out)
     print("events:", file=out)
     for (kind, service), n in sorted(s.events.items()):
         print(f"  {kind:12s} {service:12s} {n:>12,}", file=out)
