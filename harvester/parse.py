@@ -1,7 +1,9 @@
 """Blocks of log lines -> events, with the LMTP/POP3 session state that joins lines.
 
 The parser is fed whole blocks of complete lines and runs one compiled regex
-over each (see patterns.py); Python only runs for lines that are events.
+over each (see patterns.py). With the native module (native/, harvester.native)
+PCRE2's JIT runs that regex and the loop over its matches, so Python runs per
+block, not per line; without it, Python runs for the lines that are events.
 Session state (which MTA address an LMTP process is serving, which IP a POP3
 process logged in from) lives in the parser, not per file, so a rotated set
 that splits a session still joins it.
@@ -160,7 +162,7 @@ class Parser:
                  for idx, spec in compiled.specs.items()]
         try:
             return native.fastscan.Scanner(
-                compiled.regex.pattern.decode("utf-8"), specs, {k: v for k, v in _SERVICE.items()}, "webmail",
+                compiled.regex.pattern.decode("utf-8"), specs, _SERVICE, "webmail",
                 self._lmtp, self._login_ip, self._join_services,
                 self.webmail.__contains__ if self.webmail.nets else None, self.node, drop_oldest, PID_STATE_MAX)
         except (ValueError, UnicodeDecodeError) as e:  # a regex only Python's engine takes: slower, not wrong
@@ -192,7 +194,7 @@ class Parser:
     def feed(self, block: bytes, sink: Coalescer, offset: int = 0) -> None:
         """Parse `block` (complete lines; the last may lack its newline) found at `offset`.
 
-        Events go straight into the sink's dicts, still as bytes: decoding and
+        Events go straight into the sink's tables, still as bytes: decoding and
         validating user names waits until a row survives coalescing. The native
         scanner runs the loop when it is built (not for traces); `event` is the
         definition it follows, and it hands back the lines it leaves to Python.
