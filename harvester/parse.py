@@ -102,6 +102,58 @@ class Networks:
         return hit
 
 
+class PySessions:
+    """LMTP sessions by pid, the contract of the native Sessions (native/src/sessions.rs).
+
+    pid -> [MTA address, [(user, time_us, digits, node), ...]] while open, None once closed
+    (segment mode). start and close make a pid the newest; past `limit` pids the older half goes.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._d: dict[bytes, list | None] = {}
+        self._limit = limit
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __contains__(self, pid: bytes) -> bool:
+        return pid in self._d
+
+    def start(self, pid: bytes, ip: bytes | None) -> None:
+        self._d.pop(pid, None)
+        self._d[pid] = [ip, []]
+        if len(self._d) > self._limit:
+            drop_oldest(self._d)
+
+    def deliver(self, pid: bytes, user: bytes | None, t: int, digits: int, node) -> tuple[str, bytes | None]:
+        """Record a delivery of an open session: ("open", ip), else ("closed" | "absent", None)."""
+        session = self._d.get(pid, _ABSENT)
+        if session is _ABSENT:
+            return "absent", None
+        if session is None:
+            return "closed", None
+        if len(session[1]) < 1000:
+            session[1].append((user, t, digits, node))
+        return "open", session[0]
+
+    def pop(self, pid: bytes) -> tuple[bytes | None, list] | None:
+        session = self._d.pop(pid, None)
+        return None if session is None else (session[0], session[1])
+
+    def close(self, pid: bytes) -> None:
+        self._d.pop(pid, None)
+        self._d[pid] = None
+
+    def open(self) -> dict[bytes, list]:
+        return {k: v for k, v in self._d.items() if v is not None}
+
+    def state(self) -> dict[bytes, tuple | None]:
+        return {k: None if v is None else (v[0], v[1]) for k, v in self._d.items()}
+
+
+_ABSENT = object()
+
+
 class Parser:
     """Turns blocks of complete lines into events, coalesced straight into a Coalescer."""
 
@@ -117,9 +169,9 @@ class Parser:
         self._clock: Clock | None = None
         self._file = "-"
         self.problems: dict[str, Problem] = {}
-        # LMTP pid -> [ip, [(user, time_us, digits, node), ...]]: deliveries of the open session,
-        # re-emitted if Disconnect shows another address (XCLIENT ADDR).
-        self._lmtp: dict[bytes, list] = {}
+        # LMTP pid -> the MTA's address and the deliveries of the open session, re-emitted if
+        # Disconnect shows another address (XCLIENT ADDR).
+        self._lmtp = native.fastscan.Sessions(PID_STATE_MAX) if native.enabled() else PySessions(PID_STATE_MAX)
         # (service, pid) -> ip of the login, for events whose line has no IP (POP3 deletions).
         self._login_ip: dict[tuple[str, bytes], bytes | None] = {}
         # Segment mode (a backfill split across processes): events whose session began in an
@@ -256,31 +308,26 @@ class Parser:
             table = sink.logins
             second = service
         elif kind is DELIVERY:
-            lmtp = self._lmtp
             if pid is not None:
-                session = lmtp.get(pid)
-                if session is not None:
-                    ip = session[0]
-                    if len(session[1]) < 1000:
-                        session[1].append((user, t, digits, node))
-                elif self.orphans is not None and pid not in lmtp:  # session began in an earlier segment
+                state, session_ip = self._lmtp.deliver(pid, user, t, digits, node)
+                if state == "open":
+                    ip = session_ip
+                elif state == "absent" and self.orphans is not None:  # session began in an earlier segment
                     counts[kind, service] = counts.get((kind, service), 0) + 1
                     self.orphans.append((kind, service, user, t, digits, node, pid, None))
                     return
             table = sink.logins
             second = service
         elif kind is SESSION_START:
-            self._lmtp[pid] = [None if ip == b"local" else ip, []]
-            if len(self._lmtp) > PID_STATE_MAX:
-                drop_oldest(self._lmtp)
+            self._lmtp.start(pid, None if ip == b"local" else ip)
             return
         elif kind is SESSION_END:
-            session = self._lmtp.pop(pid, None)
+            session = self._lmtp.pop(pid)
             if ip == b"local":
                 ip = None
             if session is None and self.orphans is not None:  # it began in an earlier segment
                 self.ended.setdefault(pid, ip)
-                self._lmtp[pid] = None  # closed: later deliveries of this pid without Connect get no IP
+                self._lmtp.close(pid)  # later deliveries of this pid without Connect get no IP
             if session and session[0] != ip:  # XCLIENT changed the address: re-stamp deliveries
                 for u, t0, d0, n0 in session[1]:
                     sink.logins.put(u, service, t0, d0, ip, n0, service)

@@ -203,7 +203,7 @@ def parse_segment(seg: Segment) -> Result:
         error, partial = f"read error: {e.strerror or e}", True
     problems = parser.end()
     return Result(seg, sink.logins.items(), sink.others.items(), parser.orphans, parser.ended,
-                  {k: v for k, v in parser._lmtp.items() if v is not None}, parser._login_ip,
+                  parser._lmtp.open(), parser._login_ip,
                   parser.stats, problems, sink.bad_users, error, partial)
 
 

@@ -10,6 +10,7 @@
 //! begun in an earlier segment, XCLIENT address changes) is handed back to
 //! Python with the line's position: `slow(pos)`.
 
+mod sessions;
 mod table;
 
 use std::collections::HashMap;
@@ -18,6 +19,7 @@ use pcre2::bytes::{CaptureLocations, Regex, RegexBuilder};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+use sessions::{Found, Sessions};
 use table::{Entry, Table};
 
 // Event kinds, as parse.py names them (see Scanner::new).
@@ -59,7 +61,7 @@ struct Scanner {
     specs: Vec<Spec>,
     services: Vec<(Vec<u8>, Py<PyString>)>,
     webmail_name: Py<PyString>,
-    lmtp: Py<PyDict>,
+    lmtp: Py<Sessions>,
     login_ip: Py<PyDict>,
     join: PyObject,
     webmail: Option<PyObject>,
@@ -70,13 +72,6 @@ struct Scanner {
 
 fn group<'t>(locs: &CaptureLocations, text: &'t [u8], i: usize) -> Option<&'t [u8]> {
     locs.get(i).map(|(s, e)| &text[s..e])
-}
-
-fn same(a: Option<&[u8]>, b: &Bound<'_, PyAny>) -> bool {
-    match a {
-        None => b.is_none(),
-        Some(x) => b.downcast::<PyBytes>().map(|o| o.as_bytes() == x).unwrap_or(false),
-    }
 }
 
 fn opt_bytes<'py>(py: Python<'py>, v: Option<&[u8]>) -> Bound<'py, PyAny> {
@@ -142,7 +137,7 @@ impl Scanner {
         specs: Vec<(usize, u8, Py<PyString>, Option<Py<PyString>>, [usize; 9], Vec<(String, usize)>)>,
         services: HashMap<Vec<u8>, Py<PyString>>,
         webmail_name: Py<PyString>,
-        lmtp: Py<PyDict>,
+        lmtp: Py<Sessions>,
         login_ip: Py<PyDict>,
         join: PyObject,
         webmail: PyObject,
@@ -341,21 +336,11 @@ impl Scanner {
                 }
                 DELIVERY => {
                     if let Some(p) = pid {
-                        match lmtp.get_item(PyBytes::new(py, p))? {
-                            Some(session) if !session.is_none() => {
-                                let session = session.downcast_into::<PyList>()?;
-                                let list = session.get_item(1)?.downcast_into::<PyList>()?;
-                                if list.len() < 1000 {
-                                    let entry = (opt_bytes(py, user), t, digits, node.clone());
-                                    list.append(entry.into_pyobject(py)?)?;
-                                }
-                                let sip = session.get_item(0)?;
-                                session_ip = Some(match sip.downcast::<PyBytes>() {
-                                    Ok(b) => Some(b.as_bytes().into()),
-                                    Err(_) => None,
-                                });
-                            }
-                            None if orphans => {
+                        let mut state = lmtp.borrow_mut();
+                        match state.deliver_native(p, user, t, digits, &node) {
+                            Found::Open(ip) => session_ip = Some(ip.clone()),
+                            Found::Absent if orphans => {
+                                drop(state);
                                 slow.call1((start,))?; // the session began in an earlier segment
                                 continue;
                             }
@@ -371,29 +356,15 @@ impl Scanner {
                         continue;
                     };
                     let addr = if ip == Some(b"local".as_slice()) { None } else { ip };
-                    let session = PyList::new(py, [opt_bytes(py, addr), PyList::empty(py).into_any()])?;
-                    lmtp.set_item(PyBytes::new(py, p), session)?;
-                    if lmtp.len() > self.state_max {
-                        self.drop_oldest.bind(py).call1((lmtp,))?;
-                    }
+                    lmtp.borrow_mut().start_native(p, addr);
                     continue;
                 }
                 SESSION_END => {
-                    let Some(p) = pid else {
-                        slow.call1((start,))?;
-                        continue;
-                    };
                     let addr = if ip == Some(b"local".as_slice()) { None } else { ip };
-                    let pid_obj = PyBytes::new(py, p);
-                    match lmtp.get_item(&pid_obj)? {
-                        Some(session) if !session.is_none() => {
-                            let session = session.downcast_into::<PyList>()?;
-                            if same(addr, &session.get_item(0)?) {
-                                lmtp.del_item(pid_obj)?;
-                            } else {
-                                slow.call1((start,))?; // XCLIENT changed the address: re-stamp in Python
-                            }
-                        }
+                    let same = pid.and_then(|p| lmtp.borrow().open_ip(p).map(|sip| sip.as_deref() == addr));
+                    match (same, pid) {
+                        (Some(true), Some(p)) => lmtp.borrow_mut().remove(p),
+                        // no open session, or XCLIENT changed the address: Python re-stamps
                         _ => {
                             slow.call1((start,))?;
                         }
@@ -552,5 +523,6 @@ fn _fastscan(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rfc3339, m)?)?;
     m.add_class::<Scanner>()?;
     m.add_class::<Table>()?;
+    m.add_class::<Sessions>()?;
     Ok(())
 }

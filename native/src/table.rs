@@ -129,6 +129,7 @@ impl Table {
     /// Empty the table into `row_type` tuples sorted by (user, second), the order SQLite's
     /// B-tree takes fastest: (user, service, kind, t, digits, ip, node, detail), where kind is
     /// `kind` or, when None, the key's second part. Returns (rows, [undecodable user, ...]).
+    #[pyo3(signature = (row_type, kind))]
     fn take<'py>(
         &mut self,
         py: Python<'py>,
