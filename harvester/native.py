@@ -1,9 +1,8 @@
 """The optional native module (native/, built by setuptools-rust into harvester._fastscan).
 
 It runs the parser's hot loop and holds the coalescing tables and the LMTP
-sessions. Without it
-(an install with no Rust toolchain) everything works the same in Python,
-several times slower. HARVESTER_ENGINE=python switches it off, to compare
+sessions. Without it (an install with no Rust toolchain) everything works the
+same in Python, about five times slower. HARVESTER_ENGINE=python switches it off, to compare
 the two or to rule it out.
 """
 
