@@ -130,6 +130,29 @@ class TestSameAsPython:
         assert others[b"afternul", "pop3_delete"][2] == b"::1"
         assert (b"web", "webmail") in logins and (b"\xff\xfebad", "imap") in logins
 
+    def test_mangled_lines_give_the_same_result_and_never_an_exception(self, maillog):
+        """Real lines with bytes flipped, cut, doubled or replaced by NUL, 0xff or newlines."""
+        import random
+
+        rng = random.Random(11)
+        lines = maillog.splitlines(keepends=True)[:6000]
+        junk = [b"\x00", b"\xff", b"\n", b">", b"<", b", rip=", b"lmtp(", b"(", b")", b":", b" ", b"9" * 30]
+        out = []
+        for line in lines:
+            r = rng.random()
+            if r < 0.15:
+                i = rng.randrange(len(line))
+                line = line[:i] + rng.choice(junk) + line[i + 1:]
+            elif r < 0.2:
+                line = line[: rng.randrange(len(line))]
+            elif r < 0.22:
+                line = line * 2
+            out.append(line)
+        data = b"".join(out)
+        for size in (4 << 10, 1 << 20):
+            assert_same(both(blocks_of(data, size)))
+            assert_same(both(blocks_of(data, size), orphans=True))
+
     def test_iso_prefix_with_offsets_and_microseconds(self):
         data = (b"2026-11-22T01:52:03.242533+01:00 mx1 dovecot: imap-login: Login: user=<a>, method=PLAIN, "
                 b"rip=192.0.2.1, lip=10.0.0.1, mpid=1, session=<s>\n"
