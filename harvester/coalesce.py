@@ -26,8 +26,6 @@ class Table(Protocol):
     def put(self, user: bytes, second: str, t: int, digits: int, ip: bytes | None, node: bytes | str | None,
             service: str, detail: str | None = None) -> None: ...
 
-    def get(self, user: bytes, second: str) -> Value | None: ...
-
     def items(self) -> list[tuple[tuple[bytes, str], Value]]: ...
 
     def update(self, items: list[tuple[tuple[bytes, str], Value]]) -> None: ...
@@ -52,9 +50,6 @@ class PyTable:
         cur = self._d.get(key)
         if cur is None or t >= cur[0]:
             self._d[key] = (t, digits, ip, node, service, detail)
-
-    def get(self, user: bytes, second: str) -> Value | None:
-        return self._d.get((user, second))
 
     def items(self) -> list[tuple[tuple[bytes, str], Value]]:
         return list(self._d.items())

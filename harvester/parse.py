@@ -116,9 +116,6 @@ class PySessions:
     def __len__(self) -> int:
         return len(self._d)
 
-    def __contains__(self, pid: bytes) -> bool:
-        return pid in self._d
-
     def start(self, pid: bytes, ip: bytes | None) -> None:
         self._d.pop(pid, None)
         self._d[pid] = [ip, []]

@@ -52,6 +52,15 @@ fn bytes_or_none<'py>(py: Python<'py>, b: &Option<Box<[u8]>>) -> PyObject {
     }
 }
 
+/// [(user, t, digits, node), ...] of an open session, for Python.
+fn deliveries<'py>(py: Python<'py>, open: &Open) -> PyResult<Bound<'py, PyList>> {
+    let list = PyList::empty(py);
+    for d in &open.deliveries {
+        list.append((bytes_or_none(py, &d.user), d.t, d.digits, d.node.clone_ref(py)))?;
+    }
+    Ok(list)
+}
+
 impl Sessions {
     pub fn start_native(&mut self, pid: &[u8], ip: Option<&[u8]>) {
         self.seq += 1;
@@ -126,13 +135,7 @@ impl Sessions {
     /// End `pid`'s session: (ip, [(user, t, digits, node), ...]) if it was open, else None.
     fn pop<'py>(&mut self, py: Python<'py>, pid: &[u8]) -> PyResult<Option<(PyObject, Bound<'py, PyList>)>> {
         match self.map.remove(pid) {
-            Some(Slot { open: Some(open), .. }) => {
-                let list = PyList::empty(py);
-                for d in open.deliveries {
-                    list.append((bytes_or_none(py, &d.user), d.t, d.digits, d.node))?;
-                }
-                Ok(Some((bytes_or_none(py, &open.ip), list)))
-            }
+            Some(Slot { open: Some(open), .. }) => Ok(Some((bytes_or_none(py, &open.ip), deliveries(py, &open)?))),
             _ => Ok(None),
         }
     }
@@ -143,10 +146,6 @@ impl Sessions {
         self.map.insert(pid.into(), Slot { seq: self.seq, open: None });
     }
 
-    fn __contains__(&self, pid: &[u8]) -> bool {
-        self.map.contains_key(pid)
-    }
-
     /// {pid: [ip, [(user, t, digits, node), ...]]} of the open sessions, oldest first.
     fn open<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let mut slots: Vec<(&Box<[u8]>, &Slot)> = self.map.iter().filter(|(_, s)| s.open.is_some()).collect();
@@ -154,11 +153,8 @@ impl Sessions {
         let out = PyDict::new(py);
         for (pid, slot) in slots {
             let open = slot.open.as_ref().expect("filtered");
-            let list = PyList::empty(py);
-            for d in &open.deliveries {
-                list.append((bytes_or_none(py, &d.user), d.t, d.digits, d.node.clone_ref(py)))?;
-            }
-            out.set_item(PyBytes::new(py, pid), PyList::new(py, [bytes_or_none(py, &open.ip), list.into_any().unbind()])?)?;
+            let list = deliveries(py, open)?.into_any().unbind();
+            out.set_item(PyBytes::new(py, pid), PyList::new(py, [bytes_or_none(py, &open.ip), list])?)?;
         }
         Ok(out)
     }
@@ -169,13 +165,7 @@ impl Sessions {
         for (pid, slot) in &self.map {
             let v: PyObject = match &slot.open {
                 None => py.None(),
-                Some(open) => {
-                    let list = PyList::empty(py);
-                    for d in &open.deliveries {
-                        list.append((bytes_or_none(py, &d.user), d.t, d.digits, d.node.clone_ref(py)))?;
-                    }
-                    (bytes_or_none(py, &open.ip), list).into_pyobject(py)?.into_any().unbind()
-                }
+                Some(open) => (bytes_or_none(py, &open.ip), deliveries(py, open)?).into_pyobject(py)?.into_any().unbind(),
             };
             out.set_item(PyBytes::new(py, pid), v)?;
         }

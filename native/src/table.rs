@@ -94,15 +94,6 @@ impl Table {
         self.put_entry(user, second.as_bytes(), entry);
     }
 
-    /// The stored value of (user, second), or None.
-    fn get<'py>(&mut self, py: Python<'py>, user: &[u8], second: &str) -> PyResult<Option<Bound<'py, PyTuple>>> {
-        self.key(user, second.as_bytes());
-        match self.map.get(self.buf.as_slice()) {
-            Some(e) => Ok(Some(value(py, e)?)),
-            None => Ok(None),
-        }
-    }
-
     /// [((user, second), value), ...] in no particular order (to ship a segment's rows).
     fn items<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
