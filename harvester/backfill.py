@@ -19,7 +19,7 @@ from harvester import patterns, segments
 from harvester.coalesce import Coalescer
 from harvester.config import Settings
 from harvester.parse import Networks, Parser
-from harvester.sinks.base import Store
+from harvester.sinks.base import Store, flush
 from harvester.sources.archive import ArchiveError, expand, file_blocks, line_blocks, raw_chunks, read_ahead
 from harvester.timeparse import Clock, resolve_timezone
 
@@ -73,7 +73,7 @@ def run(paths: list[str], settings: Settings, store: Store, *, progress: bool | 
             for path in files:
                 status = _one_file(path, parser, sink, settings, zone, store, summary, bar)
                 summary.files.append((str(path), status))
-        summary.rows_written += _flush(sink, store)
+        summary.rows_written += flush(sink, store)
     finally:
         if gc_was:
             gc.enable()
@@ -118,7 +118,7 @@ def _one_file(path: Path, parser: Parser, sink: Coalescer, settings: Settings, z
                 parser.begin(str(path), prefix, Clock(style, zone, year=settings.year, reference=mtime))
             parser.feed(block, sink, offset)
             if len(sink) >= settings.flush_rows:
-                summary.rows_written += _flush(sink, store)
+                summary.rows_written += flush(sink, store)
             if bar is not None and read > done_bytes:
                 bar.update(read - done_bytes)
                 bar.set_postfix_str(path.name, refresh=False)
@@ -170,7 +170,7 @@ def _in_parallel(files: list[Path], parser: Parser, sink: Coalescer, settings: S
                           "the lines before the damage were used" if result.partial else "file skipped")
                 status[seg.path] = result.error
             if len(sink) >= settings.flush_rows:
-                summary.rows_written += _flush(sink, store)
+                summary.rows_written += flush(sink, store)
             if bar is not None:
                 bar.update(_size(Path(seg.path)) // seg.count)
                 bar.set_postfix_str(Path(seg.path).name, refresh=False)
@@ -189,11 +189,6 @@ def _prefix_for(parser: Parser, settings: Settings, path: Path, block: bytes) ->
     else:
         log.debug("%s: prefix %s (matches per prefix: %s)", path, name, scores)
     return name
-
-
-def _flush(sink: Coalescer, store: Store) -> int:
-    rows = sink.take()
-    return store.write(rows) if rows else 0
 
 
 def _size(path: Path) -> int:

@@ -114,6 +114,13 @@ class Coalescer:
         self.bad_users.extend(bad)
         return out + rows
 
+    def put_back(self, rows: list[Row]) -> None:
+        """Return rows that `take` gave out and the store did not accept (newer ones stay)."""
+        for r in rows:
+            table, second = (self.logins, r.service) if r.kind == "login" else (self.others, r.kind)
+            ip = None if r.ip is None else r.ip.encode("utf-8")
+            table.put(r.user.encode("utf-8"), second, r.time_us, r.digits, ip, r.node, r.service, r.detail)
+
     def events(self) -> list[Event]:
         """The traced events, decoded (invalid UTF-8 shown with replacement characters)."""
         return [Event(k, s, u.decode("utf-8", "replace"), t, d, _text(ip, {}), _text(n, {}), det)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
-from harvester.coalesce import Row
+from harvester.coalesce import Coalescer, Row
 
 
 class StoreError(Exception):
@@ -30,3 +30,23 @@ class Store(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def flush(sink: Coalescer, store: Store) -> int:
+    """Write and empty what `sink` gathered; on a StoreError the sink keeps it for a retry.
+
+    A store may offer its own `flush` (SQLite: straight from the native tables)."""
+    own = getattr(store, "flush", None)
+    return own(sink) if own is not None else write_taken(sink, store)
+
+
+def write_taken(sink: Coalescer, store: Store) -> int:
+    """`sink.take()` into `store.write`, putting the rows back when the write fails."""
+    rows = sink.take()
+    if not rows:
+        return 0
+    try:
+        return store.write(rows)
+    except StoreError:
+        sink.put_back(rows)
+        raise

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from harvester import native
-from harvester.coalesce import Row
-from harvester.sinks.base import StoreError
+from harvester.coalesce import Coalescer, Row
+from harvester.sinks.base import StoreError, write_taken
 from harvester.timeparse import rfc3339
 
 SCHEMA = """
@@ -104,6 +104,25 @@ class SqliteStore:
             self.db.executescript(SCHEMA)
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"{self.path}: cannot open SQLite store: {e}") from None
+        self._writer = None
+
+    def flush(self, sink: Coalescer) -> int:
+        """Write and empty what `sink` gathered; on a failure the sink keeps it.
+
+        Native tables go straight into SQLite through the native writer (same upserts, no
+        Python row per key, about a third less time); anything else goes through `write`.
+        """
+        fs = native.fastscan
+        if fs is None or not isinstance(sink.logins, fs.Table) or not isinstance(sink.others, fs.Table):
+            return write_taken(sink, self)
+        try:
+            if self._writer is None:
+                self._writer = fs.SqliteWriter(str(self.path), UPSERT_LOGIN, UPSERT_EVENT)
+            written, bad = self._writer.write(sink.logins, sink.others)
+        except RuntimeError as e:
+            raise StoreError(f"{self.path}: write failed: {e}") from None
+        sink.bad_users.extend(bad)
+        return written
 
     def write(self, rows: list[Row]) -> int:
         # Rows in key order (as Coalescer.take gives them) make the B-tree inserts sequential: about
@@ -138,6 +157,7 @@ class SqliteStore:
             yield Row(u, s, "login", t, _digits(text), ip, node)
 
     def close(self) -> None:
+        self._writer = None  # its connection closes first, so the last one to close checkpoints the WAL
         self.db.close()
 
 

@@ -11,6 +11,7 @@
 //! Python with the line's position: `slow(pos)`.
 
 mod sessions;
+mod sqlite;
 mod table;
 
 use std::collections::HashMap;
@@ -462,7 +463,7 @@ fn newlines(py: Python<'_>, block: &[u8]) -> usize {
 /// UTC RFC 3339 text of epoch microseconds at `digits` fractional digits (0-6), as
 /// timeparse.rfc3339 writes it: 2026-11-22T01:52:03Z or 2026-11-22T01:52:03.242533Z.
 #[pyfunction]
-fn rfc3339(time_us: i64, digits: i64) -> String {
+pub fn rfc3339(time_us: i64, digits: i64) -> String {
     let secs = time_us.div_euclid(1_000_000);
     let us = time_us.rem_euclid(1_000_000);
     let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
@@ -524,5 +525,6 @@ fn _fastscan(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Scanner>()?;
     m.add_class::<Table>()?;
     m.add_class::<Sessions>()?;
+    m.add_class::<sqlite::SqliteWriter>()?;
     Ok(())
 }

@@ -51,7 +51,39 @@ impl Table {
     }
 }
 
-fn split(key: &[u8]) -> (&[u8], &[u8]) {
+impl Table {
+    /// Entries sorted by (user, second): the order SQLite's B-tree inserts fastest.
+    pub fn sorted(&self) -> Vec<(&[u8], &Entry)> {
+        let entries: Vec<(&[u8], &Entry)> = self.map.iter().map(|(k, e)| (&k[..], e)).collect();
+        // Sort (16-byte prefix of the user, index): most comparisons never touch the keys' memory.
+        let mut order: Vec<(u128, u32)> = entries
+            .iter()
+            .enumerate()
+            .map(|(i, (k, _))| {
+                let user = split(k).1;
+                let mut head = [0u8; 16];
+                let n = user.len().min(16);
+                head[..n].copy_from_slice(&user[..n]);
+                (u128::from_be_bytes(head), i as u32)
+            })
+            .collect();
+        order.sort_unstable_by(|a, b| {
+            a.0.cmp(&b.0).then_with(|| {
+                let (sa, ua) = split(entries[a.1 as usize].0);
+                let (sb, ub) = split(entries[b.1 as usize].0);
+                ua.cmp(ub).then(sa.cmp(sb))
+            })
+        });
+        order.into_iter().map(|(_, i)| entries[i as usize]).collect()
+    }
+
+    /// Forget every entry (once they are safely stored).
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
+}
+
+pub fn split(key: &[u8]) -> (&[u8], &[u8]) {
     let n = key[0] as usize;
     (&key[1..1 + n], &key[1 + n..])
 }
@@ -127,36 +159,14 @@ impl Table {
         row_type: &Bound<'py, PyAny>,
         kind: Option<Bound<'py, PyString>>,
     ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
-        let map = std::mem::replace(&mut self.map, HashMap::with_hasher(RandomState::new()));
-        let mut entries: Vec<(Box<[u8]>, Entry)> = map.into_iter().collect();
-        // Sort (16-byte prefix of the user, index): most comparisons never touch the keys' memory.
-        let mut order: Vec<(u128, u32)> = entries
-            .iter()
-            .enumerate()
-            .map(|(i, (k, _))| {
-                let user = split(k).1;
-                let mut head = [0u8; 16];
-                let n = user.len().min(16);
-                head[..n].copy_from_slice(&user[..n]);
-                (u128::from_be_bytes(head), i as u32)
-            })
-            .collect();
-        order.sort_unstable_by(|a, b| {
-            a.0.cmp(&b.0).then_with(|| {
-                let (sa, ua) = split(&entries[a.1 as usize].0);
-                let (sb, ub) = split(&entries[b.1 as usize].0);
-                ua.cmp(ub).then(sa.cmp(sb))
-            })
-        });
-        let mut slots: Vec<Option<(Box<[u8]>, Entry)>> = entries.drain(..).map(Some).collect();
-        let entries = order.into_iter().map(|(_, i)| slots[i as usize].take().expect("each index once"));
+        let entries = self.sorted();
         let new = py.get_type::<PyTuple>().getattr("__new__")?;
         let rows = PyList::empty(py);
         let bad = PyList::empty(py);
         let mut seconds: HashMap<Vec<u8>, Py<PyString>, RandomState> = HashMap::default();
         let mut texts: HashMap<Vec<u8>, Py<PyString>, RandomState> = HashMap::default();
         for (k, e) in entries {
-            let (second, user) = split(&k);
+            let (second, user) = split(k);
             let Ok(u) = std::str::from_utf8(user) else {
                 bad.append(PyBytes::new(py, user))?;
                 continue;
@@ -173,9 +183,12 @@ impl Table {
                 Ok(b) => text(py, &mut texts, b.as_bytes()).into_any(),
                 Err(_) => e.node.clone_ref(py),
             };
-            let fields = (PyString::new(py, u), e.service, kind, e.t, e.digits, ip, node, e.detail).into_pyobject(py)?;
+            let detail = e.detail.as_ref().map(|d| d.clone_ref(py));
+            let fields =
+                (PyString::new(py, u), e.service.clone_ref(py), kind, e.t, e.digits, ip, node, detail).into_pyobject(py)?;
             rows.append(new.call1((row_type, fields))?)?;
         }
+        self.map.clear();
         Ok((rows, bad))
     }
 }

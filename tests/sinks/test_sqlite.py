@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from harvester.coalesce import Row
+from harvester import native
+from harvester.coalesce import Coalescer, Row
 from harvester.sinks import StoreError, open_store
 from harvester.sinks.sqlite import path_from_url
 
@@ -66,3 +67,48 @@ def test_missing_store_for_lookup_says_what_to_do(tmp_path):
 def test_two_rows_of_one_key_in_one_write_keep_their_order(store):
     store.write([row(5_000_000, "192.0.2.9"), row(5_000_000, "192.0.2.1")])
     assert store.lookup("jane")[0].ip == "192.0.2.1"
+
+
+def filled() -> Coalescer:
+    """A coalescer holding every kind of value a table can hold (bytes or str node, no IP,
+    a detail, a user name that is not UTF-8), as the parser leaves them."""
+    sink = Coalescer()
+    for i in range(300):
+        sink.logins.put(f"user{i % 97}@example.org".encode(), "imap", 1_795_308_723_000_000 + i, i % 7,
+                        f"2001:db8::{i:x}".encode(), b"mx1", "imap")
+        sink.logins.put(b"j\xc3\xa4ne", "pop3", 1_795_308_723_000_000 - i, 0, None, "configured-node", "pop3")
+    sink.logins.put(b"\xff\xfe", "imap", 1, 0, None, None, "imap")
+    sink.others.put(b"bob", "pop3_delete", 1_795_308_724_000_000, 0, b"192.0.2.1", b"mx2", "pop3",
+                    "deleted=2 messages=3")
+    sink.others.put(b"eve", "auth_fail", 1_795_308_725_000_000, 3, b"198.51.100.7", None, "imap")
+    return sink
+
+
+def dump(store) -> list:
+    return [store.db.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in ("last_login", "last_event")]
+
+
+@pytest.mark.skipif(native.fastscan is None, reason="the row path is the only path")
+def test_the_native_flush_stores_exactly_what_the_row_path_stores(tmp_path):
+    fast, slow = (open_store(f"sqlite:///{tmp_path}/{n}.db") for n in ("fast", "slow"))
+    a, b = filled(), filled()
+    assert fast.flush(a) == 100
+    rows = b.take()
+    assert slow.write(rows) == 100
+    assert dump(fast) == dump(slow) and len(dump(fast)[0]) == 98
+    assert a.bad_users == b.bad_users == [b"\xff\xfe"]
+    assert len(a) == 0
+    fast.close()
+    slow.close()
+
+
+def test_a_failed_flush_commits_nothing_and_keeps_the_rows_for_a_retry(store):
+    store.db.execute("CREATE TRIGGER no BEFORE INSERT ON last_event BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
+    sink = filled()
+    with pytest.raises(StoreError, match="disk says no"):
+        store.flush(sink)
+    assert dump(store) == [[], []]
+    assert len(sink) == (101 if native.enabled() else 100)  # the native path keeps the non-UTF-8 name too
+    store.db.execute("DROP TRIGGER no")
+    assert store.flush(sink) == 100
+    assert len(sink) == 0 and sink.bad_users == [b"\xff\xfe"]
