@@ -1,4 +1,4 @@
-"""Command line: backfill, lookup, export, test-patterns."""
+"""Command line: backfill, lookup, export, schema, test-patterns."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from harvester import __version__, native, patterns
-from harvester.config import ConfigError, Settings, add_flags, resolve
+from harvester.config import CASSANDRA_KEYS, ConfigError, Settings, add_flags, resolve
 from harvester.sinks import StoreError, open_store
 from harvester.timeparse import TimeError, resolve_timezone, rfc3339
 
@@ -65,15 +65,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lookup", help="show one account's last logins, newest first",
                        description="Every service's last login of one account (local and UTC time, IP), "
                                    "newest first, then its last failed login / POP3 deletion if any.")
-    add_flags(p, ("store", "timezone", "log_level"))
+    add_flags(p, ("store", "timezone", "log_level", *CASSANDRA_KEYS))
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("user", metavar="USER")
 
     p = sub.add_parser("export", help="write every row as JSON lines or CSV",
                        description="Write every last-login row to stdout: user, service, last_login "
                                    "(RFC 3339 UTC), ip, node.")
-    add_flags(p, ("store", "log_level"))
+    add_flags(p, ("store", "log_level", *CASSANDRA_KEYS))
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+
+    p = sub.add_parser(
+        "schema", help="print (or create) the store's tables and the lookup query a support tool runs",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Print the CREATE statements of the store (CQL for cassandra:// stores, SQL for SQLite) "
+                    "and the query that looks one account up. With --apply, create what is missing.",
+        epilog=textwrap.dedent("""\
+            examples:
+              harvester schema --store cassandra://cass1,cass2/mail
+              harvester schema --store cassandra://cass1/mail --cassandra-layout per_user
+              harvester schema --store cassandra://127.0.0.1/mail --apply \\
+                  --cassandra-replication "{'class': 'SimpleStrategy', 'replication_factor': 1}"
+
+            The layouts: per_service (default; one row per account and service), per_user (one row per
+            account, a column per service, as in the Dovecot Pro guide's dovecot_stats) and custom (your own
+            table: --cassandra-table, --cassandra-user-column, --cassandra-columns)."""))
+    add_flags(p, ("store", "log_level", *CASSANDRA_KEYS))
+    p.add_argument("--apply", action="store_true", help="connect and create the keyspace/tables that are missing")
 
     p = sub.add_parser(
         "test-patterns", help="check which lines a pattern pack understands (like fail2ban-regex)",
@@ -116,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
     from harvester import backfill
 
-    store = open_store(settings.store)
+    store = open_store(settings.store, settings=settings)
     try:
         summary = backfill.run(args.paths, settings, store, progress=args.progress)
     finally:
@@ -140,11 +158,15 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
     bad = ", ".join(f"{k}: {v:,}" for k, v in sorted(s.bad.items()) if v)
     print(f"bad input skipped: {bad or 'none'}", file=out)
     print(f"rows written: {s.rows_written:,} to {store.url}", file=out)
+    skipped = getattr(store, "skipped", None)
+    if skipped:
+        print("rows not stored (the table layout has no column for them): "
+              + ", ".join(f"{k}: {v:,}" for k, v in sorted(skipped.items())), file=out)
     return 1 if s.failed_files else 0
 
 
 def cmd_lookup(args: argparse.Namespace, settings: Settings) -> int:
-    store = open_store(settings.store, create=False)
+    store = open_store(settings.store, create=False, settings=settings)
     try:
         rows = store.lookup(args.user)
     finally:
@@ -178,7 +200,7 @@ _EVENT_NAMES = {"auth_fail": "failed login", "pop3_delete": "POP3 deletion", "re
 
 
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
-    store = open_store(settings.store, create=False)
+    store = open_store(settings.store, create=False, settings=settings)
     try:
         out = sys.stdout
         if args.format == "csv":
@@ -196,13 +218,42 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
+    url = settings.store
+    if url and url.startswith("cassandra:"):
+        from harvester.sinks.cassandra import schema
+
+        statements = schema(settings, url)
+        if args.apply:
+            store = open_store(url, settings=settings)
+            try:
+                store.apply_schema()
+            finally:
+                store.close()
+            print(f"-- created what was missing in {url}:", file=sys.stderr)
+        for stmt in statements[:-1]:
+            print(stmt + ";\n")
+        print("-- what a support tool runs to look one account up:")
+        print(statements[-1] + ";")
+        return 0
+    from harvester.sinks import sqlite
+
+    if args.apply:
+        open_store(url, settings=settings).close()
+        print(f"-- created what was missing in {url or 'the default store'}", file=sys.stderr)
+    print(sqlite.SCHEMA.strip() + "\n")
+    print("-- what a support tool runs to look one account up:")
+    print(sqlite.LOOKUP_SQL.strip() + ";")
+    return 0
+
+
 def cmd_test_patterns(args: argparse.Namespace, settings: Settings) -> int:
     from harvester.testpatterns import report
 
     return report(Path(args.file), settings, max_events=args.events)
 
 
-COMMANDS = {"backfill": cmd_backfill, "lookup": cmd_lookup, "export": cmd_export,
+COMMANDS = {"backfill": cmd_backfill, "lookup": cmd_lookup, "export": cmd_export, "schema": cmd_schema,
             "test-patterns": cmd_test_patterns}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Callable
@@ -82,6 +83,44 @@ def _store(v: Any) -> str | None:
     return s
 
 
+def _seconds(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float | str):
+        raise TypeError("expected a number of seconds")
+    n = float(v)
+    if not 0 < n <= 3600:
+        raise ValueError("must be more than 0 and at most 3600 seconds")
+    return n
+
+
+def _columns(v: Any) -> dict[str, list[str]]:
+    """service -> [time column, IP column]: a TOML table, or imap=last_login_imap:remote_ip_imap,pop3=..."""
+    if isinstance(v, str):
+        v = dict(part.split("=", 1) if "=" in part else (part, "") for part in v.split(",") if part.strip())
+        v = {k.strip(): [c.strip() for c in cols.split(":")] for k, cols in v.items()}
+    if not isinstance(v, dict):
+        raise TypeError("expected a table such as {imap = [\"last_login_imap\", \"remote_ip_imap\"]}")
+    out = {}
+    for service, cols in v.items():
+        cols = [cols] if isinstance(cols, str) else cols
+        if (not isinstance(cols, list) or not 1 <= len(cols) <= 2
+                or not all(isinstance(c, str) and _IDENT.fullmatch(c) for c in cols)):
+            raise ValueError(f"service {service!r}: expected [time column] or [time column, IP column], "
+                             "each a CQL name of letters, digits and _")
+        out[str(service)] = list(cols)
+    return out
+
+
+def _ident(v: Any) -> str:
+    s = _str(v)
+    if s and not _IDENT.fullmatch(s):
+        raise ValueError("expected a CQL name of letters, digits and _ (at most 48)")
+    return s
+
+
+_IDENT = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,47}")
+_CONSISTENCY = ("ANY", "ONE", "TWO", "THREE", "QUORUM", "ALL", "LOCAL_QUORUM", "EACH_QUORUM", "LOCAL_ONE")
+
+
 def _choice(*choices: str) -> Callable[[Any], str]:
     def check(v: Any) -> str:
         if v not in choices:
@@ -101,7 +140,8 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("store", _store, None,
-           "where rows go: sqlite:///relative.db, sqlite:////absolute.db (default: "
+           "where rows go: sqlite:///relative.db, sqlite:////absolute.db, or "
+           "cassandra://host1,host2[:port]/keyspace (default: "
            "$STATE_DIRECTORY or ~/.local/state/harvester/harvester.db)", "URL"),
     Option("timezone", _timezone, None,
            "zone of year-less and offset-less log timestamps (IANA name, UTC or +02:00; "
@@ -126,8 +166,38 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_line_bytes", _opt_int(1024, 1 << 30), 1 << 20,
            "longer lines are counted and skipped", "BYTES"),
     Option("log_level", _choice("debug", "info", "warning", "error"), "info", "logging threshold", "LEVEL"),
+    # Cassandra (cassandra:// stores only)
+    Option("cassandra_layout", _choice("per_service", "per_user", "custom"), "per_service",
+           "table shape: per_service (one row per account and service: last_login), per_user (one row per "
+           "account, a column per service: dovecot_stats), custom (your table, see cassandra_columns)", "LAYOUT"),
+    Option("cassandra_table", _ident, "",
+           "table name (default: last_login for per_service, dovecot_stats for per_user)", "NAME"),
+    Option("cassandra_user_column", _ident, "",
+           "per_user/custom: the account column (default: user)", "NAME"),
+    Option("cassandra_columns", _columns, {},
+           "per_user/custom: service -> time column and IP column, e.g. "
+           "imap=last_login_imap:remote_ip_imap,pop3=last_login_pop3:remote_ip_pop3 (services without one "
+           "are skipped and counted)", "MAP"),
+    Option("cassandra_datacenter", _str, "",
+           "local datacenter for routing (default: the first contact point's)", "DC"),
+    Option("cassandra_consistency", _choice(*_CONSISTENCY), "LOCAL_QUORUM", "write consistency level", "LEVEL"),
+    Option("cassandra_username", _str, "", "user name (PasswordAuthenticator)", "NAME"),
+    Option("cassandra_password_file", _str, "",
+           "file holding the password (its first line); never give a password on the command line", "FILE"),
+    Option("cassandra_tls_ca", _str, "", "CA certificate file: connect with TLS and verify the nodes", "FILE"),
+    Option("cassandra_tls_cert", _str, "", "client certificate file (TLS client authentication)", "FILE"),
+    Option("cassandra_tls_key", _str, "", "client certificate's key file", "FILE"),
+    Option("cassandra_connect_timeout", _seconds, 10.0, "seconds to wait for a connection", "SECONDS"),
+    Option("cassandra_request_timeout", _seconds, 10.0, "seconds to wait for one write or read", "SECONDS"),
+    Option("cassandra_in_flight", _opt_int(1, 10_000), 256, "writes in flight at once from one process", "N"),
+    Option("cassandra_retries", _opt_int(0, 100), 5,
+           "retries of a write that timed out or found too few replicas (backoff 0.2 s doubling, at most "
+           "10 s)", "N"),
+    Option("cassandra_replication", _str, "{'class': 'NetworkTopologyStrategy', 'replication_factor': 3}",
+           "keyspace replication for 'harvester schema --apply'", "CQL_MAP"),
 )
 BY_KEY = {o.key: o for o in OPTIONS}
+CASSANDRA_KEYS = tuple(o.key for o in OPTIONS if o.key.startswith("cassandra_"))
 
 
 @dataclass
@@ -177,7 +247,7 @@ def load_file(settings: Settings, path: Path) -> None:
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     for key, value in data.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and key != "cassandra_columns":
             raise ConfigError(f"{path}: unknown section [{key}]")
         settings.set(key, value, str(path))
 

@@ -40,3 +40,19 @@ def export_rows(url: str, capsys) -> list[dict]:
     capsys.readouterr()
     assert run_cli("export", "--store", url) == 0
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+@pytest.fixture(scope="session")
+def cassandra(tmp_path_factory) -> dict:
+    """A real Cassandra node with PasswordAuthenticator (scripts/cassandra-dev start --auth; reused when up).
+
+    Never skipped: if it cannot start, every Cassandra test fails with the launcher's output."""
+    import subprocess
+
+    proc = subprocess.run([str(ROOT / "scripts" / "cassandra-dev"), "start", "--auth"], capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, f"scripts/cassandra-dev start --auth failed:\n{proc.stderr[-4000:]}"
+    contact = proc.stdout.strip().splitlines()[-1]
+    secret = tmp_path_factory.mktemp("cassandra") / "password"
+    secret.write_text("cassandra\n")
+    return {"contact": contact, "password_file": str(secret)}

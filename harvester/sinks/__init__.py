@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from harvester.config import Settings
 from harvester.sinks.base import Store, StoreError
 
 
@@ -16,15 +17,17 @@ def default_url() -> str:
     return "sqlite:///" + str((d / "harvester.db").absolute())
 
 
-def open_store(url: str | None, *, create: bool = True) -> Store:
-    """Open the store a URL names (None: the default SQLite file)."""
+def open_store(url: str | None, *, create: bool = True, settings: Settings | None = None) -> Store:
+    """Open the store a URL names (None: the default SQLite file); `settings` carry Cassandra's options."""
     url = url or default_url()
     if url.startswith("sqlite:"):
         from harvester.sinks.sqlite import SqliteStore
 
         return SqliteStore(url, create=create)
     if url.startswith("cassandra:"):
-        raise StoreError("the Cassandra store is not available in this version yet")
+        from harvester.sinks.cassandra import CassandraStore
+
+        return CassandraStore(url, settings)
     raise StoreError(f"unknown store URL {url!r}: use sqlite:///path.db (or cassandra://hosts/keyspace)")
 
 

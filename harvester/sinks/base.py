@@ -47,6 +47,6 @@ def write_taken(sink: Coalescer, store: Store) -> int:
         return 0
     try:
         return store.write(rows)
-    except StoreError:
-        sink.put_back(rows)
+    except StoreError as e:
+        sink.put_back(getattr(e, "failed", rows))  # a partial write names the rows still missing
         raise

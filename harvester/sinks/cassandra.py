@@ -1,0 +1,229 @@
+"""The fleet store: every backend writes to one Cassandra cluster.
+
+Writes are prepared, token-aware, asynchronous with a bounded number in
+flight, marked idempotent, and retried with backoff when a node timed out or
+too few replicas were up. Each carries USING TIMESTAMP = the event time (see
+cql.py), so retries and replays are harmless. `write` returns how many rows
+the cluster acknowledged; when some are still not acknowledged after the
+retries it raises PartialWrite naming them, so the caller keeps exactly those.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import ssl
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+from harvester.coalesce import Row
+from harvester.config import Settings
+from harvester.sinks import cql
+from harvester.sinks.base import StoreError
+
+log = logging.getLogger(__name__)
+URL = re.compile(r"cassandra://(?P<hosts>[^/]+)/(?P<keyspace>[A-Za-z][A-Za-z0-9_]{0,47})/?")
+
+
+class PartialWrite(StoreError):
+    """Some rows were not acknowledged; `failed` lists them (the rest are stored)."""
+
+    def __init__(self, message: str, failed: list[Row], acknowledged: int) -> None:
+        super().__init__(message)
+        self.failed = failed
+        self.acknowledged = acknowledged
+
+
+def parse_url(url: str) -> tuple[list[str], int, str]:
+    """cassandra://host1,host2[:port]/keyspace -> (hosts, port, keyspace); IPv6 hosts in [brackets]."""
+    m = URL.fullmatch(url)
+    if not m:
+        raise StoreError(f"not a Cassandra URL: {url!r} (expected cassandra://host1,host2[:port]/keyspace)")
+    hosts, port = [], 9042
+    for part in m["hosts"].split(","):
+        part = part.strip()
+        hm = re.fullmatch(r"\[(?P<h6>[0-9A-Fa-f:.]+)\](?::(?P<p6>\d+))?|(?P<h>[^:\[\]]+)(?::(?P<p>\d+))?", part)
+        if not hm:
+            raise StoreError(f"{url!r}: cannot read host {part!r}")
+        hosts.append(hm["h6"] or hm["h"])
+        if hm["p6"] or hm["p"]:
+            port = int(hm["p6"] or hm["p"])
+    return hosts, port, m["keyspace"]
+
+
+def _retryable() -> tuple[type, ...]:
+    from cassandra import CoordinationFailure, OperationTimedOut, Unavailable, WriteTimeout
+    from cassandra.cluster import NoHostAvailable
+    from cassandra.connection import ConnectionException
+    from cassandra.protocol import IsBootstrappingErrorMessage, OverloadedErrorMessage, ServerError
+
+    return (WriteTimeout, Unavailable, OperationTimedOut, CoordinationFailure, NoHostAvailable,
+            ConnectionException, OverloadedErrorMessage, IsBootstrappingErrorMessage, ServerError)
+
+
+class CassandraStore:
+    """Last-login rows in a Cassandra keyspace, in the layout the settings choose."""
+
+    def __init__(self, url: str, settings: Settings | None = None) -> None:
+        from cassandra import ConsistencyLevel
+        from cassandra.auth import PlainTextAuthProvider
+        from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable
+        from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
+
+        settings = settings or Settings()
+        self.url = url
+        self.settings = settings
+        hosts, port, self.keyspace = parse_url(url)
+        try:
+            self.layout = cql.layout(settings, self.keyspace)
+        except ValueError as e:
+            raise StoreError(str(e)) from None
+        self.skipped: Counter = Counter()  # rows the layout has no column for, by service or kind
+        self._prepared: dict[str, object] = {}
+        self._retry_on = _retryable()
+        profile = ExecutionProfile(
+            load_balancing_policy=TokenAwarePolicy(
+                DCAwareRoundRobinPolicy(local_dc=settings.cassandra_datacenter or None)),
+            consistency_level=getattr(ConsistencyLevel, settings.cassandra_consistency),
+            request_timeout=settings.cassandra_request_timeout,
+        )
+        auth = None
+        if settings.cassandra_username:
+            auth = PlainTextAuthProvider(settings.cassandra_username, _password(settings))
+        self.cluster = Cluster(
+            hosts, port=port, execution_profiles={EXEC_PROFILE_DEFAULT: profile}, auth_provider=auth,
+            ssl_context=_tls(settings), connect_timeout=settings.cassandra_connect_timeout,
+            control_connection_timeout=settings.cassandra_connect_timeout)
+        try:
+            self.session = self.cluster.connect()
+        except NoHostAvailable as e:
+            self.cluster.shutdown()
+            why = "; ".join(f"{h}: {err}" for h, err in e.errors.items()) or str(e)
+            raise StoreError(f"cannot connect to Cassandra at {','.join(hosts)}:{port}: {why}") from None
+        except Exception as e:  # the driver raises a handful of types for a refused TLS or auth handshake
+            self.cluster.shutdown()
+            raise StoreError(f"cannot connect to Cassandra at {','.join(hosts)}:{port}: {e}") from None
+
+    # -- writes ------------------------------------------------------------------
+    def _statement(self, key: str):
+        st = self._prepared.get(key)
+        if st is None:
+            from cassandra import InvalidRequest
+
+            try:
+                st = self.session.prepare(self.layout.statements()[key])
+            except InvalidRequest as e:
+                raise StoreError(f"{self.url}: {e} (does the schema exist? see 'harvester schema --apply')") from None
+            st.is_idempotent = True
+            self._prepared[key] = st
+        return st
+
+    def write(self, rows: list[Row]) -> int:
+        from cassandra.concurrent import execute_concurrent
+
+        jobs = []
+        for r in rows:
+            p = self.layout.params(r)
+            if p is None:
+                self.skipped[r.service if r.kind == "login" else r.kind] += 1
+                continue
+            jobs.append((r, self._statement(p[0]), p[1]))
+        acked, attempt = 0, 0
+        while jobs:
+            results = execute_concurrent(self.session, [(st, params) for _, st, params in jobs],
+                                         concurrency=self.settings.cassandra_in_flight,
+                                         raise_on_first_error=False, results_generator=False)
+            failed = [(job, res) for job, (ok, res) in zip(jobs, results, strict=True) if not ok]
+            acked += len(jobs) - len(failed)
+            if not failed:
+                break
+            errors = Counter(type(res).__name__ for _, res in failed)
+            final = [res for _, res in failed if not isinstance(res, self._retry_on)]
+            if final or attempt >= self.settings.cassandra_retries:
+                first = (final or [failed[0][1]])[0]
+                raise PartialWrite(f"{self.url}: {len(failed)} of {len(rows)} row(s) not written after "
+                                   f"{attempt} retries ({dict(errors)}; first: {first})",
+                                   [job[0] for job, _ in failed], acked)
+            delay = min(0.2 * 2 ** attempt, 10.0)
+            log.warning("%s: %d write(s) failed (%s), retrying in %.1f s", self.url, len(failed), dict(errors),
+                        delay)
+            time.sleep(delay)
+            attempt += 1
+            jobs = [job for job, _ in failed]
+        return acked
+
+    # -- reads -------------------------------------------------------------------
+    def lookup(self, user: str) -> list[Row]:
+        return self._read(lambda: self.layout.lookup(self.session, user))
+
+    def export(self) -> Iterator[Row]:
+        yield from self._read(lambda: list(self.layout.export(self.session)))
+
+    def _read(self, fn):
+        from cassandra import DriverException, RequestExecutionException
+
+        try:
+            return fn()
+        except (RequestExecutionException, DriverException) as e:
+            raise StoreError(f"{self.url}: read failed: {e}") from None
+
+    # -- schema ------------------------------------------------------------------
+    def apply_schema(self) -> list[str]:
+        """Create the keyspace and tables that are missing; returns the statements run."""
+        done = []
+        for stmt in schema(self.settings, self.url)[:-1]:
+            try:
+                self.session.execute(stmt, timeout=60)
+            except Exception as e:
+                raise StoreError(f"{self.url}: {e}\nwhile running:\n{stmt}") from None
+            done.append(stmt)
+        return done
+
+    def close(self) -> None:
+        self.cluster.shutdown()
+
+
+def schema(settings: Settings, url: str) -> list[str]:
+    """CREATE KEYSPACE, CREATE TABLE(s), and last the lookup query a support tool runs."""
+    _, _, keyspace = parse_url(url)
+    try:
+        lay = cql.layout(settings, keyspace)
+    except ValueError as e:
+        raise StoreError(str(e)) from None
+    ks = (f"CREATE KEYSPACE IF NOT EXISTS {cql.q(keyspace)}\n"
+          f"    WITH replication = {settings.cassandra_replication} AND durable_writes = true")
+    return [ks, *lay.schema(), lay.lookup_cql()]
+
+
+def _password(settings: Settings) -> str:
+    path = settings.cassandra_password_file
+    if not path:
+        raise StoreError("cassandra_username is set but cassandra_password_file is not "
+                         "(the password is read from a file, never given on the command line)")
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise StoreError(f"cassandra_password_file {path}: cannot read: {getattr(e, 'strerror', None) or e}") \
+            from None
+    if not lines or not lines[0]:
+        raise StoreError(f"cassandra_password_file {path}: the first line is empty")
+    return lines[0]
+
+
+def _tls(settings: Settings) -> ssl.SSLContext | None:
+    if not (settings.cassandra_tls_ca or settings.cassandra_tls_cert):
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False  # contact points are usually addresses; the chain is still verified
+    try:
+        if settings.cassandra_tls_ca:
+            ctx.load_verify_locations(settings.cassandra_tls_ca)
+        else:
+            ctx.load_default_certs()
+        if settings.cassandra_tls_cert:
+            ctx.load_cert_chain(settings.cassandra_tls_cert, settings.cassandra_tls_key or None)
+    except (OSError, ssl.SSLError) as e:
+        raise StoreError(f"Cassandra TLS files: {e}") from None
+    return ctx

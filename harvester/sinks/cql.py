@@ -1,0 +1,202 @@
+"""Cassandra table layouts: the CQL each one needs and how rows map onto it.
+
+Every write carries USING TIMESTAMP = the event time in microseconds, so
+Cassandra's last-write-wins becomes newest-event-wins: no read before write,
+no lightweight transaction, and replays or two backends converge.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from harvester.coalesce import Row
+from harvester.config import Settings
+
+# The Dovecot Pro guide's dovecot_stats table has these three.
+PER_USER_COLUMNS = {s: [f"last_login_{s}", f"remote_ip_{s}"] for s in ("imap", "pop3", "lmtp")}
+
+
+# CQL reserved words a table or column could plausibly be named (plus "user", a keyword in
+# CREATE USER): these, and names with capitals, are quoted.
+_RESERVED = frozenset({
+    "add", "allow", "alter", "and", "apply", "asc", "authorize", "batch", "begin", "by", "columnfamily", "create",
+    "delete", "desc", "describe", "drop", "entries", "execute", "from", "full", "grant", "if", "in", "index",
+    "infinity", "insert", "into", "keyspace", "limit", "modify", "nan", "norecursive", "not", "null", "of", "on",
+    "or", "order", "primary", "rename", "replace", "revoke", "schema", "select", "set", "table", "to", "token",
+    "truncate", "unlogged", "update", "use", "using", "view", "where", "with", "user"
+})
+
+
+def q(name: str) -> str:
+    """A CQL identifier, quoted when it must be."""
+    if name.lower() in _RESERVED or name != name.lower():
+        return '"' + name.replace('"', '""') + '"'
+    return name
+
+
+@dataclass
+class PerService:
+    """One row per (account, service): the default, and the shape of Dovecot's last_login plugin."""
+
+    keyspace: str
+    table: str = "last_login"
+    name: str = "per_service"
+
+    def schema(self) -> list[str]:
+        ks, t = q(self.keyspace), q(self.table)
+        return [
+            f"CREATE TABLE IF NOT EXISTS {ks}.{t} (\n"
+            "    userid text,\n    service text,        -- imap, pop3, lmtp, submission, managesieve, webmail\n"
+            "    last_access timestamp, -- its write time is the same instant in microseconds\n"
+            "    last_ip text,          -- client address; for lmtp the delivering MTA's\n"
+            "    node text,             -- backend that logged it\n"
+            "    PRIMARY KEY ((userid), service)\n)",
+            f"CREATE TABLE IF NOT EXISTS {ks}.last_event (\n"
+            "    userid text,\n    kind text,           -- auth_fail, aborted, refused, pop3_delete\n"
+            "    service text,\n    time timestamp,\n    ip text,\n    node text,\n"
+            "    detail text,         -- e.g. deleted=3 messages=3\n"
+            "    PRIMARY KEY ((userid), kind)\n)",
+        ]
+
+    def lookup_cql(self) -> str:
+        return (f"SELECT service, last_access, last_ip, node, WRITETIME(last_access) "
+                f"FROM {q(self.keyspace)}.{q(self.table)} WHERE userid = ?")
+
+    def statements(self) -> dict[str, str]:
+        ks = q(self.keyspace)
+        return {
+            "login": f"INSERT INTO {ks}.{q(self.table)} (userid, service, last_access, last_ip, node) "
+                     "VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?",
+            "event": f"INSERT INTO {ks}.last_event (userid, kind, service, time, ip, node, detail) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?",
+        }
+
+    def params(self, r: Row) -> tuple[str, tuple] | None:
+        ms = r.time_us // 1000
+        if r.kind == "login":
+            return "login", (r.user, r.service, ms, r.ip, r.node, r.time_us)
+        return "event", (r.user, r.kind, r.service, ms, r.ip, r.node, r.detail, r.time_us)
+
+    def lookup(self, session, user: str) -> list[Row]:
+        rows = [Row(user, svc, "login", *_instant(at, wt), ip, node)
+                for svc, at, ip, node, wt in session.execute(self._prepared(session, "lookup"), (user,))]
+        rows += [Row(user, svc, kind, *_instant(at, wt), ip, node, detail)
+                 for kind, svc, at, ip, node, detail, wt in session.execute(self._prepared(session, "events"),
+                                                                            (user,))]
+        return sorted(rows, key=lambda r: (r.kind != "login", -r.time_us, r.service))
+
+    def export(self, session):
+        cql = (f"SELECT userid, service, last_access, last_ip, node, WRITETIME(last_access) "
+               f"FROM {q(self.keyspace)}.{q(self.table)}")
+        for user, svc, at, ip, node, wt in session.execute(cql):
+            yield Row(user, svc, "login", *_instant(at, wt), ip, node)
+
+    def _prepared(self, session, which: str):
+        cql = self.lookup_cql() if which == "lookup" else (
+            f"SELECT kind, service, time, ip, node, detail, WRITETIME(time) "
+            f"FROM {q(self.keyspace)}.last_event WHERE userid = ?")
+        return session.prepare(cql)
+
+
+@dataclass
+class Wide:
+    """One row per account, a time (and IP) column per service: Dovecot Pro's dovecot_stats, or yours."""
+
+    keyspace: str
+    table: str
+    user_column: str
+    columns: dict[str, list[str]] = field(default_factory=dict)
+    name: str = "per_user"
+
+    def schema(self) -> list[str]:
+        cols = [f"    {q(self.user_column)} text PRIMARY KEY"]
+        for cs in self.columns.values():
+            cols.append(f"    {q(cs[0])} timestamp")
+            if len(cs) > 1:
+                cols.append(f"    {q(cs[1])} inet")
+        return [f"CREATE TABLE IF NOT EXISTS {q(self.keyspace)}.{q(self.table)} (\n" + ",\n".join(cols) + "\n)"]
+
+    def lookup_cql(self) -> str:
+        sel = []
+        for cs in self.columns.values():
+            sel += [q(cs[0]), f"WRITETIME({q(cs[0])})"] + ([q(cs[1])] if len(cs) > 1 else [])
+        return (f"SELECT {', '.join(sel)} FROM {q(self.keyspace)}.{q(self.table)} "
+                f"WHERE {q(self.user_column)} = ?")
+
+    def statements(self) -> dict[str, str]:
+        out = {}
+        for svc, cs in self.columns.items():
+            sets = ", ".join(f"{q(c)} = ?" for c in cs)
+            out[svc] = (f"UPDATE {q(self.keyspace)}.{q(self.table)} USING TIMESTAMP ? SET {sets} "
+                        f"WHERE {q(self.user_column)} = ?")
+        return out
+
+    def params(self, r: Row) -> tuple[str, tuple] | None:
+        cs = self.columns.get(r.service) if r.kind == "login" else None
+        if cs is None:
+            return None
+        values: tuple = (r.time_us, r.time_us // 1000)
+        if len(cs) > 1:
+            values += (_inet(r.ip),)
+        return r.service, values + (r.user,)
+
+    def lookup(self, session, user: str) -> list[Row]:
+        out = []
+        for row in session.execute(session.prepare(self.lookup_cql()), (user,)):
+            i = 0
+            for svc, cs in self.columns.items():
+                at, wt = row[i], row[i + 1]
+                ip = row[i + 2] if len(cs) > 1 else None
+                i += 2 + (len(cs) > 1)
+                if at is not None:
+                    out.append(Row(user, svc, "login", *_instant(at, wt), ip, None))
+        return sorted(out, key=lambda r: (-r.time_us, r.service))
+
+    def export(self, session):
+        cql = self.lookup_cql().split(" WHERE ")[0].replace("SELECT ", f"SELECT {q(self.user_column)}, ", 1)
+        for row in session.execute(cql):
+            user, i = row[0], 1
+            for svc, cs in self.columns.items():
+                at, wt = row[i], row[i + 1]
+                ip = row[i + 2] if len(cs) > 1 else None
+                i += 2 + (len(cs) > 1)
+                if at is not None:
+                    yield Row(user, svc, "login", *_instant(at, wt), ip, None)
+
+
+Layout = PerService | Wide
+
+
+def layout(settings: Settings, keyspace: str) -> Layout:
+    """The layout the settings choose (cassandra_layout, _table, _user_column, _columns)."""
+    kind = settings.cassandra_layout
+    if kind == "per_service":
+        return PerService(keyspace, settings.cassandra_table or "last_login")
+    columns = settings.cassandra_columns or (PER_USER_COLUMNS if kind == "per_user" else {})
+    if kind == "custom" and not (settings.cassandra_table and settings.cassandra_columns):
+        raise ValueError("cassandra_layout = custom needs cassandra_table and cassandra_columns "
+                         "(and usually cassandra_user_column)")
+    return Wide(keyspace, settings.cassandra_table or "dovecot_stats", settings.cassandra_user_column or "user",
+                columns, kind)
+
+
+def _instant(at, writetime: int | None) -> tuple[int, int]:
+    """(microseconds, digits) of a stored time: the write time when it is the same instant (ours are),
+    else the column's milliseconds (rows another writer left)."""
+    from datetime import UTC
+
+    ms = round(at.replace(tzinfo=UTC).timestamp() * 1000)
+    us = writetime if writetime is not None and writetime // 1000 == ms else ms * 1000
+    digits = 0 if us % 1_000_000 == 0 else 3 if us % 1000 == 0 else 6
+    return us, digits
+
+
+def _inet(ip: str | None) -> str | None:
+    """An IP for an inet column; anything else (a name, 'local') is stored as no IP."""
+    if ip is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(ip))
+    except ValueError:
+        return None

@@ -1,0 +1,209 @@
+"""The fleet store against a real Cassandra node: layouts, convergence, authentication, outages."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from harvester.coalesce import Row
+from harvester.config import Settings
+from harvester.sinks import StoreError, open_store
+from harvester.sinks.cassandra import CassandraStore, parse_url
+from tests import corpus
+from tests.conftest import ROOT
+
+T0 = 1_795_308_723_000_000  # 2026-11-22T01:32:03Z
+_ks = itertools.count()
+
+
+def test_urls_name_hosts_port_and_keyspace():
+    assert parse_url("cassandra://cass1,cass2/mail") == (["cass1", "cass2"], 9042, "mail")
+    assert parse_url("cassandra://10.0.0.1,10.0.0.2:19042/mail") == (["10.0.0.1", "10.0.0.2"], 19042, "mail")
+    assert parse_url("cassandra://[2001:db8::1]:9142/m_1") == (["2001:db8::1"], 9142, "m_1")
+    for bad in ("cassandra://host", "cassandra://h/bad-name", "cassandra:///ks"):
+        with pytest.raises(StoreError, match="Cassandra URL"):
+            parse_url(bad)
+
+
+def settings_for(cassandra: dict, **extra) -> Settings:
+    s = Settings()
+    s.set("cassandra_username", "cassandra", "test")
+    s.set("cassandra_password_file", cassandra["password_file"], "test")
+    s.set("cassandra_replication", "{'class': 'SimpleStrategy', 'replication_factor': 1}", "test")
+    s.set("cassandra_connect_timeout", 20, "test")
+    for k, v in extra.items():
+        s.set(k, v, "test")
+    return s
+
+
+def fresh(cassandra: dict, **extra) -> CassandraStore:
+    """A store on a keyspace of its own, schema applied."""
+    url = f"cassandra://{cassandra['contact']}/t{int(time.time())}_{next(_ks)}"
+    store = CassandraStore(url, settings_for(cassandra, **extra))
+    store.apply_schema()
+    return store
+
+
+def login(t: int, ip: str = "192.0.2.1", user: str = "jane@example.org", service: str = "imap", digits: int = 0,
+          node: str = "mx1") -> Row:
+    return Row(user, service, "login", t, digits, ip, node)
+
+
+@pytest.fixture
+def store(cassandra):
+    s = fresh(cassandra)
+    yield s
+    s.session.execute(f"DROP KEYSPACE {s.keyspace}")
+    s.close()
+
+
+def test_rows_round_trip_with_microseconds_and_other_events(store):
+    rows = [login(T0 + 242_533, "2001:db8::7", digits=6), login(T0 - 60_000_000, "198.51.100.4", service="pop3"),
+            Row("jane@example.org", "pop3", "pop3_delete", T0 - 59_000_000, 0, "198.51.100.4", "mx1",
+                "deleted=12 messages=14"),
+            login(T0, None, user="user=<a>b,c d>", service="lmtp")]
+    assert store.write(rows) == 4
+    got = store.lookup("jane@example.org")
+    assert got == [rows[0], rows[1], rows[2]]
+    assert store.lookup("user=<a>b,c d>") == [rows[3]]
+    assert sorted(store.export()) == sorted([rows[0], rows[1], rows[3]])
+
+
+def test_out_of_order_and_replayed_writes_keep_the_newest_event(store):
+    newest = login(T0 + 5_000_000, "192.0.2.5")
+    store.write([newest])
+    store.write([login(T0, "192.0.2.1"), login(T0 + 1_000_000, "192.0.2.2")])  # late, older events
+    store.write([newest, newest])  # replayed
+    assert store.lookup("jane@example.org") == [newest]
+
+
+def test_per_user_layout_is_dovecot_stats_and_counts_services_without_a_column(cassandra):
+    s = fresh(cassandra, cassandra_layout="per_user")
+    try:
+        rows = [login(T0, "2001:db8::1"), login(T0 + 1_000_000, "192.0.2.9", service="pop3"),
+                login(T0 + 2_000_000, "local", service="lmtp"), login(T0 + 3_000_000, service="submission")]
+        assert s.write(rows) == 3
+        assert s.skipped == {"submission": 1}
+        cols = s.session.execute(f"SELECT last_login_imap, remote_ip_imap, remote_ip_lmtp FROM {s.keyspace}."
+                                 "dovecot_stats WHERE \"user\" = 'jane@example.org'").one()
+        assert str(cols[1]) == "2001:db8::1" and cols[2] is None  # an inet column takes no 'local'
+        assert [r.service for r in s.lookup("jane@example.org")] == ["lmtp", "pop3", "imap"]
+    finally:
+        s.session.execute(f"DROP KEYSPACE {s.keyspace}")
+        s.close()
+
+
+def test_custom_layout_writes_into_the_operators_own_table(cassandra):
+    s = fresh(cassandra)  # only for a keyspace; the custom store below uses the operator's table
+    ks = s.keyspace
+    s.session.execute(f"CREATE TABLE {ks}.plugin_logins (account text PRIMARY KEY, imap_at timestamp, "
+                      "imap_from inet, pop_at timestamp)")
+    c = CassandraStore(f"cassandra://{cassandra['contact']}/{ks}", settings_for(
+        cassandra, cassandra_layout="custom", cassandra_table="plugin_logins", cassandra_user_column="account",
+        cassandra_columns={"imap": ["imap_at", "imap_from"], "pop3": ["pop_at"]}))
+    try:
+        c.write([login(T0, "192.0.2.1"), login(T0 + 1_000_000, "192.0.2.2", service="pop3"),
+                 login(T0 + 2_000_000, service="lmtp")])
+        assert c.skipped == {"lmtp": 1}
+        row = s.session.execute(f"SELECT imap_from, pop_at FROM {ks}.plugin_logins WHERE account = "
+                                "'jane@example.org'").one()
+        assert str(row[0]) == "192.0.2.1" and row[1] is not None
+        assert [(r.service, r.ip) for r in c.lookup("jane@example.org")] == [("pop3", None), ("imap", "192.0.2.1")]
+    finally:
+        c.close()
+        s.session.execute(f"DROP KEYSPACE {ks}")
+        s.close()
+
+
+def test_two_processes_backfilling_overlapping_logs_converge_on_the_newest_event(cassandra, tmp_path):
+    """Two harvesters write the same accounts at the same time from overlapping halves of one log;
+    the table must equal a single SQLite backfill of the whole log."""
+    log = tmp_path / "maillog"
+    corpus.write_maillog(log, lines=40_000, users=500, tz="UTC")
+    lines = log.read_bytes().splitlines(keepends=True)
+
+    def cut(i: int) -> int:  # move a cut to the next new second, so no equal-time pair straddles it
+        while i < len(lines) and lines[i][:15] == lines[i - 1][:15]:
+            i += 1
+        return i
+
+    a, b = cut(len(lines) * 7 // 10), cut(len(lines) * 3 // 10)
+    (tmp_path / "first").write_bytes(b"".join(lines[:a]))
+    (tmp_path / "second").write_bytes(b"".join(lines[b:]))
+    s = fresh(cassandra)
+    cfg = tmp_path / "h.toml"
+    cfg.write_text(f'timezone = "UTC"\nyear = 2026\ncassandra_username = "cassandra"\n'
+                   f'cassandra_password_file = "{cassandra["password_file"]}"\nflush_rows = 2000\n')
+    url = f"cassandra://{cassandra['contact']}/{s.keyspace}"
+    procs = [subprocess.Popen([sys.executable, "-m", "harvester", "backfill", "--config", str(cfg), "--store", url,
+                               str(tmp_path / name)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+             for name in ("first", "second")]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    ref = tmp_path / "ref.db"
+    subprocess.run([sys.executable, "-m", "harvester", "backfill", "--config", str(cfg), "--store",
+                    f"sqlite:///{ref}", str(log)], cwd=ROOT, check=True, capture_output=True)
+    want = _export(f"sqlite:///{ref}", cfg)
+    got = _export(url, cfg)
+    assert len(want) > 1000
+    assert got == want
+    s.session.execute(f"DROP KEYSPACE {s.keyspace}")
+    s.close()
+
+
+def _export(url: str, cfg) -> list[dict]:
+    out = subprocess.run([sys.executable, "-m", "harvester", "export", "--config", str(cfg), "--store", url],
+                         cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    return sorted((json.loads(line) for line in out.splitlines()), key=lambda d: (d["user"], d["service"]))
+
+
+def test_a_wrong_password_is_a_clear_error(cassandra, tmp_path):
+    wrong = tmp_path / "pw"
+    wrong.write_text("not-the-password\n")
+    s = settings_for(cassandra)
+    s.set("cassandra_password_file", str(wrong), "test")
+    with pytest.raises(StoreError, match="cannot connect to Cassandra.*(?i:authentication|credentials)"):
+        CassandraStore(f"cassandra://{cassandra['contact']}/ks", s)
+    s.set("cassandra_password_file", str(tmp_path / "missing"), "test")
+    with pytest.raises(StoreError, match="cassandra_password_file .*missing: cannot read"):
+        CassandraStore(f"cassandra://{cassandra['contact']}/ks", s)
+
+
+def test_an_unreachable_cluster_is_a_clear_error_not_a_traceback(capsys):
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    from harvester import cli
+
+    assert cli.main(["lookup", "--store", f"cassandra://127.0.0.1:{port}/mail", "--cassandra-connect-timeout",
+                     "2", "jane"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot connect to Cassandra at 127.0.0.1:{port}" in err and "Traceback" not in err
+
+
+def test_schema_apply_creates_the_keyspace_and_prints_the_lookup(cassandra, capsys):
+    from harvester import cli
+
+    ks = f"schema{int(time.time())}"
+    args = ["schema", "--store", f"cassandra://{cassandra['contact']}/{ks}", "--cassandra-username", "cassandra",
+            "--cassandra-password-file", cassandra["password_file"], "--cassandra-replication",
+            "{'class': 'SimpleStrategy', 'replication_factor': 1}", "--cassandra-layout", "per_user"]
+    assert cli.main([*args, "--apply"]) == 0
+    out = capsys.readouterr().out
+    assert f"CREATE TABLE IF NOT EXISTS {ks}.dovecot_stats" in out and 'WHERE "user" = ?' in out
+    s = open_store(f"cassandra://{cassandra['contact']}/{ks}", settings=settings_for(
+        cassandra, cassandra_layout="per_user"))
+    try:
+        assert s.write([login(T0)]) == 1
+        assert s.lookup("jane@example.org")[0].time_us == T0
+        s.session.execute(f"DROP KEYSPACE {ks}")
+    finally:
+        s.close()
