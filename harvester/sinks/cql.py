@@ -72,6 +72,10 @@ class PerService:
                      "VALUES (?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?",
         }
 
+    def table_of(self, key: str) -> str:
+        """The table a statement key writes (rows of one account and table share a partition)."""
+        return "last_event" if key == "event" else self.table
+
     def params(self, r: Row) -> tuple[str, tuple] | None:
         ms = r.time_us // 1000
         if r.kind == "login":
@@ -131,6 +135,9 @@ class Wide:
             out[svc] = (f"UPDATE {q(self.keyspace)}.{q(self.table)} USING TIMESTAMP ? SET {sets} "
                         f"WHERE {q(self.user_column)} = ?")
         return out
+
+    def table_of(self, key: str) -> str:
+        return self.table
 
     def params(self, r: Row) -> tuple[str, tuple] | None:
         cs = self.columns.get(r.service) if r.kind == "login" else None

@@ -207,3 +207,33 @@ def test_schema_apply_creates_the_keyspace_and_prints_the_lookup(cassandra, caps
         s.session.execute(f"DROP KEYSPACE {ks}")
     finally:
         s.close()
+
+
+def test_rows_the_cluster_refuses_are_named_and_only_they_stay_queued(cassandra):
+    """A custom table whose pop3 column cannot take a time: the imap rows are stored and acknowledged,
+    the pop3 rows come back in PartialWrite.failed, and the coalescer keeps exactly those."""
+    from harvester.coalesce import Coalescer
+    from harvester.sinks.base import write_taken
+    from harvester.sinks.cassandra import PartialWrite
+
+    s = fresh(cassandra)
+    ks = s.keyspace
+    s.session.execute(f"CREATE TABLE {ks}.odd (account text PRIMARY KEY, imap_at timestamp, pop_at boolean)")
+    c = CassandraStore(f"cassandra://{cassandra['contact']}/{ks}", settings_for(
+        cassandra, cassandra_layout="custom", cassandra_table="odd", cassandra_user_column="account",
+        cassandra_columns={"imap": ["imap_at"], "pop3": ["pop_at"]}))
+    sink = Coalescer()
+    for i in range(20):
+        sink.logins.put(f"u{i}".encode(), "imap", T0 + i, 0, b"192.0.2.1", b"mx1", "imap")
+        if i % 4 == 0:
+            sink.logins.put(f"u{i}".encode(), "pop3", T0 + i, 0, b"192.0.2.1", b"mx1", "pop3")
+    try:
+        with pytest.raises(PartialWrite) as e:
+            write_taken(sink, c)
+        assert e.value.acknowledged == 20 and len(e.value.failed) == 5
+        assert sorted(u.decode() for (u, _), _ in sink.logins.items()) == [f"u{i}" for i in (0, 12, 16, 4, 8)]
+        assert s.session.execute(f"SELECT count(*) FROM {ks}.odd").one()[0] == 20
+    finally:
+        c.close()
+        s.session.execute(f"DROP KEYSPACE {ks}")
+        s.close()
