@@ -237,3 +237,53 @@ def test_rows_the_cluster_refuses_are_named_and_only_they_stay_queued(cassandra)
         c.close()
         s.session.execute(f"DROP KEYSPACE {ks}")
         s.close()
+
+
+def test_a_store_outage_is_retried_and_what_was_not_acknowledged_stays_queued(tmp_path):
+    """A node of its own goes down between two flushes: the second flush is retried with backoff, then
+    reported with every row still queued; once the node is back the same flush stores them all."""
+    from harvester.coalesce import Coalescer
+    from harvester.sinks.base import flush
+    from harvester.sinks.cassandra import PartialWrite
+
+    dev = [str(ROOT / "scripts" / "cassandra-dev")]
+    node = ["--dir", str(tmp_path / "node")]
+
+    def start(port: str) -> str:
+        proc = subprocess.run([*dev, "start", *node, "--port", port, "--heap", "512m"], capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout.strip()
+
+    contact = start("0")
+    try:
+        s = Settings()
+        s.set("cassandra_replication", "{'class': 'SimpleStrategy', 'replication_factor': 1}", "test")
+        s.set("cassandra_retries", 2, "test")
+        s.set("cassandra_request_timeout", 2, "test")
+        store = CassandraStore(f"cassandra://{contact}/outage", s)
+        store.apply_schema()
+        sink = Coalescer()
+        sink.logins.put(b"jane", "imap", T0, 0, b"192.0.2.1", b"mx1", "imap")
+        assert flush(sink, store) == 1
+        subprocess.run([*dev, "stop", *node], check=True, capture_output=True, timeout=120)
+        for i in range(50):
+            sink.logins.put(f"u{i}".encode(), "pop3", T0 + i, 0, b"192.0.2.2", b"mx1", "pop3")
+        started = time.monotonic()
+        with pytest.raises(PartialWrite) as e:
+            flush(sink, store)
+        assert e.value.acknowledged == 0 and len(e.value.failed) == 50
+        assert time.monotonic() - started >= 0.6  # two retries: 0.2 s, then 0.4 s
+        assert len(sink) == 50
+        start(contact.rsplit(":", 1)[1])
+        for _ in range(30):  # the driver reconnects on its own schedule
+            try:
+                assert flush(sink, store) == 50
+                break
+            except StoreError:
+                time.sleep(1)
+        assert len(sink) == 0
+        assert [r.service for r in store.lookup("u7")] == ["pop3"] and store.lookup("jane")[0].ip == "192.0.2.1"
+        store.close()
+    finally:
+        subprocess.run([*dev, "stop", *node], capture_output=True, timeout=120)
