@@ -1,4 +1,4 @@
-"""Command line: backfill, lookup, export, schema, test-patterns."""
+"""Command line: run, backfill, lookup, export, schema, test-patterns."""
 
 from __future__ import annotations
 
@@ -76,6 +76,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
 
     p = sub.add_parser(
+        "run", help="follow live log files and keep the store current (the systemd service)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Follow the maillog (through logrotate's rotations) and upsert each login into the store "
+                    "within about a second. Checkpoints in the state directory move only after the store "
+                    "acknowledged the lines before them, so a crash or restart replays, never loses.",
+        epilog=textwrap.dedent("""\
+            examples:
+              harvester run /var/log/mail.log
+              harvester run --store cassandra://cass1,cass2/mail --metrics-listen 0.0.0.0:9854 /var/log/mail.log
+              harvester run --start-at beginning --state-dir /tmp/h '/var/log/dovecot*.log'
+
+            Signals: SIGTERM/SIGINT flush, save checkpoints and exit; SIGHUP re-reads the config file
+            and pattern packs. Under systemd (Type=notify) it reports READY, WATCHDOG and STOPPING.
+            Metrics: http://ADDR:PORT/metrics (default 127.0.0.1:9854)."""))
+    add_flags(p)
+    p.add_argument("paths", nargs="*", metavar="PATH|GLOB", help="files to follow (added to 'follow' of the config)")
+
+    p = sub.add_parser(
         "schema", help="print (or create) the store's tables and the lookup query a support tool runs",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Print the CREATE statements of the store (CQL for cassandra:// stores, SQL for SQLite) "
@@ -117,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TimeError) as e:
         print(f"harvester: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="harvester: %(levelname)s: %(message)s")
+    _logging(settings)
     try:
         return COMMANDS[args.command](args, settings)
     except (StoreError, patterns.PackError, ConfigError, TimeError) as e:
@@ -129,6 +146,26 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log pipelines (--log-format json)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        d = {"time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+             "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            d["exception"] = self.formatException(record.exc_info)
+        return json.dumps(d, ensure_ascii=False)
+
+
+def _logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if settings.log_format == "json"
+                         else logging.Formatter("harvester: %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
 
 
 def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
@@ -218,6 +255,19 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from harvester.daemon import Daemon
+
+    if not settings.follow and not args.paths:
+        print("harvester run: nothing to follow: give PATHs or set 'follow' in the config file", file=sys.stderr)
+        return 2
+    store = open_store(settings.store, settings=settings)
+    try:
+        return Daemon(settings, store, args.paths, reload=lambda: resolve(args)).run()
+    finally:
+        store.close()
+
+
 def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
     url = settings.store
     if url and url.startswith("cassandra:"):
@@ -253,7 +303,7 @@ def cmd_test_patterns(args: argparse.Namespace, settings: Settings) -> int:
     return report(Path(args.file), settings, max_events=args.events)
 
 
-COMMANDS = {"backfill": cmd_backfill, "lookup": cmd_lookup, "export": cmd_export, "schema": cmd_schema,
+COMMANDS = {"run": cmd_run, "backfill": cmd_backfill, "lookup": cmd_lookup, "export": cmd_export, "schema": cmd_schema,
             "test-patterns": cmd_test_patterns}
 
 

@@ -121,6 +121,15 @@ _IDENT = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,47}")
 _CONSISTENCY = ("ANY", "ONE", "TWO", "THREE", "QUORUM", "ALL", "LOCAL_QUORUM", "EACH_QUORUM", "LOCAL_ONE")
 
 
+def _listen(v: Any) -> str:
+    s = _str(v)
+    if s:
+        addr, sep, port = s.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected ADDR:PORT such as 127.0.0.1:9854 or [::1]:9854 (empty: no endpoint)")
+    return s
+
+
 def _choice(*choices: str) -> Callable[[Any], str]:
     def check(v: Any) -> str:
         if v not in choices:
@@ -166,6 +175,24 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_line_bytes", _opt_int(1024, 1 << 30), 1 << 20,
            "longer lines are counted and skipped", "BYTES"),
     Option("log_level", _choice("debug", "info", "warning", "error"), "info", "logging threshold", "LEVEL"),
+    Option("log_format", _choice("text", "json"), "text", "log lines for people (text) or for a log pipeline (json)",
+           "FORMAT"),
+    # The live daemon (harvester run)
+    Option("follow", _paths, [], "run: files (or globs) to follow; the command line's PATHs are added", "PATH"),
+    Option("state_dir", _str, "",
+           "run: where checkpoints live (default: $STATE_DIRECTORY, else ~/.local/state/harvester)", "DIR"),
+    Option("metrics_listen", _listen, "127.0.0.1:9854",
+           "run: ADDR:PORT of the Prometheus /metrics endpoint (empty: none)", "ADDR:PORT"),
+    Option("start_at", _choice("end", "beginning"), "end",
+           "run: where to start in a file that has no checkpoint yet", "end|beginning"),
+    Option("flush_interval_ms", _opt_int(10, 600_000), 500,
+           "run: write coalesced rows at least this often (a login is stored within about this + the read)",
+           "MS"),
+    Option("flush_events", _opt_int(1, 10_000_000), 20_000, "run: or as soon as this many rows wait", "N"),
+    Option("max_waiting_rows", _opt_int(1000, 100_000_000), 500_000,
+           "run: stop reading while this many rows wait for a store that is slow or down (bounds memory)", "N"),
+    Option("poll_interval_ms", _opt_int(10, 60_000), 1000,
+           "run: look at the files at least this often (file change notifications wake it earlier)", "MS"),
     # Cassandra (cassandra:// stores only)
     Option("cassandra_layout", _choice("per_service", "per_user", "custom"), "per_service",
            "table shape: per_service (one row per account and service: last_login), per_user (one row per "
@@ -252,6 +279,16 @@ def load_file(settings: Settings, path: Path) -> None:
         settings.set(key, value, str(path))
 
 
+def state_dir(settings: Settings) -> Path:
+    """state_dir, else $STATE_DIRECTORY (systemd's StateDirectory=), else ~/.local/state/harvester."""
+    if settings.state_dir:
+        return Path(settings.state_dir)
+    base = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if base:
+        return Path(base)
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "harvester"
+
+
 def add_flags(parser: argparse.ArgumentParser, keys: tuple[str, ...] | None = None) -> None:
     """Add --config and one flag per setting (--webmail-networks for webmail_networks)."""
     parser.add_argument("--config", metavar="FILE",
@@ -260,7 +297,7 @@ def add_flags(parser: argparse.ArgumentParser, keys: tuple[str, ...] | None = No
         if keys is not None and opt.key not in keys:
             continue
         parser.add_argument("--" + opt.key.replace("_", "-"), dest=opt.key, metavar=opt.metavar,
-                            default=None, action="append" if opt.key == "patterns_dir" else "store",
+                            default=None, action="append" if opt.key in ("patterns_dir", "follow") else "store",
                             help=opt.help)
 
 
