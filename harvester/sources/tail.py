@@ -49,6 +49,7 @@ class _Open:
     offset: int
     quiet_since: float | None = None  # draining: since when the file has not grown
     skipping: bool = False  # inside a line longer than max_line
+    seen_size: int = -1  # draining: the size when last looked at
 
 
 @dataclass
@@ -129,8 +130,8 @@ class Follower:
     # -- reading ---------------------------------------------------------------------
     def poll(self) -> list[Block]:
         """New complete lines: first those of finished or rotated files, then the current file's."""
-        out, self.pending = self.pending, []
         self._check_rotation()
+        out, self.pending = self.pending, []
         for o in list(self.old):
             out += self._read(o, final=False)
             if self._quiet(o):
@@ -159,11 +160,18 @@ class Follower:
         self.old, self.cur = [], None
 
     def _check_rotation(self) -> None:
+        cur = self.cur
         try:
             st = os.stat(self.path)
         except OSError:
-            return  # renamed away, the new one not created yet: keep reading the open one
-        cur = self.cur
+            # Renamed away and not re-created (yet): keep reading the open file. Once it is deleted too
+            # (compressed by logrotate), nothing will write to it again: drain it and wait for a new one.
+            if cur is not None and os.fstat(cur.fd).st_nlink == 0:
+                self.on_rotation("rename")
+                cur.quiet_since = time.monotonic()
+                self.old.append(cur)
+                self.cur = None
+            return
         if cur is None:
             fd = self._open(self.path)
             if fd is not None:
@@ -246,9 +254,9 @@ class Follower:
             size = os.fstat(o.fd).st_size
         except OSError:
             return True
-        if size > o.offset:
-            o.quiet_since = time.monotonic()
-            return False
+        if size != o.seen_size:
+            o.seen_size, o.quiet_since = size, time.monotonic()
+            return DRAIN_GRACE <= 0 and size <= o.offset + READ_BYTES
         return o.quiet_since is not None and time.monotonic() - o.quiet_since >= DRAIN_GRACE
 
     def _open(self, path: Path) -> int | None:
