@@ -115,6 +115,8 @@ class CassandraStore:
         except NoHostAvailable as e:
             self.cluster.shutdown()
             why = "; ".join(f"{h}: {err}" for h, err in e.errors.items()) or str(e)
+            if "reset by peer" in why and not settings.cassandra_tls_ca:
+                why += " (a node that takes only TLS? set cassandra_tls_ca)"
             raise StoreError(f"cannot connect to Cassandra at {','.join(hosts)}:{port}: {why}") from None
         except Exception as e:  # the driver raises a handful of types for a refused TLS or auth handshake
             self.cluster.shutdown()
@@ -273,6 +275,8 @@ def _password(settings: Settings) -> str:
 
 
 def _tls(settings: Settings) -> ssl.SSLContext | None:
+    if settings.cassandra_tls_key and not settings.cassandra_tls_cert:
+        raise StoreError("cassandra_tls_key is set but cassandra_tls_cert is not")
     if not (settings.cassandra_tls_ca or settings.cassandra_tls_cert):
         return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -283,7 +287,12 @@ def _tls(settings: Settings) -> ssl.SSLContext | None:
         else:
             ctx.load_default_certs()
         if settings.cassandra_tls_cert:
-            ctx.load_cert_chain(settings.cassandra_tls_cert, settings.cassandra_tls_key or None)
+            def encrypted() -> str:  # else OpenSSL would prompt on the terminal (or fail obscurely without one)
+                raise StoreError(f"cassandra_tls_key {settings.cassandra_tls_key or settings.cassandra_tls_cert}: "
+                                 "the key is encrypted; harvester needs an unencrypted key "
+                                 "(openssl pkey -in KEY -out PLAIN_KEY)")
+
+            ctx.load_cert_chain(settings.cassandra_tls_cert, settings.cassandra_tls_key or None, password=encrypted)
     except (OSError, ssl.SSLError) as e:
         raise StoreError(f"Cassandra TLS files: {e}") from None
     return ctx
