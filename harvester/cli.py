@@ -163,8 +163,9 @@ def _logging(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter() if settings.log_format == "json"
                          else logging.Formatter("harvester: %(levelname)s: %(message)s"))
+    handler.set_name("harvester")
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [h for h in root.handlers if h.get_name() != "harvester"] + [handler]  # others (pytest) stay
     root.setLevel(settings.log_level.upper())
 
 
