@@ -29,16 +29,22 @@ URL = re.compile(r"cassandra://(?P<hosts>[^/]+)/(?P<keyspace>[A-Za-z][A-Za-z0-9_
 
 
 class _Negotiation(logging.Filter):
-    """The driver warns each time it negotiates the protocol down to what the cluster speaks: expected."""
+    """The driver warns each time it negotiates the protocol down to what the cluster speaks (expected),
+    and attaches tracebacks to connection warnings: harvester says what failed in one line itself."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Downgrading core protocol version")
+        if record.getMessage().startswith("Downgrading core protocol version"):
+            return False
+        if record.levelno < logging.CRITICAL and not log.isEnabledFor(logging.DEBUG):
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 _driver_log = logging.getLogger("cassandra")
 # The driver's INFO lines (datacenter chosen, hosts up) only with --log-level debug.
 _driver_log.setLevel(logging.DEBUG if logging.getLogger().getEffectiveLevel() <= logging.DEBUG else logging.WARNING)
-logging.getLogger("cassandra.cluster").addFilter(_Negotiation())
+for _name in ("cassandra.cluster", "cassandra.connection", "cassandra.pool"):
+    logging.getLogger(_name).addFilter(_Negotiation())
 
 
 class PartialWrite(StoreError):
