@@ -5,6 +5,7 @@ backfill of every line written."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -215,3 +216,55 @@ def test_a_cassandra_outage_mid_traffic_holds_the_checkpoints_and_catches_up(tmp
         err = stop(proc)
         subprocess.run([*dev, "stop", *node], capture_output=True, timeout=120)
     assert "rows kept, checkpoints held" in err and "is back after" in err
+
+
+def test_systemd_notify_watchdog_metrics_and_json_logs(tmp_path, log_lines):
+    """What systemd and Prometheus see: READY=1 once following, WATCHDOG=1 pings at half of
+    WatchdogSec, STOPPING=1 on SIGTERM; /metrics parses with prometheus-client's own parser and holds no
+    user name; --log-format json writes one JSON object per line."""
+    import socket
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    (tmp_path / "log").mkdir()
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(20)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    w = Writer(tmp_path / "log" / "maillog", log_lines)
+    env = dict(os.environ, NOTIFY_SOCKET=str(sock_path), WATCHDOG_USEC="1000000")
+    db = tmp_path / "h.db"
+    proc = subprocess.Popen([sys.executable, "-m", "harvester", "run", "--store", f"sqlite:///{db}", "--state-dir",
+                             str(tmp_path / "state"), "--metrics-listen", f"127.0.0.1:{port}", "--log-format",
+                             "json", *COMMON, str(tmp_path / "log" / "maillog")],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert sock.recv(4096).startswith(b"READY=1")
+        w.write(len(log_lines))
+        assert sock.recv(4096) == b"WATCHDOG=1"
+        time.sleep(1.5)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        families = {f.name: f for f in text_string_to_metric_families(body)}
+        assert sum(s.value for s in families["harvester_lines_read"].samples) == len(log_lines)
+        assert {s.labels["kind"] for s in families["harvester_events"].samples} >= {"login", "delivery"}
+        assert sum(s.value for s in families["harvester_store_rows_written"].samples) > 500
+        assert "process_resident_memory_bytes" in body and "@example.com" not in body
+    finally:
+        w.close()
+        err = stop(proc)
+    messages = []
+    while True:
+        try:
+            messages.append(sock.recv(4096))
+        except TimeoutError:
+            break
+        if messages[-1] == b"STOPPING=1":
+            break
+    sock.close()
+    assert messages[-1] == b"STOPPING=1"
+    records = [json.loads(line) for line in err.splitlines() if line.strip()]
+    assert records and {"time", "level", "message"} <= set(records[0])
