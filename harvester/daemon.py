@@ -111,9 +111,9 @@ class Daemon:
             positions = state.positions.get(path, []) if state else []  # a new path has none
             if state and path in state.sessions:
                 _restore_sessions(src.parser, state.sessions[path])
-            f.start(positions, start_at)
+            how = f.start(positions, start_at)
             self.sources[path] = src
-            log.info("following %s%s", path, " from its checkpoint" if positions else f" from the {start_at}")
+            log.info("following %s: %s", path, how)
         if not self.sources:
             log.warning("no file to follow yet (%s); waiting for one to appear",
                         ", ".join([*self.settings.follow, *self.patterns_given]) or "none given")

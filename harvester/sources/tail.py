@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harvester.checkpoint import HEAD_BYTES, FileId, Position, head_of, identify, still_same
-from harvester.sources.archive import ArchiveError, raw_chunks
+from harvester.sources.archive import ArchiveError, raw_chunks, rotation_key
 
 log = logging.getLogger(__name__)
 READ_BYTES = 4 << 20  # per file and poll: bounds memory and keeps other files served
@@ -65,25 +65,36 @@ class Follower:
     pending: list[Block] = field(default_factory=list)  # read from siblings at a restart or copytruncate
 
     # -- start ---------------------------------------------------------------------
-    def start(self, positions: list[Position], start_at: str) -> None:
-        """Resume from checkpointed positions, else start at the end (or beginning) of the file."""
+    def start(self, positions: list[Position], start_at: str) -> str:
+        """Resume from checkpointed positions, else start at the end (or beginning) of the file.
+
+        Returns how it started, for the log."""
         fd = self._open(self.path)
         here = identify(fd) if fd is not None else None
-        resumed = False
+        how = []
         for pos in positions:
             if here is not None and _matches(pos.id, here, fd):
                 self.cur = _Open(fd, here, pos.offset)
-                resumed = True
+                how.append(f"from its checkpoint at byte {pos.offset:,}")
                 continue
-            self._resume_elsewhere(pos)
-        if fd is not None and not resumed:
+            found = self._resume_elsewhere(pos)
+            if found is not None:
+                how.append(f"the rest of the rotated {found.name} from byte {pos.offset:,}")
+                newer = self._newer_than(found)
+                for sib in newer:
+                    self._whole(sib)
+                if newer:
+                    how.append("all of " + ", ".join(p.name for p in newer) + " (rotated while stopped)")
+        if fd is not None and self.cur is None:
             size = os.fstat(fd).st_size
             # The file at the path is not a checkpointed one: after a restart across a rotation it is new
             # (read all of it); with no checkpoint at all, `start_at` decides.
             offset = 0 if positions or start_at == "beginning" else size
             self.cur = _Open(fd, here, offset)
+            how.append("the new file from its beginning" if positions else f"from the {start_at}")
+        return "; ".join(how) or "once it appears"
 
-    def _resume_elsewhere(self, pos: Position) -> None:
+    def _resume_elsewhere(self, pos: Position) -> Path | None:
         """A checkpointed file that moved: find it among the rotated siblings and read its rest."""
         for sib in _siblings(self.path):
             try:
@@ -93,16 +104,35 @@ class Follower:
             if pos.id.same_inode(st):
                 fd = self._open(sib)
                 if fd is not None and still_same(pos.id, fd):
-                    log.info("%s: resuming the rotated %s at byte %d", self.path, sib, pos.offset)
                     self.old.append(_Open(fd, pos.id, pos.offset, quiet_since=time.monotonic()))
-                    return
+                    return sib
                 if fd is not None:
                     os.close(fd)
         for sib in _siblings(self.path):
             if sib.suffix in (".gz", ".bz2", ".xz", ".zst") and self._from_archive(sib, pos):
-                return
+                return sib
         log.warning("%s: the file checkpointed at byte %d is gone (not among its rotated siblings); "
                     "its unread rest, if any, is lost", self.path, pos.offset)
+        return None
+
+    def _newer_than(self, found: Path) -> list[Path]:
+        """Rotated siblings newer than `found`: files born and rotated while the daemon was stopped."""
+        ordered = sorted(_siblings(self.path), key=rotation_key)
+        return ordered[ordered.index(found) + 1:] if found in ordered else []
+
+    def _whole(self, sib: Path) -> None:
+        """Read a whole rotated file (plain: drained from its descriptor; compressed: through the archive)."""
+        if sib.suffix in (".gz", ".bz2", ".xz", ".zst"):
+            try:
+                data = b"".join(raw_chunks(sib))
+            except ArchiveError as e:
+                log.error("%s: %s; the lines before the damage are not read either", sib, e)
+                return
+            self.pending.append(Block(data, 0, FileId(0, 0, *head_of(data)), len(data)))
+            return
+        fd = self._open(sib)
+        if fd is not None:
+            self.old.append(_Open(fd, identify(fd), 0, quiet_since=time.monotonic()))
 
     def _from_archive(self, sib: Path, pos: Position) -> bool:
         """Read the rest of a checkpointed file that logrotate compressed before we finished it."""
@@ -123,7 +153,6 @@ class Follower:
             return False
         tail = bytes(rest[pos.offset:])
         if tail:
-            log.info("%s: reading the unread %d bytes from the compressed %s", self.path, len(tail), sib)
             self.pending.append(Block(tail, pos.offset, pos.id, pos.offset + len(tail)))
         return True
 

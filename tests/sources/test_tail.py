@@ -169,3 +169,24 @@ def test_checkpoints_survive_a_round_trip_and_a_damaged_file_starts_over(tmp_pat
     cp.path.write_text("{not json")
     assert cp.load() == State()
     assert "cannot read checkpoints" in caplog.text
+
+
+def test_restart_after_two_rotations_reads_the_file_born_and_rotated_while_stopped(tmp_path):
+    log = tmp_path / "maillog"
+    append(log, "a\nb\n")
+    f = Follower(log)
+    f.start([], "beginning")
+    f.poll()
+    saved = [Position(f.positions()[0].id, 2)]
+    f.close()
+    os.rename(log, tmp_path / "maillog.1")
+    append(log, "c\n")  # born and rotated while the daemon is stopped
+    with open(tmp_path / "maillog.1", "rb") as src, gzip.open(tmp_path / "maillog.2.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    os.unlink(tmp_path / "maillog.1")
+    os.rename(log, tmp_path / "maillog.1")
+    append(log, "d\n")
+    g = Follower(log)
+    how = g.start(saved, "end")
+    assert lines(g) == [b"b", b"c", b"d"]
+    assert "maillog.2.gz" in how and "maillog.1 (rotated while stopped)" in how

@@ -1,0 +1,571 @@
+"""A private, real mail stack for the end-to-end tests: Dovecot 2.3, rsyslogd, logrotate and real clients.
+
+Why real parts: the daemon must cope with what production hands it - Dovecot's own lines as a syslog
+daemon writes them, files renamed, truncated and compressed under it by logrotate - and the reference
+answer is what Dovecot's own last_login plugin recorded for the same traffic, not what we think it should be.
+
+How it stays private (nothing on the machine is used or changed, and several stacks can run at once):
+- everything lives in one temporary directory (short, because it holds UNIX sockets);
+- Dovecot listens on loopback only, on free ports, with its own base_dir, state_dir and `-c` config;
+- Dovecot logs through syslog, as it does by default. glibc's syslog() can only write to /dev/log, so
+  Dovecot runs in a mount namespace of its own whose /dev is a small tmpfs where /dev/log is a symlink
+  to the socket of a private rsyslogd (own config, pid file and work directory, TZ=UTC);
+- logrotate runs with its own config and state file.
+Dovecot's log_path file is not used at all: the lines reach the maillog the way they do in production.
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import imaplib
+import os
+import poplib
+import pwd
+import re
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+DEPS_HINT = "run scripts/e2e-deps (it installs dovecot-core/-imapd/-pop3d/-lmtpd, rsyslog and logrotate)"
+PROGRAMS = {"dovecot": "dovecot-core", "rsyslogd": "rsyslog", "logrotate": "logrotate", "unshare": "util-linux"}
+PLUGIN = Path("/usr/lib/dovecot/modules/lib10_last_login_plugin.so")
+ROTATE_MODES = ("create", "copytruncate", "compress", "delaycompress")
+CLIENT_TIMEOUT = 15.0
+
+
+class MissingDependency(RuntimeError):
+    """A program or privilege the stack needs is missing; the message says how to get it."""
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    password: str
+
+
+# Login names go into the log raw (user=<a>b,c d>), so the odd ones test the daemon's parsing for real.
+TEST1, TEST2, TEST3 = User("test1", "pw-test1"), User("test2", "pw-test2"), User("test3", "pw-test3")
+JANE = User("jane.doe@example.com", "pw-jane")
+OBRIEN = User("o-brien+tag@example.com", "pw-obrien")  # o'brien: auth fails with this passwd-file
+ODD = User("a>b,c d", "pw-odd")
+USERS: tuple[User, ...] = (TEST1, TEST2, TEST3, JANE, OBRIEN, ODD)
+NOSUCH = User("nosuch", "whatever")
+# (user, service) pairs traffic_round() only ever fails to log in with: they must never be stored.
+FAILED_ONLY: frozenset[tuple[str, str]] = frozenset(
+    {(TEST2.name, "imap"), (TEST3.name, "pop3"), (NOSUCH.name, "imap"), (NOSUCH.name, "pop3"),
+     (NOSUCH.name, "lmtp")})
+
+
+class LastLogin(NamedTuple):
+    time_ms: int
+    ip: str
+
+
+@dataclass(frozen=True)
+class Ports:
+    imap: int
+    pop3: int
+    lmtp: int
+
+
+def find_program(name: str) -> str:
+    """The program's path, looking in sbin too (pytest is often run with a user's PATH)."""
+    path = shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin:/usr/bin:/bin")
+    if path is None:
+        raise MissingDependency(f"{name} (Debian package {PROGRAMS.get(name, name)}) is not installed: {DEPS_HINT}")
+    return path
+
+
+def check_dependencies() -> None:
+    """Fail early, with the fix in the message, instead of deep inside a start-up."""
+    for name in PROGRAMS:
+        find_program(name)
+    if not PLUGIN.exists():
+        raise MissingDependency(f"{PLUGIN} (Dovecot's last_login plugin) is missing: {DEPS_HINT}")
+    for account in ("dovecot", "dovenull"):
+        try:
+            pwd.getpwnam(account)
+        except KeyError:
+            raise MissingDependency(f"system user {account} is missing (made by dovecot-core): {DEPS_HINT}") from None
+    if os.geteuid() != 0:
+        raise MissingDependency("the e2e tests must run as root: Dovecot switches users, and a private /dev/log "
+                                "needs a mount namespace")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM when the test process dies, so a killed pytest leaves no daemon behind."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> int | None:
+    """SIGTERM, then SIGKILL if it does not go; returns the exit status."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+    return proc.returncode
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def read_last_login_dict(path: Path) -> dict[tuple[str, str], LastLogin]:
+    """The plugin's file dict (key line, value line; key shared/last-login/SERVICE/USER/IP, value epoch ms),
+    reduced to the newest entry per (user, service): the row the harvester must end up with."""
+    if not path.exists():
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows: dict[tuple[str, str], LastLogin] = {}
+    for key, value in zip(lines[::2], lines[1::2], strict=True):
+        shared, prefix, service, rest = key.split("/", 3)
+        assert (shared, prefix) == ("shared", "last-login"), key
+        user, ip = rest.rsplit("/", 1)  # an IP never has a "/", a user name might
+        entry = LastLogin(int(value), ip)
+        if (user, service) not in rows or entry.time_ms > rows[user, service].time_ms:
+            rows[user, service] = entry
+    return rows
+
+
+class Rsyslog:
+    """A private rsyslogd: one UNIX socket in, facility mail out to a file in the traditional format, in UTC."""
+
+    def __init__(self, root: Path, socket_path: Path, maillog: Path) -> None:
+        self.root, self.socket_path, self.maillog = root, socket_path, maillog
+        self.conf = root / "rsyslog.conf"
+        self.pid_file = root / "rsyslog.pid"
+        self.output = root / "rsyslogd.out"
+        # The same lines with microsecond RFC 3339 stamps, outside the maillog's directory and never rotated:
+        # only for explaining a failed time comparison (how far the syslog stamp lagged the plugin's).
+        self.precise_log = root / "maillog-rfc3339"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        work = self.root / "rsyslog-work"
+        work.mkdir()
+        # Rate limiting off: the Dovecot log process is one sender, and a burst must not lose lines.
+        self.conf.write_text(f"""\
+global(workDirectory="{work}")
+module(load="imuxsock" SysSock.Use="off")
+input(type="imuxsock" Socket="{self.socket_path}" RateLimit.Interval="0" UseSysTimeStamp="on")
+mail.* action(type="omfile" file="{self.maillog}" template="RSYSLOG_TraditionalFileFormat")
+mail.* action(type="omfile" file="{self.precise_log}" template="RSYSLOG_FileFormat")
+""")
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "TZ": "UTC"}
+        with self.output.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [find_program("rsyslogd"), "-n", "-f", str(self.conf), "-i", str(self.pid_file)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"rsyslogd exited with {self.proc.returncode}:\n{self.output.read_text()}")
+            return self.socket_path.exists()
+
+        wait_until(ready, 10, "rsyslogd's socket")
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+class Dovecot:
+    """A private Dovecot 2.3 (imap, pop3, lmtp on loopback) with the last_login plugin for all three services."""
+
+    def __init__(self, root: Path, syslog_socket: Path) -> None:
+        self.root, self.syslog_socket = root, syslog_socket
+        self.conf = root / "dovecot.conf"
+        self.base_dir = root / "run"
+        self.dict_path = root / "dict" / "last_login.dict"
+        self.output = root / "dovecot.out"
+        self.ports = Ports(free_port(), free_port(), free_port())
+        self.proc: subprocess.Popen | None = None
+
+    def write_config(self) -> None:
+        mail = self.root / "mail"
+        for d in (mail, self.dict_path.parent, self.root / "state"):
+            d.mkdir()
+        for d in (mail, self.dict_path.parent):  # written by the mail processes, which run as dovecot
+            shutil.chown(d, "dovecot", "dovecot")
+        users = self.root / "users"
+        users.write_text("".join(f"{u.name}:{{PLAIN}}{u.password}\n" for u in USERS))
+        users.chmod(0o644)
+        # auth_username_chars empty: names like "a>b,c d" are allowed, as on sites that widened it.
+        # recipient_delimiter empty: "o-brien+tag@..." is a user of its own, not o-brien with a +tag detail.
+        self.conf.write_text(f"""\
+base_dir = {self.base_dir}
+state_dir = {self.root}/state
+log_path = syslog
+syslog_facility = mail
+protocols = imap pop3 lmtp
+listen = 127.0.0.1, ::1
+ssl = no
+auth_mechanisms = plain login
+disable_plaintext_auth = no
+auth_failure_delay = 0
+auth_username_chars =
+recipient_delimiter =
+default_login_user = dovenull
+default_internal_user = dovecot
+mail_location = maildir:{mail}/%u/Maildir
+mail_uid = dovecot
+mail_gid = dovecot
+first_valid_uid = 1
+login_trusted_networks =
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {users}
+}}
+userdb {{
+  driver = static
+  args = uid=dovecot gid=dovecot home={mail}/%u
+}}
+service imap-login {{
+  inet_listener imap {{
+    port = {self.ports.imap}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+service pop3-login {{
+  inet_listener pop3 {{
+    port = {self.ports.pop3}
+  }}
+  inet_listener pop3s {{
+    port = 0
+  }}
+}}
+service lmtp {{
+  inet_listener lmtp {{
+    address = 127.0.0.1
+    port = {self.ports.lmtp}
+  }}
+}}
+protocol imap {{
+  mail_plugins = $mail_plugins last_login
+}}
+protocol pop3 {{
+  mail_plugins = $mail_plugins last_login
+}}
+protocol lmtp {{
+  mail_plugins = $mail_plugins last_login
+}}
+plugin {{
+  last_login_dict = file:{self.dict_path}
+  last_login_key = last-login/%s/%u/%r
+  last_login_precision = ms
+}}
+""")
+
+    def start(self) -> None:
+        self.write_config()
+        # In a mount namespace of its own, /dev becomes a tmpfs with the few nodes Dovecot uses and a /dev/log
+        # that leads to the private rsyslogd. `unshare` and `sh` exec, so the pid is Dovecot's master.
+        script = """set -e
+mount -t tmpfs -o mode=0755,size=64k e2e-dev /dev
+mknod -m 666 /dev/null c 1 3
+mknod -m 666 /dev/zero c 1 5
+mknod -m 666 /dev/full c 1 7
+mknod -m 666 /dev/random c 1 8
+mknod -m 666 /dev/urandom c 1 9
+ln -s /proc/self/fd /dev/fd
+ln -s /proc/self/fd/0 /dev/stdin
+ln -s /proc/self/fd/1 /dev/stdout
+ln -s /proc/self/fd/2 /dev/stderr
+ln -s "$1" /dev/log
+exec "$2" -F -c "$3"
+"""
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "TZ": "UTC"}
+        with self.output.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [find_program("unshare"), "--mount", "--propagation", "private", "/bin/sh", "-c", script, "sh",
+                 str(self.syslog_socket), find_program("dovecot"), str(self.conf)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
+
+        def listening() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"dovecot exited with {self.proc.returncode}:\n{self.output.read_text()}")
+            try:
+                for port in (self.ports.imap, self.ports.pop3, self.ports.lmtp):
+                    socket.create_connection(("127.0.0.1", port), 1).close()
+            except OSError:
+                return False
+            return True
+
+        wait_until(listening, 20, "Dovecot's listeners")
+
+    def stop(self) -> None:
+        stop_process(self.proc, timeout=15)
+
+
+class MailStack:
+    """rsyslogd + Dovecot + logrotate + clients in one temporary directory; a context manager that always cleans up.
+
+    HARVESTER_E2E_KEEP=1 leaves the directory (configs, maillog*, the plugin's dict) for a post-mortem."""
+
+    def __init__(self) -> None:
+        check_dependencies()
+        self.root = Path(tempfile.mkdtemp(prefix="hv-e2e-", dir="/tmp"))
+        self.root.chmod(0o755)  # the mail processes (uid dovecot) must reach mail/ and dict/
+        self.log_dir = self.root / "log"
+        self.log_dir.mkdir()
+        self.maillog = self.log_dir / "maillog"
+        self.syslog = Rsyslog(self.root, self.root / "syslog.sock", self.maillog)
+        self.dovecot = Dovecot(self.root, self.syslog.socket_path)
+        self.logrotate_state = self.root / "logrotate.state"
+        self._hosts = 0
+        self._hosts_lock = threading.Lock()
+
+    # -- life cycle -----------------------------------------------------------------------------------------
+
+    def __enter__(self) -> MailStack:
+        try:
+            self.syslog.start()
+            self.dovecot.start()
+            wait_until(lambda: "starting up for imap, pop3, lmtp" in self.log_text(), 10,
+                       "Dovecot's start-up line in the maillog, through rsyslogd")
+        except BaseException as e:
+            diagnostics = self.diagnostics()
+            self.close()
+            if isinstance(e, TimeoutError | RuntimeError):
+                raise RuntimeError(f"{e}\n{diagnostics}") from e
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self.dovecot.stop()
+        finally:
+            self.syslog.stop()
+            if os.environ.get("HARVESTER_E2E_KEEP"):
+                print(f"e2e mail stack kept in {self.root}")
+            else:
+                shutil.rmtree(self.root, ignore_errors=True)
+
+    def diagnostics(self) -> str:
+        """The tail of everything a failed run leaves behind, for assertion messages."""
+        parts = []
+        for path in (self.dovecot.output, self.syslog.output, self.maillog):
+            if path.exists():
+                parts.append(f"--- {path.name} (tail) ---\n" + "\n".join(path.read_text(errors="replace")
+                                                                          .splitlines()[-30:]))
+        return "\n".join(parts)
+
+    # -- logs and rotation ----------------------------------------------------------------------------------
+
+    def log_text(self) -> str:
+        return self.maillog.read_text(errors="replace") if self.maillog.exists() else ""
+
+    def log_files(self) -> list[Path]:
+        return sorted(self.log_dir.iterdir())
+
+    def rotate(self, mode: str) -> None:
+        """Run the real logrotate once, forced, in one of ROTATE_MODES on the live maillog.
+
+        create: rename to maillog.1, new empty maillog, rsyslogd reopens on SIGHUP (postrotate);
+        copytruncate: copy to maillog.1, truncate the live file in place (rsyslogd keeps writing into it);
+        compress: like create, then maillog.1 is gzipped to maillog.1.gz (the original deleted) after the HUP;
+        delaycompress: like create, and the previous maillog.1 becomes maillog.2.gz in the same run.
+        Modes can follow one another: logrotate shifts maillog.N and maillog.N.gz separately."""
+        if mode not in ROTATE_MODES:
+            raise ValueError(f"rotation mode {mode!r}: one of {ROTATE_MODES}")
+        reopen = f"  postrotate\n    kill -HUP $(cat {self.syslog.pid_file})\n  endscript\n"
+        body = {
+            "create": "  create 0644 root root\n" + reopen,
+            "copytruncate": "  copytruncate\n",
+            "compress": "  compress\n  create 0644 root root\n" + reopen,
+            "delaycompress": "  compress\n  delaycompress\n  create 0644 root root\n" + reopen,
+        }[mode]
+        conf = self.root / f"logrotate-{mode}.conf"
+        conf.write_text(f"{self.maillog} {{\n  rotate 20\n  missingok\n{body}}}\n")
+        conf.chmod(0o644)
+        proc = subprocess.run([find_program("logrotate"), "-f", "-s", str(self.logrotate_state), str(conf)],
+                              capture_output=True, text=True, timeout=30)
+        if proc.returncode != 0:
+            raise RuntimeError(f"logrotate ({mode}) failed with {proc.returncode}:\n{proc.stdout}{proc.stderr}")
+
+    # -- the reference answer -------------------------------------------------------------------------------
+
+    def last_logins(self) -> dict[tuple[str, str], LastLogin]:
+        """What Dovecot's last_login plugin stored: {(user, service): (time_ms, ip)}, newest per key."""
+        return read_last_login_dict(self.dovecot.dict_path)
+
+    # -- clients --------------------------------------------------------------------------------------------
+
+    def next_ip(self) -> str:
+        """A fresh 127/8 source address per session: the stored IP then tells which session a row came from."""
+        with self._hosts_lock:
+            self._hosts += 1
+            k = self._hosts
+        return f"127.{1 + k // 62500 % 250}.{1 + k // 250 % 250}.{1 + k % 250}"
+
+    def _server(self, src: str) -> str:
+        return "::1" if ":" in src else "127.0.0.1"
+
+    def imap(self, user: User, src: str, *, password: str | None = None, sasl: bool = False,
+             expunge: bool = False, logout: bool = True) -> bool:
+        """One IMAP session from src; True if the login succeeded. sasl: AUTHENTICATE PLAIN instead of LOGIN
+        (needed for names with spaces). logout=False drops the connection instead of sending LOGOUT."""
+        pw = user.password if password is None else password
+        client = _IMAP(self._server(src), self.dovecot.ports.imap, src)
+        try:
+            try:
+                if sasl:
+                    client.authenticate("PLAIN", lambda _: f"\0{user.name}\0{pw}".encode())
+                else:
+                    client.login(user.name, pw)
+            except imaplib.IMAP4.error:
+                return False
+            typ, data = client.select("INBOX")
+            assert typ == "OK", data
+            if expunge and int(data[0]) > 0:
+                client.store("1:*", "+FLAGS", "\\Deleted")
+                client.expunge()
+            return True
+        finally:
+            if logout:
+                client.logout()
+            else:
+                client.shutdown()
+
+    def pop3(self, user: User, src: str, *, password: str | None = None, sasl: bool = False,
+             delete: bool = True) -> bool:
+        """One POP3 session from src; True if the login succeeded. delete: RETR and DELE every message."""
+        pw = user.password if password is None else password
+        client = _POP3(self._server(src), self.dovecot.ports.pop3, src)
+        try:
+            try:
+                if sasl:
+                    client._shortcmd("AUTH PLAIN " + base64.b64encode(f"\0{user.name}\0{pw}".encode()).decode())
+                else:
+                    client.user(user.name)
+                    client.pass_(pw)
+            except poplib.error_proto:
+                return False
+            count, _ = client.stat()
+            if delete:
+                for n in range(1, count + 1):
+                    client.retr(n)
+                    client.dele(n)
+            return True
+        finally:
+            client.quit()
+
+    def lmtp(self, recipients: list[User], src: str, subject: str = "hello") -> list[User]:
+        """One LMTP transaction from src (as an MTA would hand mail over); returns the recipients it delivered to."""
+        msg = (f"From: sender@example.org\r\nSubject: {subject}\r\n"
+               f"Message-ID: <{time.monotonic_ns()}@e2e.example>\r\n\r\nbody\r\n").encode()
+        with smtplib.LMTP("127.0.0.1", self.dovecot.ports.lmtp, source_address=(src, 0),
+                          timeout=CLIENT_TIMEOUT) as client:
+            client.ehlo_or_helo_if_needed()
+            code, resp = client.mail("sender@example.org")
+            assert code == 250, resp
+            accepted = [u for u in recipients if client.rcpt(lmtp_path(u.name))[0] == 250]
+            if accepted:
+                code, resp = client.data(msg)
+                # LMTP answers DATA once per accepted recipient; smtplib reads only the first reply.
+                replies = [code] + [client.getreply()[0] for _ in accepted[1:]]
+                assert all(c == 250 for c in replies), (replies, resp)
+            else:
+                client.rset()
+            return accepted
+
+    # -- a round of everyday traffic ------------------------------------------------------------------------
+
+    def traffic_round(self, n: int) -> None:
+        """Every kind of session once, each from a fresh source address (jane: ::1 every other round): LMTP
+        deliveries (one rejected recipient), IMAP logins by LOGIN and AUTHENTICATE, POP3 sessions that delete
+        what was delivered; then failed logins, some for keys that logged in from another address just before
+        (a failure must not replace that row), some for keys that never succeed (FAILED_ONLY).
+
+        Successes run one after the other, so the log's order is the plugin's order. Dovecot answers a failed
+        login only at its next failure flush (every 0.5 s even with auth_failure_delay = 0), so the failures
+        run side by side."""
+        must = self._must
+        must(self.lmtp([*USERS, NOSUCH], self.next_ip(), f"round {n}"), list(USERS), "LMTP to every user")
+        must(self.imap(TEST1, self.next_ip(), expunge=True), True, "IMAP test1")
+        must(self.pop3(TEST2, self.next_ip()), True, "POP3 test2")
+        must(self.imap(TEST3, self.next_ip(), sasl=True, expunge=n % 3 == 0), True, "IMAP test3 SASL")
+        must(self.imap(JANE, "::1" if n % 2 == 0 else self.next_ip()), True, "IMAP jane")
+        must(self.imap(ODD, self.next_ip(), sasl=True), True, "IMAP odd name")
+        must(self.pop3(OBRIEN, self.next_ip(), sasl=True), True, "POP3 o-brien")
+        if n % 2 == 1:
+            must(self.pop3(ODD, self.next_ip(), sasl=True), True, "POP3 odd name")
+        must(self.lmtp([TEST3], self.next_ip(), f"round {n} again"), [TEST3], "LMTP to test3 alone")
+        failures: list[tuple[str, Callable[[], bool]]] = [
+            ("IMAP test1 wrong pw", partial(self.imap, TEST1, self.next_ip(), password="wrong", logout=n % 2 == 0)),
+            ("IMAP test2 wrong pw", partial(self.imap, TEST2, self.next_ip(), password="wrong")),
+            ("POP3 test3 wrong pw", partial(self.pop3, TEST3, self.next_ip(), password="wrong")),
+            ("POP3 odd name wrong pw", partial(self.pop3, ODD, self.next_ip(), password="wrong", sasl=True)),
+            ("IMAP unknown user", partial(self.imap, NOSUCH, self.next_ip())),
+            ("POP3 unknown user", partial(self.pop3, NOSUCH, self.next_ip())),
+        ]
+        with ThreadPoolExecutor(len(failures)) as pool:
+            results = [(what, pool.submit(session)) for what, session in failures]
+            for what, result in results:
+                must(result.result(), False, what)
+
+    @staticmethod
+    def _must(got: object, expected: object, what: str) -> None:
+        if got != expected:
+            raise AssertionError(f"{what}: got {got!r}, expected {expected!r}")
+
+
+def lmtp_path(name: str) -> str:
+    """RCPT TO path for a user name: a local part that is not a dot-atom is quoted (RFC 5321)."""
+    if re.fullmatch(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+(@[A-Za-z0-9.-]+)?", name):
+        return f"<{name}>"
+    return '<"' + name.replace("\\", "\\\\").replace('"', '\\"') + '">'
+
+
+class _IMAP(imaplib.IMAP4):
+    """imaplib's client, its socket bound to a chosen source address (so each session has its own rip)."""
+
+    def __init__(self, host: str, port: int, src: str) -> None:
+        self._src = src
+        super().__init__(host, port, timeout=CLIENT_TIMEOUT)
+
+    def _create_socket(self, timeout: float | None) -> socket.socket:
+        return socket.create_connection((self.host, self.port), timeout, source_address=(self._src, 0))
+
+
+class _POP3(poplib.POP3):
+    """poplib's client, its socket bound to a chosen source address."""
+
+    def __init__(self, host: str, port: int, src: str) -> None:
+        self._src = src
+        super().__init__(host, port, CLIENT_TIMEOUT)
+
+    def _create_socket(self, timeout: float) -> socket.socket:
+        return socket.create_connection((self.host, self.port), timeout, source_address=(self._src, 0))
