@@ -20,6 +20,7 @@ from harvester.coalesce import Coalescer
 from harvester.config import Settings
 from harvester.parse import Networks, Parser
 from harvester.sinks.base import Store, flush
+from harvester.sources import rawlog
 from harvester.sources.archive import ArchiveError, expand, file_blocks, line_blocks, raw_chunks, read_ahead
 from harvester.timeparse import Clock, resolve_timezone
 
@@ -39,6 +40,8 @@ class Summary:
     bad: Counter = field(default_factory=Counter)
     rows_written: int = 0
     seconds: float = 0.0
+    rawlog_sessions: int = 0
+    rawlog_without_ip: int = 0
 
     @property
     def failed_files(self) -> list[tuple[str, str]]:
@@ -47,7 +50,10 @@ class Summary:
 
 def make_parser(settings: Settings) -> Parser:
     pack = patterns.load(settings.pattern_pack, [Path(d) for d in settings.patterns_dir])
-    return Parser(pack, node=settings.node_name, webmail=Networks(settings.webmail_networks))
+    parser = Parser(pack, node=settings.node_name, webmail=Networks(settings.webmail_networks))
+    if settings.rawlog:
+        parser.remember_logins()  # rawlog sessions without an address take their Login line's
+    return parser
 
 
 def run(paths: list[str], settings: Settings, store: Store, *, progress: bool | None = None) -> Summary:
@@ -73,6 +79,14 @@ def run(paths: list[str], settings: Settings, store: Store, *, progress: bool | 
             for path in files:
                 status = _one_file(path, parser, sink, settings, zone, store, summary, bar)
                 summary.files.append((str(path), status))
+        for root in settings.rawlog:  # after the maillog: its Login lines give sessions their address
+            n, no_ip = rawlog.harvest(rawlog.Tree(Path(root), zone, settings.rawlog_user_regex).sessions(), sink,
+                                      parser, settings.node_name)
+            summary.rawlog_sessions += n
+            summary.rawlog_without_ip += no_ip
+            log.info("%s: %d rawlog session(s), %d without a known address", root, n, no_ip)
+            if len(sink) >= settings.flush_rows:
+                summary.rows_written += flush(sink, store)
         summary.rows_written += flush(sink, store)
     finally:
         if gc_was:

@@ -76,6 +76,7 @@ class State:
 
     positions: dict[str, list[Position]] = field(default_factory=dict)
     sessions: dict[str, dict] = field(default_factory=dict)  # path -> {"lmtp": {pid: ip}, "login_ip": [...]}
+    rawlog: dict[str, str] = field(default_factory=dict)  # rawlog root -> sessions named before this are done
 
 
 class Checkpoints:
@@ -97,7 +98,7 @@ class Checkpoints:
             return State()
         try:
             return State({p: [Position.from_json(x) for x in xs] for p, xs in data["positions"].items()},
-                         data.get("sessions", {}))
+                         data.get("sessions", {}), data.get("rawlog", {}))
         except (KeyError, TypeError, ValueError) as e:
             log.error("%s: checkpoints in an unknown shape (%s); starting without them", self.path, e)
             return State()
@@ -108,7 +109,7 @@ class Checkpoints:
         tmp = self.path.with_name(self.path.name + ".tmp")
         data = {"version": VERSION,
                 "positions": {p: [x.to_json() for x in xs] for p, xs in state.positions.items()},
-                "sessions": state.sessions}
+                "sessions": state.sessions, "rawlog": state.rawlog}
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(data, f, separators=(",", ":"))
             f.flush()

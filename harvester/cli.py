@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar (default: when stderr is a terminal)")
-    p.add_argument("paths", nargs="+", metavar="PATH|GLOB")
+    p.add_argument("paths", nargs="*", metavar="PATH|GLOB")
 
     p = sub.add_parser("lookup", help="show one account's last logins, newest first",
                        description="Every service's last login of one account (local and UTC time, IP), "
@@ -172,6 +172,9 @@ def _logging(settings: Settings) -> None:
 def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
     from harvester import backfill
 
+    if not args.paths and not settings.rawlog:
+        print("harvester backfill: nothing to read: give log files (PATH|GLOB) or --rawlog DIR", file=sys.stderr)
+        return 2
     store = open_store(settings.store, settings=settings)
     try:
         summary = backfill.run(args.paths, settings, store, progress=args.progress)
@@ -193,6 +196,9 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
     if not s.events:
         print("  none", file=out)
     print(f"lines not understood: {s.not_understood:,}", file=out)
+    if settings.rawlog:
+        print(f"rawlog sessions: {s.rawlog_sessions:,} ({s.rawlog_without_ip:,} without a known address)",
+              file=out)
     bad = ", ".join(f"{k}: {v:,}" for k, v in sorted(s.bad.items()) if v)
     print(f"bad input skipped: {bad or 'none'}", file=out)
     print(f"rows written: {s.rows_written:,} to {store.url}", file=out)
@@ -259,8 +265,9 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from harvester.daemon import Daemon
 
-    if not settings.follow and not args.paths:
-        print("harvester run: nothing to follow: give PATHs or set 'follow' in the config file", file=sys.stderr)
+    if not settings.follow and not args.paths and not settings.rawlog:
+        print("harvester run: nothing to follow: give PATHs, --rawlog DIR, or set follow in the config",
+              file=sys.stderr)
         return 2
     store = open_store(settings.store, settings=settings)
     try:

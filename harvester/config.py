@@ -177,6 +177,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_level", _choice("debug", "info", "warning", "error"), "info", "logging threshold", "LEVEL"),
     Option("log_format", _choice("text", "json"), "text", "log lines for people (text) or for a log pipeline (json)",
            "FORMAT"),
+    Option("rawlog", _paths, [],
+           "Dovecot rawlog roots to read sessions from: a rawlog_dir with a directory per user (%u), or a "
+           "tree of home directories holding dovecot.rawlog/ (the rawlog binary)", "DIR"),
+    Option("rawlog_user_regex", _str, "",
+           "take the user from a session directory's path with this regex's (?P<user>...) group (default: "
+           "the directory's name, or the home directory's for dovecot.rawlog/)", "REGEX"),
     # The live daemon (harvester run)
     Option("follow", _paths, [], "run: files (or globs) to follow; the command line's PATHs are added", "PATH"),
     Option("state_dir", _str, "",
@@ -224,6 +230,7 @@ OPTIONS: tuple[Option, ...] = (
            "keyspace replication for 'harvester schema --apply'", "CQL_MAP"),
 )
 BY_KEY = {o.key: o for o in OPTIONS}
+_LISTS = ("patterns_dir", "follow", "rawlog")  # flags that may be given more than once
 CASSANDRA_KEYS = tuple(o.key for o in OPTIONS if o.key.startswith("cassandra_"))
 
 
@@ -297,7 +304,7 @@ def add_flags(parser: argparse.ArgumentParser, keys: tuple[str, ...] | None = No
         if keys is not None and opt.key not in keys:
             continue
         parser.add_argument("--" + opt.key.replace("_", "-"), dest=opt.key, metavar=opt.metavar,
-                            default=None, action="append" if opt.key in ("patterns_dir", "follow") else "store",
+                            default=None, action="append" if opt.key in _LISTS else "store",
                             help=opt.help)
 
 

@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from harvester import metrics, native, patterns
@@ -28,6 +29,7 @@ from harvester.coalesce import Coalescer
 from harvester.config import Settings, state_dir
 from harvester.parse import Networks, Parser
 from harvester.sinks.base import Store, StoreError, flush
+from harvester.sources import rawlog
 from harvester.sources.tail import Block, Follower
 from harvester.timeparse import Clock, resolve_timezone
 
@@ -37,6 +39,7 @@ OUTAGE_REPEAT = 60.0  # while the store is down, say so again this often
 GLOB_RESCAN = 10.0  # seconds between looks for new files matching the followed globs
 SESSIONS_KEPT = 5000  # POP3 logins saved with a checkpoint, for deletions logged after a restart
 MIN_CYCLE = 0.1  # seconds: file notifications arrive per write; reading in bursts is cheaper
+RAWLOG_RIPE = timedelta(seconds=3)  # a rawlog session is taken this long after its start
 
 
 def notify(message: str) -> None:
@@ -86,6 +89,10 @@ class Daemon:
         self.dirty = False  # offsets moved since the last saved checkpoint
         self.newest_us = 0
         self._observer = None
+        self.rawlog_trees: list[rawlog.Tree] = []
+        self.rawlog_done: set[tuple[str, str, str]] = set()  # (root, user, name+pid) harvested above the mark
+        self.rawlog_parser: Parser | None = None
+        self.last_rawlog_scan = 0.0
 
     # -- setup -----------------------------------------------------------------------
     def _parser(self) -> Parser:
@@ -114,7 +121,7 @@ class Daemon:
             how = f.start(positions, start_at)
             self.sources[path] = src
             log.info("following %s: %s", path, how)
-        if not self.sources:
+        if not self.sources and [*self.settings.follow, *self.patterns_given]:
             log.warning("no file to follow yet (%s); waiting for one to appear",
                         ", ".join([*self.settings.follow, *self.patterns_given]) or "none given")
 
@@ -136,6 +143,9 @@ class Daemon:
             for d in {str(Path(p).parent) for p in [*self.settings.follow, *self.patterns_given]}:
                 if os.path.isdir(d):
                     obs.schedule(Wake(), d, recursive=False)
+            for d in self.settings.rawlog:  # new session files anywhere below
+                if os.path.isdir(d):
+                    obs.schedule(Wake(), d, recursive=True)
             obs.daemon = True
             obs.start()
             self._observer = obs
@@ -150,6 +160,15 @@ class Daemon:
         signal.signal(signal.SIGHUP, self._on_reload)
         state = self.checkpoints.load()
         self._add_sources(state, self.settings.start_at)
+        zone = resolve_timezone(self.settings.timezone)
+        for root in self.settings.rawlog:
+            tree = rawlog.Tree(Path(root), zone, self.settings.rawlog_user_regex)
+            tree.mark = state.rawlog.get(root, "")
+            self.rawlog_trees.append(tree)
+            log.info("watching rawlog sessions under %s%s", root,
+                     f" named from {tree.mark} on" if tree.mark else " (all of them)")
+        for src in self.sources.values():
+            src.parser.remember_logins()
         self._watch()
         metrics.serve(self.settings.metrics_listen, "native" if native.enabled() else "python")
         notify("READY=1\nSTATUS=following " + ", ".join(self.sources))
@@ -166,6 +185,9 @@ class Daemon:
                     last_scan = started
                 if len(self.sink) < self.settings.max_waiting_rows:
                     self._read_all()
+                    if self.rawlog_trees and started - self.last_rawlog_scan >= poll:
+                        self._read_rawlogs()
+                        self.last_rawlog_scan = started
                 now = time.monotonic()
                 due = now - last_flush >= self.settings.flush_interval_ms / 1000
                 if (due or len(self.sink) >= self.settings.flush_events) and now >= self.retry_at:
@@ -217,6 +239,38 @@ class Daemon:
         self.unflushed_blocks.append((time.monotonic(), b.data.count(b"\n")))
         self.dirty = True
         self._count(src)
+
+    def _read_rawlogs(self) -> None:
+        """New rawlog sessions (named at or after each root's mark), a few seconds after they began, so
+        that the maillog's Login line with the same pid (their address) has been read."""
+        zone = resolve_timezone(self.settings.timezone)
+        ripe = (datetime.now(zone) - RAWLOG_RIPE).strftime("%Y%m%d-%H%M%S")
+        parser = next(iter(self.sources.values())).parser if self.sources else self._rawlog_parser()
+        for tree in self.rawlog_trees:
+            root = str(tree.root)
+            new, newest = [], ""
+            for s in tree.sessions(tree.mark):
+                key = (root, s.user, f"{s.name}.{s.pid}")
+                if s.name > ripe or key in self.rawlog_done:
+                    continue
+                self.rawlog_done.add(key)
+                new.append(s)
+                newest = max(newest, s.name)
+            if new:
+                n, no_ip = rawlog.harvest(iter(new), self.sink, parser, self.settings.node_name)
+                for s in new:
+                    metrics.RAWLOG.labels(s.service).inc()
+                log.debug("%s: %d new rawlog session(s), %d without a known address", root, n, no_ip)
+                self.dirty = True
+                mark = rawlog.mark_before(newest)
+                if mark > tree.mark:
+                    tree.mark = mark
+                    self.rawlog_done = {k for k in self.rawlog_done if k[0] != root or k[2] >= mark}
+
+    def _rawlog_parser(self) -> Parser:
+        if self.rawlog_parser is None:
+            self.rawlog_parser = self._parser()
+        return self.rawlog_parser
 
     def _prefix(self, src: Source, data: bytes) -> str | None:
         s = self.settings
@@ -277,7 +331,7 @@ class Daemon:
         self.store_up, self.down_since, self.backoff, self.retry_at = True, None, 0.0, 0.0
         metrics.STORE_UP.set(1)
         try:
-            self.checkpoints.save(State(positions, sessions))
+            self.checkpoints.save(State(positions, sessions, {str(t.root): t.mark for t in self.rawlog_trees}))
             self.dirty = False
         except OSError as e:
             log.error("%s: cannot save checkpoints: %s (they are saved again after the next write)",

@@ -15,6 +15,7 @@ BUILD = Gauge("harvester_build_info", "Version and parsing engine of this harves
 LINES = Counter("harvester_lines_read_total", "Log lines read", ["file"])
 BYTES = Counter("harvester_bytes_read_total", "Log bytes read", ["file"])
 EVENTS = Counter("harvester_events_total", "Events recognised", ["kind", "service"])
+RAWLOG = Counter("harvester_rawlog_sessions_total", "Sessions read from rawlog directories", ["service"])
 NOT_UNDERSTOOD = Counter("harvester_lines_not_understood_total",
                          "Lines that look like logins but no pattern of the pack matched", ["pack"])
 BAD_INPUT = Counter("harvester_bad_input_total", "Bad input counted and skipped", ["reason"])

@@ -181,6 +181,10 @@ class Parser:
             if e.kind in OTHER_KINDS and e.service and "(?P<ip>" not in e.regex
         }
 
+    def remember_logins(self) -> None:
+        """Also remember IMAP and POP3 logins' addresses by mail-process pid (rawlog sessions join them)."""
+        self._join_services |= {"imap", "pop3", "webmail"}
+
     # -- per file -----------------------------------------------------------------
     def begin(self, name: str, prefix: str, clock: Clock) -> None:
         """Start a file (or stream) whose lines use `prefix` and `clock`."""

@@ -1,0 +1,167 @@
+"""Dovecot rawlog directories as a second source of logins.
+
+Two layouts:
+- `rawlog_dir = /var/log/dovecot/rawlog/%u`: ROOT/USER/YYYYMMDD-HHMMSS.PID.N.in|out, PID = the mail
+  process (the maillog's mpid), every line starting with "<unix secs>.<usecs> ";
+- the rawlog binary as a post-login script: HOME/dovecot.rawlog/[IP-]YYYYMMDD-HHMMSS-PID.in|out, the
+  user being the directory that holds dovecot.rawlog (or what `rawlog_user_regex` takes from the path).
+
+Privacy: rawlogs hold mail and, before login, credentials. Only the first
+line of each session's `.out` file (the server's greeting or "Logged in"
+reply, at most FIRST_BYTES) is read, to learn the protocol and the login time;
+`.in` files, where clients' commands and passwords are, are never opened.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, tzinfo
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+FIRST_BYTES = 512
+SKEW = timedelta(minutes=5)  # sessions named this much before the newest one seen are still looked at
+# rawlog_dir: 20261122-014738.6426.1.out; rawlog binary: [127.0.0.18-]20261122-015638-19011.out
+_DIR_NAME = re.compile(rb"(?P<ts>\d{8}-\d{6})\.(?P<pid>\d+)\.\d+\.out\Z")
+_BIN_NAME = re.compile(rb"(?:(?P<ip>[0-9A-Fa-f.:]+)-)?(?P<ts>\d{8}-\d{6})-(?P<pid>\d+)\.out\Z")
+_STAMP = re.compile(rb"(?P<s>\d{9,11})\.(?P<us>\d{6}) ")
+
+
+@dataclass(frozen=True)
+class Session:
+    """One login seen in a rawlog: who, over what, when (UTC microseconds), from where if known."""
+
+    user: str
+    service: str
+    time_us: int
+    digits: int
+    ip: str | None
+    pid: str
+    name: str  # the file's name time, YYYYMMDD-HHMMSS (what restarts skip by)
+
+
+def service_of(first: bytes) -> str | None:
+    """imap or pop3, from the server's first line after login."""
+    line = _STAMP.sub(b"", first, count=1) if _STAMP.match(first) else first
+    if line.startswith(b"+OK") or line.startswith(b"-ERR"):
+        return "pop3"
+    if line.startswith(b"* ") or re.match(rb"[A-Za-z0-9.]+ OK ", line):
+        return "imap"
+    return None
+
+
+def read_session(out: Path, user: str, zone: tzinfo) -> Session | None:
+    """The session of one `.out` file, or None (not a session file, or an unknown protocol)."""
+    name = out.name.encode("utf-8", "surrogateescape")
+    m = _DIR_NAME.match(name) or _BIN_NAME.match(name)
+    if m is None:
+        return None
+    try:
+        with open(out, "rb") as f:
+            first = f.read(FIRST_BYTES).split(b"\n", 1)[0]
+    except OSError as e:
+        log.warning("%s: cannot read: %s", out, e.strerror)
+        return None
+    service = service_of(first)
+    if service is None:
+        return None
+    stamp = _STAMP.match(first)
+    ts = m["ts"].decode()
+    if stamp:
+        t, digits = int(stamp["s"]) * 1_000_000 + int(stamp["us"]), 6
+    else:  # the rawlog binary without -t: the file name's local time, to the second
+        local = datetime.strptime(ts, "%Y%m%d-%H%M%S").replace(tzinfo=zone)
+        t, digits = int(local.timestamp()) * 1_000_000, 0
+    ip = m.groupdict().get("ip")
+    return Session(user, service, t, digits, ip.decode() if ip else None, m["pid"].decode(), ts)
+
+
+class Tree:
+    """One configured rawlog root, walked lazily (thousands of user directories, never all in memory)."""
+
+    def __init__(self, root: Path, zone: tzinfo, user_regex: str = "") -> None:
+        self.root = root
+        self.zone = zone
+        self.user_regex = re.compile(user_regex) if user_regex else None
+        self.mark = ""  # name time below which sessions were already harvested (checkpointed)
+
+    def sessions(self, since: str = "") -> Iterator[Session]:
+        """Every session named at or after `since` (YYYYMMDD-HHMMSS), user directory by directory."""
+        try:
+            users = os.scandir(self.root)
+        except OSError as e:
+            log.error("%s: cannot read the rawlog directory: %s", self.root, e.strerror)
+            return
+        floor = 0.0
+        if since:  # a directory not modified since then has no newer session file
+            floor = datetime.strptime(since, "%Y%m%d-%H%M%S").replace(tzinfo=self.zone).timestamp() - 60
+        with users:
+            for entry in users:
+                if not entry.is_dir(follow_symlinks=False):
+                    continue
+                if floor and entry.stat(follow_symlinks=False).st_mtime < floor and not \
+                        os.path.isdir(os.path.join(entry.path, "dovecot.rawlog")):
+                    continue
+                d = Path(entry.path)
+                if (d / "dovecot.rawlog").is_dir():  # a home directory with the rawlog binary's files
+                    yield from self._dir(d / "dovecot.rawlog", self._user(d / "dovecot.rawlog", entry.name), since)
+                else:
+                    yield from self._dir(d, self._user(d, entry.name), since)
+
+    def _user(self, d: Path, default: str) -> str | None:
+        if self.user_regex is None:
+            return default
+        m = self.user_regex.search(str(d))
+        return m.group("user") if m else None
+
+    def _dir(self, d: Path, user: str | None, since: str) -> Iterator[Session]:
+        if user is None:
+            return
+        try:
+            names = sorted(e.name for e in os.scandir(d) if e.name.endswith(".out"))
+        except OSError as e:
+            log.warning("%s: cannot read: %s", d, e.strerror)
+            return
+        for n in names:
+            m = _DIR_NAME.match(n.encode()) or _BIN_NAME.match(n.encode())
+            if m is None or m["ts"].decode() < since:
+                continue
+            s = read_session(d / n, user, self.zone)
+            if s is not None:
+                yield s
+
+
+def mark_before(name_time: str) -> str:
+    """The restart mark for a newest harvested session: a few minutes earlier (clock skew, late files)."""
+    t = datetime.strptime(name_time, "%Y%m%d-%H%M%S") - SKEW
+    return t.strftime("%Y%m%d-%H%M%S")
+
+
+def harvest(sessions: Iterator[Session], sink, parser, node: str) -> tuple[int, int]:
+    """Put sessions into the coalescer as logins. A session without an address takes the one of the
+    maillog's Login line with the same mail-process pid, when the maillog was read by `parser`.
+    Returns (sessions, of which without an address)."""
+    n = no_ip = 0
+    login_ip = parser._login_ip
+    for s in sessions:
+        ip = s.ip.encode() if s.ip else None
+        service = s.service
+        if ip is None:
+            pid = s.pid.encode()
+            for svc in ("webmail", service) if service == "imap" else (service,):
+                hit = login_ip.get((svc, pid))
+                if hit is not None:
+                    ip, service = hit, svc
+                    break
+        elif service == "imap" and parser.webmail.nets and ip in parser.webmail:
+            service = "webmail"
+        if ip is None:
+            no_ip += 1
+        sink.logins.put(s.user.encode("utf-8", "surrogateescape"), service, s.time_us, s.digits, ip, node, service)
+        parser.stats.events[("login", service)] += 1
+        n += 1
+    return n, no_ip
