@@ -314,7 +314,9 @@ class Daemon:
             t = time.monotonic()
             try:
                 written = flush(self.sink, self.store)
-            except StoreError as e:
+            except Exception as e:  # StoreError, or anything unexpected: the rows stay, the daemon goes on
+                if not isinstance(e, StoreError):
+                    log.exception("unexpected error while writing to %s", self.store.url)
                 self.unflushed_blocks = blocks + self.unflushed_blocks
                 self._failed(e)
                 return
@@ -337,7 +339,7 @@ class Daemon:
             log.error("%s: cannot save checkpoints: %s (they are saved again after the next write)",
                       self.checkpoints.path, e)
 
-    def _failed(self, e: StoreError) -> None:
+    def _failed(self, e: Exception) -> None:
         now = time.monotonic()
         metrics.WRITE_ERRORS.inc()
         metrics.STORE_UP.set(0)

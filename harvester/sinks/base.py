@@ -50,3 +50,6 @@ def write_taken(sink: Coalescer, store: Store) -> int:
     except StoreError as e:
         sink.put_back(getattr(e, "failed", rows))  # a partial write names the rows still missing
         raise
+    except Exception:  # a bug or an unexpected library error must not cost the rows either
+        sink.put_back(rows)
+        raise

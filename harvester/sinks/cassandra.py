@@ -14,6 +14,7 @@ import gc
 import logging
 import re
 import ssl
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -147,19 +148,51 @@ class CassandraStore:
         gc.disable()  # the driver makes several objects per request: cyclic GC rescanning them cost 40 %
         try:
             return self._write(rows)
+        except StoreError:
+            raise
+        except Exception as e:  # whatever the driver raises, the caller keeps every row and the daemon runs on
+            log.exception("%s: unexpected error while writing", self.url)
+            raise PartialWrite(f"{self.url}: write failed: {type(e).__name__}: {e}", rows, 0) from None
         finally:
             if gc_was:
                 gc.enable()
 
-    def _write(self, rows: list[Row]) -> int:
-        from cassandra.concurrent import execute_concurrent
+    def _execute(self, requests: list) -> list[tuple[bool, object]]:
+        """Run the requests with at most cassandra_in_flight outstanding; (ok, result or error) each.
 
+        Not the driver's execute_concurrent: when every request fails at once (no host up), its callbacks
+        start the next request inside the previous one's callback and the stack overflows."""
+        results: list = [None] * len(requests)
+        slots = threading.BoundedSemaphore(self.settings.cassandra_in_flight)
+        lock, all_done = threading.Lock(), threading.Event()
+        left = [len(requests)]
+
+        def finish(i: int, ok: bool, res: object) -> None:
+            results[i] = (ok, res)
+            slots.release()
+            with lock:
+                left[0] -= 1
+                if left[0] == 0:
+                    all_done.set()
+
+        for i, (_, st, params) in enumerate(requests):
+            slots.acquire()
+            try:
+                future = self.session.execute_async(st, params)
+            except Exception as e:
+                finish(i, False, e)
+                continue
+            future.add_callbacks(callback=lambda r, i=i: finish(i, True, r),
+                                 errback=lambda e, i=i: finish(i, False, e))
+        if requests:
+            all_done.wait()
+        return results
+
+    def _write(self, rows: list[Row]) -> int:
         requests, refused = self._requests(rows)
         acked, attempt = 0, 0
         while requests:
-            results = execute_concurrent(self.session, [(st, params) for _, st, params in requests],
-                                         concurrency=self.settings.cassandra_in_flight,
-                                         raise_on_first_error=False, results_generator=False)
+            results = self._execute(requests)
             failed = [(req, res) for req, (ok, res) in zip(requests, results, strict=True) if not ok]
             acked += sum(len(req[0]) for req in requests) - sum(len(req[0]) for req, _ in failed)
             if not failed:
