@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
             account, a column per service, as in the Dovecot Pro guide's dovecot_stats) and custom (your own
             table: --cassandra-table, --cassandra-user-column, --cassandra-columns)."""))
     add_flags(p, ("store", "log_level", *CASSANDRA_KEYS))
+    p.add_argument("--layout", dest="cassandra_layout", metavar="LAYOUT", default=None,
+                   help="the same as --cassandra-layout: per_service, per_user or custom")
     p.add_argument("--apply", action="store_true", help="connect and create the keyspace/tables that are missing")
 
     p = sub.add_parser(
