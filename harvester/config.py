@@ -178,7 +178,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_format", _choice("text", "json"), "text", "log lines for people (text) or for a log pipeline (json)",
            "FORMAT"),
     Option("rawlog", _paths, [],
-           "Dovecot rawlog roots to read sessions from: a rawlog_dir with a directory per user (%u), or a "
+           "Dovecot rawlog roots to read sessions from: a rawlog_dir with a directory per user (%%u), or a "
            "tree of home directories holding dovecot.rawlog/ (the rawlog binary)", "DIR"),
     Option("rawlog_user_regex", _str, "",
            "take the user from a session directory's path with this regex's (?P<user>...) group (default: "
