@@ -76,7 +76,7 @@ class State:
 
     positions: dict[str, list[Position]] = field(default_factory=dict)
     sessions: dict[str, dict] = field(default_factory=dict)  # path -> {"lmtp": {pid: ip}, "login_ip": [...]}
-    rawlog: dict[str, str] = field(default_factory=dict)  # rawlog root -> sessions named before this are done
+    rawlog: dict[str, float] = field(default_factory=dict)  # rawlog root -> Unix second: sessions named by then done
 
 
 class Checkpoints:

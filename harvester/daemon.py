@@ -90,7 +90,8 @@ class Daemon:
         self.newest_us = 0
         self._observer = None
         self.rawlog_trees: list[rawlog.Tree] = []
-        self.rawlog_done: set[tuple[str, str, str]] = set()  # (root, user, name+pid) harvested above the mark
+        # (root, user, name, pid) -> latest reading of the name: sessions harvested after the mark
+        self.rawlog_done: dict[tuple[str, str, str, str], float] = {}
         self.rawlog_parser: Parser | None = None
         self.last_rawlog_scan = 0.0
 
@@ -163,10 +164,15 @@ class Daemon:
         zone = resolve_timezone(self.settings.timezone)
         for root in self.settings.rawlog:
             tree = rawlog.Tree(Path(root), zone, self.settings.rawlog_user_regex)
-            tree.mark = state.rawlog.get(root, "")
+            mark = state.rawlog.get(root)
+            if isinstance(mark, int | float):
+                tree.mark = mark
+            elif self.settings.start_at == "end":  # as for log files: only what begins from now on
+                tree.mark = int(time.time()) - 1
             self.rawlog_trees.append(tree)
             log.info("watching rawlog sessions under %s%s", root,
-                     f" named from {tree.mark} on" if tree.mark else " (all of them)")
+                     f" named after {datetime.fromtimestamp(tree.mark, zone):%Y-%m-%d %H:%M:%S %Z}"
+                     if tree.mark else " (all of them)")
         for src in self.sources.values():
             src.parser.remember_logins()
         self._watch()
@@ -241,31 +247,30 @@ class Daemon:
         self._count(src)
 
     def _read_rawlogs(self) -> None:
-        """New rawlog sessions (named at or after each root's mark), a few seconds after they began, so
-        that the maillog's Login line with the same pid (their address) has been read."""
-        zone = resolve_timezone(self.settings.timezone)
-        ripe = (datetime.now(zone) - RAWLOG_RIPE).strftime("%Y%m%d-%H%M%S")
+        """New rawlog sessions, a few seconds after they began (so that the maillog's Login line with the
+        same pid, their address, has been read). Every session named at or before that moment is present by
+        then (the file is made as the session starts), so the moment becomes the root's mark, which the next
+        checkpoint saves: a restart skips exactly what was harvested."""
+        ripe = time.time() - RAWLOG_RIPE.total_seconds()
         parser = next(iter(self.sources.values())).parser if self.sources else self._rawlog_parser()
         for tree in self.rawlog_trees:
             root = str(tree.root)
-            new, newest = [], ""
-            for s in tree.sessions(tree.mark):
-                key = (root, s.user, f"{s.name}.{s.pid}")
-                if s.name > ripe or key in self.rawlog_done:
+            new = []
+            for s in tree.sessions(tree.mark, until=ripe):
+                key = (root, s.user, s.name, s.pid)
+                if key in self.rawlog_done:
                     continue
-                self.rawlog_done.add(key)
+                self.rawlog_done[key] = rawlog.name_epochs(s.name, tree.zone)[1]
                 new.append(s)
-                newest = max(newest, s.name)
             if new:
                 n, no_ip = rawlog.harvest(iter(new), self.sink, parser, self.settings.node_name)
                 for s in new:
                     metrics.RAWLOG.labels(s.service).inc()
                 log.debug("%s: %d new rawlog session(s), %d without a known address", root, n, no_ip)
                 self.dirty = True
-                mark = rawlog.mark_before(newest)
-                if mark > tree.mark:
-                    tree.mark = mark
-                    self.rawlog_done = {k for k in self.rawlog_done if k[0] != root or k[2] >= mark}
+            if int(ripe) > tree.mark:
+                tree.mark = int(ripe)
+                self.rawlog_done = {k: t for k, t in self.rawlog_done.items() if k[0] != root or t > tree.mark}
 
     def _rawlog_parser(self) -> Parser:
         if self.rawlog_parser is None:

@@ -19,12 +19,11 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, tzinfo
+from datetime import datetime, tzinfo
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 FIRST_BYTES = 512
-SKEW = timedelta(minutes=5)  # sessions named this much before the newest one seen are still looked at
 # rawlog_dir: 20261122-014738.6426.1.out; rawlog binary: [127.0.0.18-]20261122-015638-19011.out
 _DIR_NAME = re.compile(rb"(?P<ts>\d{8}-\d{6})\.(?P<pid>\d+)\.\d+\.out\Z")
 _BIN_NAME = re.compile(rb"(?:(?P<ip>[0-9A-Fa-f.:]+)-)?(?P<ts>\d{8}-\d{6})-(?P<pid>\d+)\.out\Z")
@@ -45,13 +44,24 @@ class Session:
 
 
 def service_of(first: bytes) -> str | None:
-    """imap or pop3, from the server's first line after login."""
+    """imap or pop3, from the server's first line after login; None for anything else, notably the
+    greeting ("* OK ... ready.", "+OK ... ready.") a pre-login rawlog (`imap-login -R`) starts with:
+    such a session may never have logged in, and its user is not known."""
     line = _STAMP.sub(b"", first, count=1) if _STAMP.match(first) else first
-    if line.startswith(b"+OK") or line.startswith(b"-ERR"):
+    if line.startswith(b"+OK Logged in") or line.startswith(b"-ERR"):
         return "pop3"
-    if line.startswith(b"* ") or re.match(rb"[A-Za-z0-9.]+ OK ", line):
+    if line.startswith((b"* CAPABILITY ", b"* PREAUTH ")) or re.match(rb"[A-Za-z0-9.]+ OK ", line):
         return "imap"
     return None
+
+
+def name_epochs(ts: str, zone: tzinfo) -> tuple[float, float]:
+    """A file name's local time (YYYYMMDD-HHMMSS) as Unix seconds: (earliest, latest) reading, which differ
+    in the hour repeated when daylight saving time ends."""
+    d = datetime(int(ts[0:4]), int(ts[4:6]), int(ts[6:8]), int(ts[9:11]), int(ts[11:13]), int(ts[13:15]),
+                 tzinfo=zone)
+    a, b = d.timestamp(), d.replace(fold=1).timestamp()
+    return min(a, b), max(a, b)
 
 
 def read_session(out: Path, user: str, zone: tzinfo) -> Session | None:
@@ -74,8 +84,10 @@ def read_session(out: Path, user: str, zone: tzinfo) -> Session | None:
     if stamp:
         t, digits = int(stamp["s"]) * 1_000_000 + int(stamp["us"]), 6
     else:  # the rawlog binary without -t: the file name's local time, to the second
-        local = datetime.strptime(ts, "%Y%m%d-%H%M%S").replace(tzinfo=zone)
-        t, digits = int(local.timestamp()) * 1_000_000, 0
+        try:
+            t, digits = int(name_epochs(ts, zone)[0]) * 1_000_000, 0
+        except ValueError:  # 20261399-...: not a time
+            return None
     ip = m.groupdict().get("ip")
     return Session(user, service, t, digits, ip.decode() if ip else None, m["pid"].decode(), ts)
 
@@ -87,18 +99,17 @@ class Tree:
         self.root = root
         self.zone = zone
         self.user_regex = re.compile(user_regex) if user_regex else None
-        self.mark = ""  # name time below which sessions were already harvested (checkpointed)
+        self.mark = 0  # Unix second: every session named at or before it was harvested (checkpointed)
 
-    def sessions(self, since: str = "") -> Iterator[Session]:
-        """Every session named at or after `since` (YYYYMMDD-HHMMSS), user directory by directory."""
+    def sessions(self, after: float = 0, until: float | None = None) -> Iterator[Session]:
+        """Every session named after `after` and not after `until` (Unix seconds; a name in the repeated
+        DST hour counts as both of its readings), user directory by directory."""
         try:
             users = os.scandir(self.root)
         except OSError as e:
             log.error("%s: cannot read the rawlog directory: %s", self.root, e.strerror)
             return
-        floor = 0.0
-        if since:  # a directory not modified since then has no newer session file
-            floor = datetime.strptime(since, "%Y%m%d-%H%M%S").replace(tzinfo=self.zone).timestamp() - 60
+        floor = after - 60 if after else 0.0  # a directory not modified since then has no newer session file
         with users:
             for entry in users:
                 if not entry.is_dir(follow_symlinks=False):
@@ -108,9 +119,8 @@ class Tree:
                     continue
                 d = Path(entry.path)
                 if (d / "dovecot.rawlog").is_dir():  # a home directory with the rawlog binary's files
-                    yield from self._dir(d / "dovecot.rawlog", self._user(d / "dovecot.rawlog", entry.name), since)
-                else:
-                    yield from self._dir(d, self._user(d, entry.name), since)
+                    d = d / "dovecot.rawlog"
+                yield from self._dir(d, self._user(d, entry.name), after, until)
 
     def _user(self, d: Path, default: str) -> str | None:
         if self.user_regex is None:
@@ -118,7 +128,7 @@ class Tree:
         m = self.user_regex.search(str(d))
         return m.group("user") if m else None
 
-    def _dir(self, d: Path, user: str | None, since: str) -> Iterator[Session]:
+    def _dir(self, d: Path, user: str | None, after: float, until: float | None) -> Iterator[Session]:
         if user is None:
             return
         try:
@@ -128,17 +138,18 @@ class Tree:
             return
         for n in names:
             m = _DIR_NAME.match(n.encode()) or _BIN_NAME.match(n.encode())
-            if m is None or m["ts"].decode() < since:
+            if m is None:
                 continue
+            if after or until is not None:
+                try:
+                    earliest, latest = name_epochs(m["ts"].decode(), self.zone)
+                except ValueError:  # 20261399-...: not a time
+                    continue
+                if latest <= after or (until is not None and earliest > until):
+                    continue
             s = read_session(d / n, user, self.zone)
             if s is not None:
                 yield s
-
-
-def mark_before(name_time: str) -> str:
-    """The restart mark for a newest harvested session: a few minutes earlier (clock skew, late files)."""
-    t = datetime.strptime(name_time, "%Y%m%d-%H%M%S") - SKEW
-    return t.strftime("%Y%m%d-%H%M%S")
 
 
 def harvest(sessions: Iterator[Session], sink, parser, node: str) -> tuple[int, int]:

@@ -196,13 +196,26 @@ mail.* action(type="omfile" file="{self.precise_log}" template="RSYSLOG_FileForm
         stop_process(self.proc)
 
 
-class Dovecot:
-    """A private Dovecot 2.3 (imap, pop3, lmtp on loopback) with the last_login plugin for all three services."""
+RAWLOG_MODES = ("", "dir", "binary")
 
-    def __init__(self, root: Path, syslog_socket: Path) -> None:
-        self.root, self.syslog_socket = root, syslog_socket
+
+class Dovecot:
+    """A private Dovecot 2.3 (imap, pop3, lmtp on loopback) with the last_login plugin for all three services.
+
+    rawlog="dir": `rawlog_dir = ROOT/rawlog/%u` (a directory per user, made here, as Dovecot requires) and the
+    pre-login rawlog `imap-login -R rawlogs` / `pop3-login -R rawlogs` into BASE_DIR/login/rawlogs, where the
+    client's credentials are in plain text; rawlog="binary": the rawlog binary as a post-login script
+    (`script-login -d rawlog -t -I`), writing HOME/dovecot.rawlog/IP-YYYYMMDD-HHMMSS-PID.in|out."""
+
+    def __init__(self, root: Path, syslog_socket: Path, rawlog: str = "") -> None:
+        if rawlog not in RAWLOG_MODES:
+            raise ValueError(f"rawlog mode {rawlog!r}: one of {RAWLOG_MODES}")
+        self.root, self.syslog_socket, self.rawlog = root, syslog_socket, rawlog
         self.conf = root / "dovecot.conf"
         self.base_dir = root / "run"
+        self.rawlog_dir = root / "rawlog"  # rawlog="dir"
+        self.prelogin_rawlog_dir = self.base_dir / "login" / "rawlogs"  # rawlog="dir"
+        self.homes = root / "mail"  # HOME = homes/USER; rawlog="binary" writes HOME/dovecot.rawlog
         self.dict_path = root / "dict" / "last_login.dict"
         self.output = root / "dovecot.out"
         self.ports = Ports(free_port(), free_port(), free_port())
@@ -214,6 +227,31 @@ class Dovecot:
             d.mkdir()
         for d in (mail, self.dict_path.parent):  # written by the mail processes, which run as dovecot
             shutil.chown(d, "dovecot", "dovecot")
+        rawlog_settings = login_executable = ""
+        if self.rawlog == "dir":
+            rawlog_settings = f"rawlog_dir = {self.rawlog_dir}/%u\n"
+            for d in (self.rawlog_dir, *(self.rawlog_dir / u.name for u in USERS)):
+                d.mkdir(mode=0o700)
+                shutil.chown(d, "dovecot", "dovecot")
+            login_executable = "  executable = {service}-login -R rawlogs\n"
+        elif self.rawlog == "binary":
+            rawlog_settings = """\
+service imap {
+  executable = imap postlogin
+}
+service pop3 {
+  executable = pop3 postlogin
+}
+service postlogin {
+  executable = script-login -d rawlog -t -I
+  unix_listener postlogin {
+  }
+}
+"""
+            for u in USERS:
+                for d in (mail / u.name, mail / u.name / "dovecot.rawlog"):
+                    d.mkdir()
+                    shutil.chown(d, "dovecot", "dovecot")
         users = self.root / "users"
         users.write_text("".join(f"{u.name}:{{PLAIN}}{u.password}\n" for u in USERS))
         users.chmod(0o644)
@@ -247,8 +285,8 @@ userdb {{
   driver = static
   args = uid=dovecot gid=dovecot home={mail}/%u
 }}
-service imap-login {{
-  inet_listener imap {{
+{rawlog_settings}service imap-login {{
+{login_executable.format(service="imap")}  inet_listener imap {{
     port = {self.ports.imap}
   }}
   inet_listener imaps {{
@@ -256,7 +294,7 @@ service imap-login {{
   }}
 }}
 service pop3-login {{
-  inet_listener pop3 {{
+{login_executable.format(service="pop3")}  inet_listener pop3 {{
     port = {self.ports.pop3}
   }}
   inet_listener pop3s {{
@@ -321,6 +359,9 @@ exec "$2" -F -c "$3"
             return True
 
         wait_until(listening, 20, "Dovecot's listeners")
+        if self.rawlog == "dir":  # the login processes, chrooted to BASE_DIR/login as dovenull, write here
+            self.prelogin_rawlog_dir.mkdir(mode=0o700)
+            shutil.chown(self.prelogin_rawlog_dir, "dovenull")
 
     def stop(self) -> None:
         stop_process(self.proc, timeout=15)
@@ -328,10 +369,11 @@ exec "$2" -F -c "$3"
 
 class MailStack:
     """rsyslogd + Dovecot + logrotate + clients in one temporary directory; a context manager that always cleans up.
+    rawlog: Dovecot's rawlog mode (see Dovecot).
 
     HARVESTER_E2E_KEEP=1 leaves the directory (configs, maillog*, the plugin's dict) for a post-mortem."""
 
-    def __init__(self) -> None:
+    def __init__(self, rawlog: str = "") -> None:
         check_dependencies()
         self.root = Path(tempfile.mkdtemp(prefix="hv-e2e-", dir="/tmp"))
         self.root.chmod(0o755)  # the mail processes (uid dovecot) must reach mail/ and dict/
@@ -339,7 +381,7 @@ class MailStack:
         self.log_dir.mkdir()
         self.maillog = self.log_dir / "maillog"
         self.syslog = Rsyslog(self.root, self.root / "syslog.sock", self.maillog)
-        self.dovecot = Dovecot(self.root, self.syslog.socket_path)
+        self.dovecot = Dovecot(self.root, self.syslog.socket_path, rawlog)
         self.logrotate_state = self.root / "logrotate.state"
         self._hosts = 0
         self._hosts_lock = threading.Lock()

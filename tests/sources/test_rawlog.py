@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import builtins
-from datetime import UTC
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 from harvester.coalesce import Coalescer
@@ -36,7 +36,7 @@ def test_rawlog_binary_layout_takes_the_ip_from_the_name_and_the_time_from_it_wi
     d.mkdir(parents=True)
     (d / "127.0.0.18-20261122-015638-19011.out").write_bytes(b"+OK Logged in.\r\n")
     (d / "127.0.0.18-20261122-015638-19011.in").write_bytes(b"PASS do-not-read-me\r\n")
-    (d / "2001:db8::5-20261122-015700-19020.out").write_bytes(b"1795312620.000001 * OK Logged in\r\n")
+    (d / "2001:db8::5-20261122-015700-19020.out").write_bytes(b"1795312620.000001 a1 OK [CAPABILITY IMAP4rev1] Logged in\r\n")
     (s1, s2) = rawlog.Tree(tmp_path / "homes", ZoneInfo("Europe/Berlin")).sessions()
     assert (s1.user, s1.service, s1.ip, s1.digits) == ("bob@example.org", "pop3", "127.0.0.18", 0)
     assert s1.time_us == 1_795_308_998_000_000  # 01:56:38 in Berlin is 00:56:38 UTC
@@ -61,12 +61,35 @@ def test_sessions_join_the_maillog_login_with_the_same_pid_for_their_address():
     parser.begin("syslog", "syslog", Clock("bsd", UTC, year=2026))
     sink = Coalescer()
     parser.feed((SAMPLES / "syslog-traditional.log").read_bytes(), sink)
-    sessions = list(rawlog.Tree(SAMPLES / "rawlog", UTC).sessions(since="20261122-015000"))
+    sessions = list(rawlog.Tree(SAMPLES / "rawlog", UTC).sessions(after=1_795_312_200))  # 01:50 UTC
     n, no_ip = rawlog.harvest(iter(sessions), sink, parser, "n")
     assert n == 4 and no_ip == 0
     rows = {(r.user, r.service): r for r in sink.take() if r.kind == "login"}
     assert rows[("test1", "imap")].ip == "127.0.0.2" and rows[("test1", "imap")].time_us % 1_000_000 == 245_108
 
 
-def test_the_restart_mark_is_a_few_minutes_before_the_newest_session():
-    assert rawlog.mark_before("20260101-000200") == "20251231-235700"
+def test_a_pre_login_rawlog_is_not_a_session_and_its_credentials_are_never_read(tmp_path, monkeypatch):
+    d = tmp_path / "rawlogs"  # imap-login -R rawlogs: one directory for everybody, before authentication
+    d.mkdir()
+    (d / "20261122-015611.17832.1.out").write_bytes(b"1795312571.950100 * OK [CAPABILITY IMAP4rev1] Dovecot ready.\r\n")
+    (d / "20261122-015611.17832.1.in").write_bytes(b'1795312571.950726 a1 LOGIN "test2" "secret"\r\n')
+    (d / "20261122-015612.17833.1.out").write_bytes(b"1795312572.000001 +OK Dovecot (Debian) ready.\r\n")
+    opened = []
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k))
+    assert list(rawlog.Tree(tmp_path, UTC).sessions()) == []
+    assert len(opened) == 2 and not [p for p in opened if p.endswith(".in")]
+
+
+def test_after_and_until_select_by_the_name_time_and_the_repeated_dst_hour_counts_twice(tmp_path):
+    berlin = ZoneInfo("Europe/Berlin")
+    d = tmp_path / "alice"
+    d.mkdir()
+    for name in ("20261025-015959", "20261025-023000", "20261025-030000"):
+        (d / f"{name}.100.1.out").write_bytes(b"+OK Logged in.\r\n")
+    tree = rawlog.Tree(tmp_path, berlin)
+    first_0230 = datetime(2026, 10, 25, 2, 30, tzinfo=berlin).timestamp()  # summer time, before the change
+    # A mark at the first 02:30 still lets the second 02:30 (an hour later, winter time) through.
+    assert [s.name for s in tree.sessions(after=first_0230)] == ["20261025-023000", "20261025-030000"]
+    assert [s.name for s in tree.sessions(after=first_0230 + 3600)] == ["20261025-030000"]
+    assert [s.name for s in tree.sessions(until=first_0230)] == ["20261025-015959", "20261025-023000"]
