@@ -36,7 +36,8 @@ def test_rawlog_binary_layout_takes_the_ip_from_the_name_and_the_time_from_it_wi
     d.mkdir(parents=True)
     (d / "127.0.0.18-20261122-015638-19011.out").write_bytes(b"+OK Logged in.\r\n")
     (d / "127.0.0.18-20261122-015638-19011.in").write_bytes(b"PASS do-not-read-me\r\n")
-    (d / "2001:db8::5-20261122-015700-19020.out").write_bytes(b"1795312620.000001 a1 OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+    (d / "2001:db8::5-20261122-015700-19020.out").write_bytes(
+        b"1795312620.000001 a1 OK [CAPABILITY IMAP4rev1] Logged in\r\n")
     (s1, s2) = rawlog.Tree(tmp_path / "homes", ZoneInfo("Europe/Berlin")).sessions()
     assert (s1.user, s1.service, s1.ip, s1.digits) == ("bob@example.org", "pop3", "127.0.0.18", 0)
     assert s1.time_us == 1_795_308_998_000_000  # 01:56:38 in Berlin is 00:56:38 UTC
@@ -93,3 +94,17 @@ def test_after_and_until_select_by_the_name_time_and_the_repeated_dst_hour_count
     assert [s.name for s in tree.sessions(after=first_0230)] == ["20261025-023000", "20261025-030000"]
     assert [s.name for s in tree.sessions(after=first_0230 + 3600)] == ["20261025-030000"]
     assert [s.name for s in tree.sessions(until=first_0230)] == ["20261025-015959", "20261025-023000"]
+
+
+def test_a_tree_of_many_user_directories_is_walked_one_directory_at_a_time(tmp_path, monkeypatch):
+    for i in range(300):
+        d = tmp_path / f"user{i}"
+        d.mkdir()
+        (d / "20261122-014738.6426.1.out").write_bytes(b"1795312058.951126 +OK Logged in.\r\n")
+    listed = []
+    real_scandir = rawlog.os.scandir
+    monkeypatch.setattr(rawlog.os, "scandir", lambda p: listed.append(p) or real_scandir(p))
+    sessions = rawlog.Tree(tmp_path, UTC).sessions()
+    next(sessions)
+    assert len(listed) == 2  # the root, and the first user's directory: nothing else was read yet
+    assert sum(1 for _ in sessions) == 299
