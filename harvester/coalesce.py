@@ -8,6 +8,7 @@ which is also where a user name that is not UTF-8 is caught.
 
 from __future__ import annotations
 
+import pickle
 from typing import NamedTuple, Protocol
 
 from harvester import native
@@ -57,6 +58,12 @@ class PyTable:
     def update(self, items: list[tuple[tuple[bytes, str], Value]]) -> None:
         for (user, second), value in items:
             self.put(user, second, *value)
+
+    def dumps(self) -> bytes:
+        return pickle.dumps(self.items(), protocol=pickle.HIGHEST_PROTOCOL)
+
+    def merge(self, data: bytes) -> None:
+        self.update(pickle.loads(data))  # noqa: S301 - our own worker's output
 
     def take(self, row_type: type, kind: str | None) -> tuple[list, list[bytes]]:
         d, self._d = self._d, {}

@@ -346,6 +346,7 @@ class _Gen:
         webmail_networks: Sequence[str],
         noise_ratio: float,
         host: str,
+        skew: float = 2.0,
     ) -> None:
         if lines < 1:
             raise ValueError("lines must be >= 1")
@@ -356,6 +357,7 @@ class _Gen:
         if not 0.0 <= noise_ratio <= 1.0:
             raise ValueError("noise_ratio must be within [0, 1]")
         self.n = lines
+        self.skew = skew  # 2: a few accounts are busy, many rare; 1: every account alike
         self.tz = ZoneInfo(tz)
         self.host = host
         self.spl = float(seconds_per_line)
@@ -495,7 +497,7 @@ class _Gen:
         rnd = self.rng.random
         if rnd() < 0.004 or not self.pool:
             return ODD_USERS[int(rnd() * len(ODD_USERS))]
-        return self.pool[int(rnd() ** 2 * len(self.pool))]
+        return self.pool[int(rnd() ** self.skew * len(self.pool))]
 
     def _client(self) -> _Ip:
         return self.clients[int(self.rng.random() * len(self.clients))]
@@ -982,6 +984,7 @@ def write_maillog(
     seconds_per_line: float = 0.05,
     webmail_networks: Sequence[str] = ("10.99.0.0/16",),
     noise_ratio: float = 0.5,
+    skew: float = 2.0,
     host: str = "mx1",
 ) -> Corpus:
     """Fast path for benchmarks: write `lines` lines (same mix as generate) to one plain file.
@@ -997,6 +1000,7 @@ def write_maillog(
         seconds_per_line=seconds_per_line,
         webmail_networks=webmail_networks,
         noise_ratio=noise_ratio,
+        skew=skew,
         host=host,
     )
     p = pathlib.Path(path)

@@ -204,3 +204,29 @@ regex = '(?P<service>imap|pop3)-login: Login: user=<(?P<user>[^>]*)>, method=(?P
     sink = Coalescer()
     parser.feed(b"Nov 22 01:00:00 mx1 dovecot: imap-login: Login: user=<u>, method=PLAIN, rip=192.0.2.1\n", sink)
     assert [k for k, _ in sink.logins.items()] == [(b"u", "imap")]
+
+
+@pytest.mark.parametrize("native_table", [True, False], ids=["native", "python"])
+def test_a_segment_table_shipped_as_bytes_merges_as_a_later_part(native_table):
+    from harvester.coalesce import PyTable
+
+    if native_table and native.fastscan is None:
+        pytest.fail("the native module is not built")
+    make = native.fastscan.Table if native_table else PyTable
+    earlier, later = make(), make()
+    earlier.put(b"a", "imap", 10, 0, b"192.0.2.1", "mx1", "imap")
+    earlier.put(b"b", "pop3", 50, 6, b"2001:db8::5", None, "pop3")
+    earlier.put(b"\xff\xfeodd", "auth_fail", 5, 0, None, b"mx1", "imap", "detail=1")
+    later.put(b"a", "imap", 10, 3, b"192.0.2.2", b"mx2", "imap")  # same time: the later part wins
+    later.put(b"b", "pop3", 40, 0, b"192.0.2.9", "mx2", "pop3")  # older: the earlier part's row stays
+    later.put(b"c d>e", "lmtp", 7, 0, None, "mx2", "lmtp", "deleted=3 messages=3")
+    earlier.merge(later.dumps())
+    assert sorted(earlier.items()) == [
+        ((b"a", "imap"), (10, 3, b"192.0.2.2", b"mx2", "imap", None)),
+        ((b"b", "pop3"), (50, 6, b"2001:db8::5", None, "pop3", None)),
+        ((b"c d>e", "lmtp"), (7, 0, None, "mx2", "lmtp", "deleted=3 messages=3")),
+        ((b"\xff\xfeodd", "auth_fail"), (5, 0, None, b"mx1", "imap", "detail=1")),
+    ]
+    if native_table:
+        with pytest.raises(ValueError):
+            earlier.merge(later.dumps()[:-3])

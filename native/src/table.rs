@@ -137,6 +137,91 @@ impl Table {
         Ok(out)
     }
 
+    /// Every entry as one bytes object, to ship a segment's rows to another process at memcpy
+    /// speed (items() + pickle cost as much as parsing the segment did). See `merge`.
+    fn dumps<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let mut out: Vec<u8> = Vec::with_capacity(self.map.len() * 96);
+        let put = |out: &mut Vec<u8>, b: &[u8]| {
+            out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            out.extend_from_slice(b);
+        };
+        for (k, e) in &self.map {
+            put(&mut out, k);
+            out.extend_from_slice(&e.t.to_le_bytes());
+            out.push(e.digits as u8);
+            match &e.ip {
+                Some(ip) => {
+                    out.push(1);
+                    put(&mut out, ip);
+                }
+                None => out.push(0),
+            }
+            let node = e.node.bind(py);
+            if node.is_none() {
+                out.push(0);
+            } else if let Ok(b) = node.downcast::<PyBytes>() {
+                out.push(1);
+                put(&mut out, b.as_bytes());
+            } else {
+                out.push(2);
+                put(&mut out, node.downcast::<PyString>()?.to_str()?.as_bytes());
+            }
+            put(&mut out, e.service.bind(py).to_str()?.as_bytes());
+            match &e.detail {
+                Some(d) => {
+                    out.push(1);
+                    put(&mut out, d.bind(py).to_str()?.as_bytes());
+                }
+                None => out.push(0),
+            }
+        }
+        Ok(PyBytes::new(py, &out))
+    }
+
+    /// Apply what `dumps` gave, as a later part (equal times: it wins), as `put` would one by one.
+    fn merge(&mut self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
+        let bad = || pyo3::exceptions::PyValueError::new_err("not a Table.dumps() value");
+        let mut r = Reader { data, at: 0 };
+        let mut strings: HashMap<Vec<u8>, Py<PyString>, RandomState> = HashMap::default();
+        let mut nodes: HashMap<Vec<u8>, PyObject, RandomState> = HashMap::default();
+        while r.at < data.len() {
+            let key = r.chunk().ok_or_else(bad)?;
+            let t = i64::from_le_bytes(r.take(8).ok_or_else(bad)?.try_into().unwrap());
+            let digits = r.take(1).ok_or_else(bad)?[0] as i64;
+            let ip = match r.take(1).ok_or_else(bad)?[0] {
+                0 => None,
+                _ => Some(Box::<[u8]>::from(r.chunk().ok_or_else(bad)?)),
+            };
+            let node = match r.take(1).ok_or_else(bad)?[0] {
+                0 => py.None(),
+                tag => {
+                    let b = r.chunk().ok_or_else(bad)?;
+                    let mut tagged = vec![tag];
+                    tagged.extend_from_slice(b);
+                    nodes
+                        .entry(tagged)
+                        .or_insert_with(|| {
+                            if tag == 1 {
+                                PyBytes::new(py, b).into_any().unbind()
+                            } else {
+                                PyString::new(py, &String::from_utf8_lossy(b)).into_any().unbind()
+                            }
+                        })
+                        .clone_ref(py)
+                }
+            };
+            let service = text(py, &mut strings, r.chunk().ok_or_else(bad)?);
+            let detail = match r.take(1).ok_or_else(bad)?[0] {
+                0 => None,
+                _ => Some(text(py, &mut strings, r.chunk().ok_or_else(bad)?)),
+            };
+            let entry = Entry { t, digits, ip, node, service, detail };
+            let (second, user) = split(key);
+            self.put_entry(user, second, entry);
+        }
+        Ok(())
+    }
+
     /// Apply items of a later part (equal times: they win), as `put` would one by one.
     fn update(&mut self, items: &Bound<'_, PyList>) -> PyResult<()> {
         for item in items.iter() {
@@ -203,4 +288,22 @@ fn text(py: Python<'_>, cache: &mut HashMap<Vec<u8>, Py<PyString>, RandomState>,
         cache.insert(b.to_vec(), s.clone_ref(py));
     }
     s
+}
+
+struct Reader<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let b = self.data.get(self.at..self.at.checked_add(n)?)?;
+        self.at += n;
+        Some(b)
+    }
+
+    fn chunk(&mut self) -> Option<&'a [u8]> {
+        let n = u32::from_le_bytes(self.take(4)?.try_into().ok()?) as usize;
+        self.take(n)
+    }
 }
