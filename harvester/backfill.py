@@ -149,46 +149,44 @@ def _one_file(path: Path, parser: Parser, sink: Coalescer, settings: Settings, z
 
 def _in_parallel(files: list[Path], parser: Parser, sink: Coalescer, settings: Settings, zone, store: Store,
                  summary: Summary, bar, workers: int) -> None:
-    """Parse segments of the files in worker processes; stitch and write them in file order."""
-    plans: list[tuple[Path, list[segments.Segment]]] = []
+    """Parse runs of the files in worker processes; stitch and write them in file order."""
+    sources: list[segments.Source] = []
     for path in files:
         try:
             mtime = path.stat().st_mtime
             head = next(line_blocks(raw_chunks(path), max_line=settings.max_line_bytes,
                                     on_long_line=lambda at: None, block=SNIFF_BYTES), (0, b""))[1]
+            prefix = _prefix_for(parser, settings, path, head)
+            if prefix is None:
+                summary.files.append((str(path), "no line in a known format"))
+                continue
+            sources.append(segments.source(path, prefix, parser.pack.prefixes[prefix].style, mtime))
         except ArchiveError as e:
             log.error("%s: %s; file skipped", path, e)
             summary.files.append((str(path), str(e)))
-            continue
         except OSError as e:
             log.error("%s: cannot read: %s, skipped", path, e.strerror)
             summary.files.append((str(path), f"cannot read: {e.strerror}"))
-            continue
-        prefix = _prefix_for(parser, settings, path, head)
-        if prefix is None:
-            summary.files.append((str(path), "no line in a known format"))
-            continue
-        style = parser.pack.prefixes[prefix].style
-        plans.append((path, segments.plan(path, prefix, style, mtime, workers)))
-    jobs = [seg for _, segs in plans for seg in segs]
+    sizes = {f.path: f.size for f in sources}
     status: dict[str, str] = {}
     stitcher = segments.Stitcher()
-    with segments.pool(workers, parser.pack, parser.node, parser.webmail, zone, settings.year,
+    jobs = segments.plan(sources, workers)
+    with segments.pool(len(jobs), parser.pack, parser.node, parser.webmail, zone, settings.year,
                        settings.max_line_bytes) as pool:
-        for result in pool.imap(segments.parse_segment, jobs):
-            seg = result.segment
+        for result in pool.imap(segments.parse_job, jobs):
             stitcher.apply(result, sink)
             parser.stats.add(result.stats)
-            if result.error and seg.path not in status:
-                log.error("%s: %s; %s", seg.path, result.error,
-                          "the lines before the damage were used" if result.partial else "file skipped")
-                status[seg.path] = result.error
+            for path, error, partial in result.errors:
+                if path not in status:
+                    log.error("%s: %s; %s", path, error,
+                              "the lines before the damage were used" if partial else "file skipped")
+                    status[path] = error
             if len(sink) >= settings.flush_rows:
                 summary.rows_written += flush(sink, store)
             if bar is not None:
-                bar.update(_size(Path(seg.path)) // seg.count)
-                bar.set_postfix_str(Path(seg.path).name, refresh=False)
-    summary.files.extend((str(p), status.get(str(p), "ok")) for p, _ in plans)
+                bar.update(sum((seg.hi or sizes[seg.path]) - seg.lo for seg in result.job))
+                bar.set_postfix_str(Path(result.job[-1].path).name, refresh=False)
+    summary.files.extend((f.path, status.get(f.path, "ok")) for f in sources)
 
 
 def _prefix_for(parser: Parser, settings: Settings, path: Path, block: bytes) -> str | None:

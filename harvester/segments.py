@@ -1,17 +1,20 @@
-"""Split a backfill across processes: each parses one segment of a file, the parent stitches.
+"""Split a backfill across processes: each parses one run of consecutive lines, the parent stitches.
 
-Parsing is CPU-bound, so one process is one core. A plain file is cut into
-segments by byte range; a compressed file is one segment (a worker cannot
-start inside a gzip stream), so several of them go to several workers. On
-worker ships its coalesced rows as one bytes object (Table.dumps), which the
-parent merges at memcpy speed. Each worker parses its
-segment with a fresh Parser and returns the coalesced rows, plus what it could
-not know: deliveries whose LMTP Connect line was in an earlier segment, LMTP
-sessions that ended here but began before, and the sessions still open at its
-end. The parent applies segments in file order, so the result is the same as
-one sequential pass (one exception: two events of the same account and
-service in the same microsecond on both sides of a cut, where the sequential
-pass would pick by line order and this one picks the non-orphan).
+Parsing is CPU-bound, so one process is one core. The files, in backfill
+order, are cut into one job per worker of about equal work: a job is a run of
+consecutive lines, whole files and at most a part of a plain file at each
+end (a compressed file is never cut: a worker cannot start inside a gzip
+stream). One Parser reads a job's files in order, so LMTP sessions and POP3
+logins carry across the rotations inside it as in a sequential pass, and the
+parent has as few tables to merge as there are workers. Each worker ships its
+coalesced rows as one bytes object (Table.dumps), which the parent merges at
+memcpy speed, plus what it could not know: deliveries whose LMTP Connect line
+was in an earlier job, LMTP sessions that ended here but began before, and
+the sessions still open at its end. The parent applies jobs in order, so the
+result is the same as one sequential pass (one exception: two events of the
+same account and service in the same microsecond on both sides of a cut,
+where the sequential pass would pick by line order and this one picks the
+non-orphan).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 
 from harvester.coalesce import Coalescer
 from harvester.events import DELIVERY
-from harvester.parse import PID_STATE_MAX, Parser, Problem, Stats, drop_oldest
+from harvester.parse import PID_STATE_MAX, Parser, Stats, drop_oldest
 from harvester.sources.archive import (
     CHUNK,
     ArchiveError,
@@ -37,14 +40,36 @@ from harvester.sources.archive import (
 from harvester.timeparse import Clock
 
 log = logging.getLogger(__name__)
-MIN_SEGMENT = 16 << 20  # compressed or plain bytes; smaller files are one segment
+MIN_SEGMENT = 16 << 20  # bytes of work; less input than this is one job
+COMPRESSED_WEIGHT = 5  # a compressed byte costs about this many plain bytes' work (inflate, then parse)
 
 
 @dataclass(frozen=True)
 class Segment:
+    """The lines of one file that start at byte offsets in [lo, hi) (hi None: to its end)."""
+
     path: str
-    index: int  # k of `count`
-    count: int
+    lo: int
+    hi: int | None
+    prefix: str
+    style: str
+    mtime: float
+
+    @property
+    def label(self) -> str:
+        """The file's name in log lines, with the byte range when it is a part."""
+        if self.lo == 0 and self.hi is None:
+            return self.path
+        return f"{self.path} (bytes {self.lo}-{'' if self.hi is None else self.hi})"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A file to plan: where it is, how big, whether compressed, how its lines begin."""
+
+    path: str
+    size: int
+    compressed: bool
     prefix: str
     style: str
     mtime: float
@@ -52,51 +77,59 @@ class Segment:
 
 @dataclass
 class Result:
-    """What one worker found in one segment."""
+    """What one worker found in one job."""
 
-    segment: Segment
-    logins: bytes  # Table.dumps(): a segment's rows, to be applied after those of earlier segments
+    job: list[Segment]
+    logins: bytes  # Table.dumps(): the job's rows, to be applied after those of earlier jobs
     others: bytes
     orphans: list
     ended: dict
     open_sessions: dict
     login_ip: dict
     stats: Stats
-    problems: dict[str, Problem]
     bad_users: list[bytes]
-    error: str | None = None
-    partial: bool = True
+    errors: list[tuple[str, str, bool]]  # (path, what went wrong, whether the lines before it were used)
 
 
-def plan(path: Path, prefix: str, style: str, mtime: float, workers: int) -> list[Segment]:
-    """Cut a plain file into up to `workers` segments of at least MIN_SEGMENT bytes.
-
-    A compressed file is one segment: a worker cannot start in the middle of a
-    gzip stream, so each would inflate everything before its part again.
-    """
-    size = path.stat().st_size
+def source(path: Path, prefix: str, style: str, mtime: float) -> Source:
     with open(path, "rb") as f:
         compressed = sniff(f.read(8)).new is not None
-    count = 1 if compressed else max(1, min(workers, size // MIN_SEGMENT))
-    return [Segment(str(path), k, count, prefix, style, mtime) for k in range(count)]
+    return Source(str(path), path.stat().st_size, compressed, prefix, style, mtime)
+
+
+def plan(files: list[Source], workers: int) -> list[list[Segment]]:
+    """Cut `files` (in backfill order) into up to `workers` jobs of about equal work, each at least
+    MIN_SEGMENT: consecutive runs of lines, plain files cut at the job boundaries, compressed ones whole."""
+    weight = [f.size * (COMPRESSED_WEIGHT if f.compressed else 1) for f in files]
+    total = sum(weight)
+    n = max(1, min(workers, total // MIN_SEGMENT))
+    cuts = [total * k / n for k in range(1, n)]  # job k ends at cumulative work cuts[k]
+    jobs: list[list[Segment]] = [[] for _ in range(n)]
+    job, at = 0, 0
+    for f, w in zip(files, weight, strict=True):
+        while job < n - 1 and cuts[job] <= at:
+            job += 1
+        lo = 0
+        if not f.compressed:
+            while job < n - 1 and cuts[job] < at + w:
+                hi = int(cuts[job] - at)
+                if hi > lo:
+                    jobs[job].append(Segment(f.path, lo, hi, f.prefix, f.style, f.mtime))
+                    lo = hi
+                job += 1
+        jobs[job].append(Segment(f.path, lo, None, f.prefix, f.style, f.mtime))
+        at += w
+    return [j for j in jobs if j]
 
 
 def _bounded_pieces(seg: Segment) -> Iterator[tuple[int, bytes]]:
-    """(decompressed offset, bytes) of exactly the lines this segment owns.
-
-    A segment of a plain file owns the lines that start at byte offsets in
-    [k/n, (k+1)/n) of the file; a compressed file is one segment.
-    """
+    """(decompressed offset, bytes) of exactly the lines this segment owns: those that start at
+    byte offsets in [lo, hi) of a plain file; all of a compressed file."""
     path = Path(seg.path)
-    size = path.stat().st_size
-    lo_c, hi_c = seg.index * size // seg.count, (seg.index + 1) * size // seg.count
-    last = seg.index + 1 == seg.count
     with open(path, "rb") as f:
         plain = sniff(f.read(8)).new is None
     if plain:
-        hi = None if last else hi_c
-        start = max(lo_c - 1, 0)
-        stream = ((at, piece, lo_c, hi) for at, piece in _plain_from(path, start))
+        stream = ((at, piece, seg.lo, seg.hi) for at, piece in _plain_from(path, max(seg.lo - 1, 0)))
     else:
         stream = _compressed(path)
     return _owned(stream)
@@ -183,28 +216,29 @@ def _init(pack, node, webmail, zone, year, max_line) -> None:
     _STATE.update(pack=pack, node=node, webmail=webmail, zone=zone, year=year, max_line=max_line)
 
 
-def parse_segment(seg: Segment) -> Result:
-    """Worker entry point: parse one segment, return what the parent needs to stitch."""
+def parse_job(job: list[Segment]) -> Result:
+    """Worker entry point: parse one job's segments in order with one Parser; return what the parent
+    needs to stitch."""
     s = _STATE
     parser = Parser(s["pack"], node=s["node"], webmail=s["webmail"])
     parser.orphans = []
     sink = Coalescer()
-    parser.begin(f"{seg.path} (part {seg.index + 1}/{seg.count})" if seg.count > 1 else seg.path,
-                 seg.prefix, Clock(seg.style, s["zone"], year=s["year"], reference=seg.mtime))
-    error, partial = None, True
-    try:
-        blocks = read_ahead(lambda report: _segment_blocks(seg, s["max_line"], report),
-                            on_long_line=lambda at: parser.problem("long_line", at, b"(not shown)"))
-        for offset, block, _ in blocks:
-            parser.feed(block, sink, offset)
-    except ArchiveError as e:
-        error, partial = str(e), e.partial
-    except OSError as e:
-        error, partial = f"read error: {e.strerror or e}", True
-    problems = parser.end()
-    return Result(seg, sink.logins.dumps(), sink.others.dumps(), parser.orphans, parser.ended,
-                  parser._lmtp.open(), parser._login_ip,
-                  parser.stats, problems, sink.bad_users, error, partial)
+    errors: list[tuple[str, str, bool]] = []
+    for seg in job:
+        parser.name(seg.label)
+        parser.begin(seg.label, seg.prefix, Clock(seg.style, s["zone"], year=s["year"], reference=seg.mtime))
+        try:
+            blocks = read_ahead(lambda report, seg=seg: _segment_blocks(seg, s["max_line"], report),
+                                on_long_line=lambda at: parser.problem("long_line", at, b"(not shown)"))
+            for offset, block, _ in blocks:
+                parser.feed(block, sink, offset)
+        except ArchiveError as e:
+            errors.append((seg.path, str(e), e.partial))
+        except OSError as e:
+            errors.append((seg.path, f"read error: {e.strerror or e}", True))
+        parser.end()
+    return Result(job, sink.logins.dumps(), sink.others.dumps(), parser.orphans, parser.ended,
+                  parser._lmtp.open(), parser._login_ip, parser.stats, sink.bad_users, errors)
 
 
 # --- the parent --------------------------------------------------------------------------
