@@ -225,7 +225,6 @@ def parse_job(job: list[Segment]) -> Result:
     sink = Coalescer()
     errors: list[tuple[str, str, bool]] = []
     for seg in job:
-        parser.name(seg.label)
         parser.begin(seg.label, seg.prefix, Clock(seg.style, s["zone"], year=s["year"], reference=seg.mtime))
         try:
             blocks = read_ahead(lambda report, seg=seg: _segment_blocks(seg, s["max_line"], report),

@@ -60,3 +60,28 @@ def cassandra(tmp_path_factory) -> dict:
     assert proc.returncode == 0, f"scripts/cassandra-dev start --auth failed:\n{proc.stderr[-4000:]}"
     contact = proc.stdout.strip().splitlines()[-1]
     return {"contact": contact, "password_file": str(secret)}
+
+
+class PrivateNode:
+    """A Cassandra node of a test's own (scripts/cassandra-dev --dir), for stopping and starting it again
+    mid-test: the outage scenarios. Started on a free port; `start()` again reuses that port."""
+
+    def __init__(self, directory: Path) -> None:
+        self.cmd = [str(ROOT / "scripts" / "cassandra-dev")]
+        self.dir = ["--dir", str(directory)]
+        self.contact = ""
+
+    def start(self) -> str:
+        import subprocess
+
+        port = self.contact.rsplit(":", 1)[1] if self.contact else "0"
+        proc = subprocess.run([*self.cmd, "start", *self.dir, "--port", port, "--heap", "512m"],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        self.contact = proc.stdout.strip()
+        return self.contact
+
+    def stop(self, check: bool = True) -> None:
+        import subprocess
+
+        subprocess.run([*self.cmd, "stop", *self.dir], check=check, capture_output=True, timeout=120)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests import corpus
-from tests.conftest import ROOT
+from tests.conftest import ROOT, PrivateNode
 
 LOGROTATE = "/usr/sbin/logrotate"
 COMMON = ["--timezone", "UTC", "--year", "2026", "--flush-interval-ms", "200", "--poll-interval-ms", "200"]
@@ -181,16 +181,8 @@ def test_sighup_reloads_the_config_without_losing_the_position(tmp_path, log_lin
 def test_a_cassandra_outage_mid_traffic_holds_the_checkpoints_and_catches_up(tmp_path, log_lines):
     """The store's node is stopped while lines keep coming and started again: the daemon keeps the rows,
     retries with backoff, and ends with every login stored (times never older than a backfill's)."""
-    dev = [str(ROOT / "scripts" / "cassandra-dev")]
-    node = ["--dir", str(tmp_path / "node")]
-
-    def node_up(port: str) -> str:
-        p = subprocess.run([*dev, "start", *node, "--port", port, "--heap", "512m"], capture_output=True,
-                           text=True, timeout=600)
-        assert p.returncode == 0, p.stderr[-3000:]
-        return p.stdout.strip()
-
-    contact = node_up("0")
+    node = PrivateNode(tmp_path / "node")
+    contact = node.start()
     (tmp_path / "log").mkdir()
     w = Writer(tmp_path / "log" / "maillog", log_lines)
     url = f"cassandra://{contact}/outage"
@@ -201,10 +193,10 @@ def test_a_cassandra_outage_mid_traffic_holds_the_checkpoints_and_catches_up(tmp
     try:
         w.write(len(log_lines) // 3)
         time.sleep(1.5)
-        subprocess.run([*dev, "stop", *node], check=True, capture_output=True, timeout=120)
+        node.stop()
         w.write(len(log_lines) // 3)
         time.sleep(3)
-        node_up(contact.rsplit(":", 1)[1])
+        node.start()
         w.write(len(log_lines))
         want = {(u, s, t) for u, s, t, *_ in reference(tmp_path, log_lines)}
         deadline, got = time.monotonic() + 90, set()
@@ -219,7 +211,7 @@ def test_a_cassandra_outage_mid_traffic_holds_the_checkpoints_and_catches_up(tmp
     finally:
         w.close()
         err = stop(proc)
-        subprocess.run([*dev, "stop", *node], capture_output=True, timeout=120)
+        node.stop(check=False)
     assert "rows kept, checkpoints held" in err and "is back after" in err
 
 

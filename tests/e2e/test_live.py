@@ -199,6 +199,15 @@ def assert_clean_exit(daemon: Daemon) -> None:
     assert "Traceback" not in daemon.output(), daemon.output()
 
 
+def assert_ends_agreeing(daemon: Daemon, stack: MailStack, must_have: set[tuple[str, str]]) -> None:
+    """The end of a crash scenario: the store agrees with the plugin, holds the keys only the lines written
+    while the daemon was down give, no failed login became a row, and SIGTERM exits cleanly."""
+    rows = assert_settles(daemon, stack)
+    assert must_have <= rows.keys()
+    assert_no_failed_only_rows(rows)
+    assert_clean_exit(daemon)
+
+
 def test_live_traffic_through_rename_copytruncate_and_delaycompress_rotations_agrees_with_last_login_plugin(
         stack: MailStack, daemon: Daemon) -> None:
     daemon.start()
@@ -316,10 +325,7 @@ def test_kill_9_in_the_middle_of_traffic_then_restart_with_the_same_state_agrees
         thread.join(60)
     assert not errors, errors
 
-    rows = assert_settles(daemon, stack)
-    assert {(OBRIEN.name, "imap"), (TEST1.name, "pop3")} <= rows.keys()
-    assert_no_failed_only_rows(rows)
-    assert_clean_exit(daemon)
+    assert_ends_agreeing(daemon, stack, {(OBRIEN.name, "imap"), (TEST1.name, "pop3")})
 
 
 def test_restart_after_the_log_was_rotated_and_compressed_meanwhile_reads_the_rest_from_the_gz(
@@ -338,10 +344,7 @@ def test_restart_after_the_log_was_rotated_and_compressed_meanwhile_reads_the_re
     assert stack.imap(OBRIEN, stack.next_ip())  # in the new live maillog
     assert [p.name for p in stack.log_files()] == ["maillog", "maillog.1.gz"]
     daemon.start()
-    rows = assert_settles(daemon, stack)
-    assert {(TEST1.name, "pop3"), (OBRIEN.name, "imap")} <= rows.keys()
-    assert_no_failed_only_rows(rows)
-    assert_clean_exit(daemon)
+    assert_ends_agreeing(daemon, stack, {(TEST1.name, "pop3"), (OBRIEN.name, "imap")})
 
 
 def test_restart_after_two_rotations_meanwhile_also_reads_the_file_born_and_rotated_while_down(
@@ -363,7 +366,4 @@ def test_restart_after_two_rotations_meanwhile_also_reads_the_file_born_and_rota
     assert stack.imap(OBRIEN, stack.next_ip())  # in the live maillog
     assert [p.name for p in stack.log_files()] == ["maillog", "maillog.1", "maillog.2.gz"]
     daemon.start()
-    rows = assert_settles(daemon, stack)
-    assert {(TEST1.name, "pop3"), (JANE.name, "pop3"), (OBRIEN.name, "imap")} <= rows.keys()
-    assert_no_failed_only_rows(rows)
-    assert_clean_exit(daemon)
+    assert_ends_agreeing(daemon, stack, {(TEST1.name, "pop3"), (JANE.name, "pop3"), (OBRIEN.name, "imap")})

@@ -15,7 +15,7 @@ from harvester.config import Settings
 from harvester.sinks import StoreError, open_store
 from harvester.sinks.cassandra import CassandraStore, parse_url
 from tests import corpus
-from tests.conftest import ROOT
+from tests.conftest import ROOT, PrivateNode
 
 T0 = 1_795_308_723_000_000  # 2026-11-22T01:32:03Z
 _ks = itertools.count()
@@ -246,16 +246,8 @@ def test_a_store_outage_is_retried_and_what_was_not_acknowledged_stays_queued(tm
     from harvester.sinks.base import flush
     from harvester.sinks.cassandra import PartialWrite
 
-    dev = [str(ROOT / "scripts" / "cassandra-dev")]
-    node = ["--dir", str(tmp_path / "node")]
-
-    def start(port: str) -> str:
-        proc = subprocess.run([*dev, "start", *node, "--port", port, "--heap", "512m"], capture_output=True,
-                              text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return proc.stdout.strip()
-
-    contact = start("0")
+    node = PrivateNode(tmp_path / "node")
+    contact = node.start()
     try:
         s = Settings()
         s.set("cassandra_replication", "{'class': 'SimpleStrategy', 'replication_factor': 1}", "test")
@@ -266,7 +258,7 @@ def test_a_store_outage_is_retried_and_what_was_not_acknowledged_stays_queued(tm
         sink = Coalescer()
         sink.logins.put(b"jane", "imap", T0, 0, b"192.0.2.1", b"mx1", "imap")
         assert flush(sink, store) == 1
-        subprocess.run([*dev, "stop", *node], check=True, capture_output=True, timeout=120)
+        node.stop()
         for i in range(50):
             sink.logins.put(f"u{i}".encode(), "pop3", T0 + i, 0, b"192.0.2.2", b"mx1", "pop3")
         started = time.monotonic()
@@ -275,7 +267,7 @@ def test_a_store_outage_is_retried_and_what_was_not_acknowledged_stays_queued(tm
         assert e.value.acknowledged == 0 and len(e.value.failed) == 50
         assert time.monotonic() - started >= 0.6  # two retries: 0.2 s, then 0.4 s
         assert len(sink) == 50
-        start(contact.rsplit(":", 1)[1])
+        node.start()
         for _ in range(30):  # the driver reconnects on its own schedule
             try:
                 assert flush(sink, store) == 50
@@ -286,4 +278,4 @@ def test_a_store_outage_is_retried_and_what_was_not_acknowledged_stays_queued(tm
         assert [r.service for r in store.lookup("u7")] == ["pop3"] and store.lookup("jane")[0].ip == "192.0.2.1"
         store.close()
     finally:
-        subprocess.run([*dev, "stop", *node], capture_output=True, timeout=120)
+        node.stop(check=False)

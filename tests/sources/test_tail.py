@@ -22,6 +22,27 @@ def append(path, *text: str) -> None:
         f.write("".join(text).encode())
 
 
+def follow(log, saved: list[Position] | None = None, start_at: str = "beginning", **kw) -> Follower:
+    f = Follower(log, **kw)
+    f.start(saved or [], start_at)
+    return f
+
+
+def stopped_at(log, offset: int) -> list[Position]:
+    """Read `log` to its end and stop, checkpointed at `offset` (what the store acknowledged)."""
+    f = follow(log)
+    f.poll()
+    saved = [Position(f.positions()[0].id, offset)]
+    f.close()
+    return saved
+
+
+def gzip_to(src, dst) -> None:
+    """What logrotate's compress does (the original is deleted by the caller)."""
+    with open(src, "rb") as i, gzip.open(dst, "wb") as o:
+        shutil.copyfileobj(i, o)
+
+
 @pytest.fixture(autouse=True)
 def no_grace(monkeypatch):
     monkeypatch.setattr(tail, "DRAIN_GRACE", 0.0)
@@ -30,8 +51,7 @@ def no_grace(monkeypatch):
 def test_a_partial_line_waits_for_its_newline(tmp_path):
     log = tmp_path / "maillog"
     append(log, "one\ntw")
-    f = Follower(log)
-    f.start([], "beginning")
+    f = follow(log)
     assert lines(f) == [b"one"]
     append(log, "o\n")
     assert lines(f) == [b"two"]
@@ -41,8 +61,7 @@ def test_a_partial_line_waits_for_its_newline(tmp_path):
 def test_start_at_end_skips_what_was_there_and_beginning_reads_it(tmp_path):
     log = tmp_path / "maillog"
     append(log, "old\n")
-    f = Follower(log)
-    f.start([], "end")
+    f = follow(log, start_at="end")
     append(log, "new\n")
     assert lines(f) == [b"new"]
 
@@ -50,8 +69,7 @@ def test_start_at_end_skips_what_was_there_and_beginning_reads_it(tmp_path):
 def test_rename_and_create_drains_the_old_file_including_late_writes(tmp_path):
     log = tmp_path / "maillog"
     append(log, "a\n")
-    f = Follower(log)
-    f.start([], "beginning")
+    f = follow(log)
     assert lines(f) == [b"a"]
     with open(log, "ab") as old:  # the writer keeps its descriptor until it is told to reopen
         os.rename(log, tmp_path / "maillog.1")
@@ -65,13 +83,11 @@ def test_rename_and_create_drains_the_old_file_including_late_writes(tmp_path):
 def test_a_rotated_file_compressed_and_deleted_is_still_read_to_its_end(tmp_path):
     log = tmp_path / "maillog"
     append(log, "a\n")
-    f = Follower(log)
-    f.start([], "beginning")
+    f = follow(log)
     lines(f)
     append(log, "b\nlast line without newline")
     os.rename(log, tmp_path / "maillog.1")
-    with open(tmp_path / "maillog.1", "rb") as src, gzip.open(tmp_path / "maillog.1.gz", "wb") as dst:
-        shutil.copyfileobj(src, dst)
+    gzip_to(tmp_path / "maillog.1", tmp_path / "maillog.1.gz")
     os.unlink(tmp_path / "maillog.1")
     assert lines(f) == [b"b", b"last line without newline"]
 
@@ -79,8 +95,7 @@ def test_a_rotated_file_compressed_and_deleted_is_still_read_to_its_end(tmp_path
 def test_copytruncate_takes_the_unread_rest_from_the_copy(tmp_path):
     log = tmp_path / "maillog"
     append(log, "a\n")
-    f = Follower(log)
-    f.start([], "beginning")
+    f = follow(log)
     lines(f)
     append(log, "b\n")  # not read yet when logrotate copies and truncates
     shutil.copy(log, tmp_path / "maillog.1")
@@ -92,8 +107,7 @@ def test_copytruncate_takes_the_unread_rest_from_the_copy(tmp_path):
 def test_a_file_regrown_past_the_offset_after_copytruncate_is_noticed_by_its_first_bytes(tmp_path):
     log = tmp_path / "maillog"
     append(log, "first line\n")
-    f = Follower(log)
-    f.start([], "beginning")
+    f = follow(log)
     lines(f)
     shutil.copy(log, tmp_path / "maillog.1")
     os.truncate(log, 0)
@@ -104,48 +118,34 @@ def test_a_file_regrown_past_the_offset_after_copytruncate_is_noticed_by_its_fir
 def test_restart_resumes_in_a_rotated_file_then_reads_the_new_one(tmp_path):
     log = tmp_path / "maillog"
     append(log, "a\nb\n")
-    f = Follower(log)
-    f.start([], "beginning")
-    f.poll()
-    saved = f.positions()
-    f.close()
-    saved[0].offset = 2  # acknowledged up to "a" only
+    saved = stopped_at(log, 2)  # acknowledged up to "a" only
     os.rename(log, tmp_path / "maillog.1")
     append(log, "c\n")
-    g = Follower(log)
-    g.start(saved, "end")
+    g = follow(log, saved, "end")
     assert lines(g) == [b"b", b"c"]
 
 
 def test_restart_after_the_unread_file_was_compressed_reads_its_rest_from_the_archive(tmp_path):
     log = tmp_path / "maillog"
     append(log, "a\nb\n")
-    f = Follower(log)
-    f.start([], "beginning")
-    f.poll()
-    saved = [Position(f.positions()[0].id, 2)]
-    f.close()
-    with open(log, "rb") as src, gzip.open(tmp_path / "maillog.1.gz", "wb") as dst:
-        shutil.copyfileobj(src, dst)
+    saved = stopped_at(log, 2)
+    gzip_to(log, tmp_path / "maillog.1.gz")
     os.unlink(log)
     append(log, "c\n")
-    g = Follower(log)
-    g.start(saved, "end")
+    g = follow(log, saved, "end")
     assert lines(g) == [b"b", b"c"]
 
 
 def test_a_reused_inode_with_other_content_is_a_new_file(tmp_path):
     log = tmp_path / "maillog"
     append(log, "old content\n")
-    f = Follower(log)
-    f.start([], "beginning")
+    f = follow(log)
     f.poll()
     st = os.stat(log)
     # same dev/ino (as after delete + create reusing the inode), other first bytes
     fake = Position(FileId(st.st_dev, st.st_ino, "0" * 40, 12), 12)
     f.close()
-    g = Follower(log)
-    g.start([fake], "end")
+    g = follow(log, [fake], "end")
     assert lines(g) == [b"old content"]  # read from the start: it is not the checkpointed file
 
 
@@ -153,8 +153,7 @@ def test_an_endless_line_is_skipped_and_reported(tmp_path):
     log = tmp_path / "maillog"
     append(log, "x" * 5000)
     seen = []
-    f = Follower(log, max_line=1024, on_long_line=seen.append)
-    f.start([], "beginning")
+    f = follow(log, max_line=1024, on_long_line=seen.append)
     assert lines(f) == []
     append(log, "y" * 100 + "\nnext\n")
     assert lines(f) == [b"next"] and seen == [0]
@@ -174,15 +173,10 @@ def test_checkpoints_survive_a_round_trip_and_a_damaged_file_starts_over(tmp_pat
 def test_restart_after_two_rotations_reads_the_file_born_and_rotated_while_stopped(tmp_path):
     log = tmp_path / "maillog"
     append(log, "a\nb\n")
-    f = Follower(log)
-    f.start([], "beginning")
-    f.poll()
-    saved = [Position(f.positions()[0].id, 2)]
-    f.close()
+    saved = stopped_at(log, 2)
     os.rename(log, tmp_path / "maillog.1")
     append(log, "c\n")  # born and rotated while the daemon is stopped
-    with open(tmp_path / "maillog.1", "rb") as src, gzip.open(tmp_path / "maillog.2.gz", "wb") as dst:
-        shutil.copyfileobj(src, dst)
+    gzip_to(tmp_path / "maillog.1", tmp_path / "maillog.2.gz")
     os.unlink(tmp_path / "maillog.1")
     os.rename(log, tmp_path / "maillog.1")
     append(log, "d\n")
