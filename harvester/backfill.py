@@ -21,7 +21,7 @@ from harvester.config import Settings
 from harvester.parse import Networks, Parser
 from harvester.sinks.base import Store, flush
 from harvester.sources import rawlog
-from harvester.sources.archive import ArchiveError, expand, file_blocks, line_blocks, raw_chunks, read_ahead
+from harvester.sources.archive import ArchiveError, expand, line_blocks, raw_chunks, texts
 from harvester.timeparse import Clock, resolve_timezone
 
 log = logging.getLogger(__name__)
@@ -117,26 +117,25 @@ def _one_file(path: Path, parser: Parser, sink: Coalescer, settings: Settings, z
     first = True
     parser.name(str(path))
     max_line = settings.max_line_bytes
-    blocks = read_ahead(lambda report: file_blocks(path, max_line=max_line, on_long_line=report),
-                        on_long_line=lambda at: parser.problem("long_line", at, b"(not shown)"))
     try:
-        # Each block carries how far the reader was when it was cut, so the bar follows the parser.
-        for offset, block, read in blocks:
+        # Each text carries how far the reader was when it was cut, so the bar follows the parser.
+        for text in texts(path, max_line=max_line,
+                          on_long_line=lambda at: parser.problem("long_line", at, b"(not shown)")):
             if first:
                 first = False
-                prefix = _prefix_for(parser, settings, path, block)
+                prefix = _prefix_for(parser, settings, path, text.data[1:min(text.end, SNIFF_BYTES + 1)])
                 if prefix is None:
                     status = "no line in a known format"
                     break
                 style = parser.pack.prefixes[prefix].style
                 parser.begin(str(path), prefix, Clock(style, zone, year=settings.year, reference=mtime))
-            parser.feed(block, sink, offset)
+            parser.feed_text(text.data, text.end, sink, text.offset)
             if len(sink) >= settings.flush_rows:
                 summary.rows_written += flush(sink, store)
-            if bar is not None and read > done_bytes:
-                bar.update(read - done_bytes)
+            if bar is not None and text.read > done_bytes:
+                bar.update(text.read - done_bytes)
                 bar.set_postfix_str(path.name, refresh=False)
-                done_bytes = read
+                done_bytes = text.read
     except ArchiveError as e:
         log.error("%s: %s; %s", path, e,
                   "the lines before the damage were used" if e.partial else "file skipped")

@@ -109,12 +109,27 @@ class Coalescer:
         self.others: Table = new_table()
         self.trace: list | None = [] if trace else None
         self.bad_users: list[bytes] = []
+        # Other processes' tables (Table.dumps of logins, of others; their entry count), oldest
+        # first, applied after the tables' own entries: the SQLite writer merges them as it writes.
+        self.runs: list[tuple[bytes, bytes, int]] = []
 
     def __len__(self) -> int:
-        return len(self.logins) + len(self.others)
+        return len(self.logins) + len(self.others) + sum(n for _, _, n in self.runs)
+
+    def add_run(self, logins: bytes, others: bytes, entries: int) -> None:
+        """Keep another process's tables (dumps) to apply after everything gathered so far."""
+        self.runs.append((logins, others, entries))
+
+    def absorb_runs(self) -> None:
+        """Merge the runs into the tables (for stores that take rows)."""
+        for logins, others, _ in self.runs:
+            self.logins.merge(logins)
+            self.others.merge(others)
+        self.runs = []
 
     def take(self) -> list[Row]:
         """Decode what was gathered into rows in key order and start empty (the caller writes them)."""
+        self.absorb_runs()
         out, bad = self.logins.take(Row, "login")
         self.bad_users.extend(bad)
         rows, bad = self.others.take(Row, None)

@@ -245,33 +245,40 @@ class Parser:
 
     # -- hot path -----------------------------------------------------------------
     def feed(self, block: bytes, sink: Coalescer, offset: int = 0) -> None:
-        """Parse `block` (complete lines; the last may lack its newline) found at `offset`.
+        """Parse `block` (complete lines; the last may lack its newline) found at `offset`."""
+        self.feed_text(b"\n" + block, len(block) + 1, sink, offset)
 
-        Events go straight into the sink's tables, still as bytes: decoding and
-        validating user names waits until a row survives coalescing. The native
-        scanner runs the loop when it is built (not for traces); `event` is the
-        definition it follows, and it hands back the lines it leaves to Python.
+    def feed_text(self, text: bytes, end: int, sink: Coalescer, offset: int = 0) -> None:
+        """Parse the lines of `text[1:end]`, where text[0] is b"\n" and the first line starts at `offset`.
+
+        This is the form readers hand over without copying: a read that starts at
+        the newline ending the previous block already has it, and `end` saves the
+        slice. Events go straight into the sink's tables, still as bytes:
+        decoding and validating user names waits until a row survives
+        coalescing. The native scanner runs the loop when it is built (not for
+        traces); `event` is the definition it follows, and it hands back the
+        lines it leaves to Python.
         """
         stats = self.stats
-        count = block.count(b"\n") if self._scanner is None else native.fastscan.newlines(block)
-        stats.lines += count + (0 if block.endswith(b"\n") else 1)
-        stats.bytes += len(block)
-        if b"\x00" in block:
-            block = self._strip_nul(block, offset)
-        text = b"\n" + block
+        count = text.count(b"\n", 1, end) if self._scanner is None else native.fastscan.newlines(text, 1, end)
+        stats.lines += count + (0 if end <= 1 or text[end - 1] == 10 else 1)
+        stats.bytes += end - 1
+        if text.find(b"\x00", 1, end) >= 0:
+            block = self._strip_nul(text[1:end], offset)
+            text, end = b"\n" + block, len(block) + 1
         start = 0
         regex = self._regex
         if self._scanner is not None and sink.trace is None:
             def slow(pos: int) -> None:
-                m = regex.match(text, pos)
+                m = regex.match(text, pos, end)
                 if m is not None:
                     self.event(m, text, sink, offset)
 
-            start = self._scanner.feed(text, sink.logins, sink.others, stats.events, self._clock,
+            start = self._scanner.feed(text, end, sink.logins, sink.others, stats.events, self._clock,
                                        self.orphans is not None, slow)
-            if start >= len(text):
+            if start >= end:
                 return
-        for m in regex.finditer(text, start):
+        for m in regex.finditer(text, start, end):
             self.event(m, text, sink, offset)
 
     def event(self, m: re.Match[bytes], text: bytes, sink: Coalescer, offset: int) -> None:

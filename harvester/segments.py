@@ -7,14 +7,15 @@ end (a compressed file is never cut: a worker cannot start inside a gzip
 stream). One Parser reads a job's files in order, so LMTP sessions and POP3
 logins carry across the rotations inside it as in a sequential pass, and the
 parent has as few tables to merge as there are workers. Each worker ships its
-coalesced rows as one bytes object (Table.dumps), which the parent merges at
-memcpy speed, plus what it could not know: deliveries whose LMTP Connect line
-was in an earlier job, LMTP sessions that ended here but began before, and
-the sessions still open at its end. The parent applies jobs in order, so the
-result is the same as one sequential pass (one exception: two events of the
-same account and service in the same microsecond on both sides of a cut,
-where the sequential pass would pick by line order and this one picks the
-non-orphan).
+coalesced rows as one bytes object in key order (Table.dumps), plus what it
+could not know: deliveries whose LMTP Connect line was in an earlier job,
+LMTP sessions that ended here but began before, and the sessions still open
+at its end. The parent keeps the rows as runs, which the SQLite writer merges
+while it writes (no table of every key in the parent; other stores merge them
+first), and applies the rest in job order, so the result is the same as one
+sequential pass (one exception: two events of the same account and service
+in the same microsecond on both sides of a cut, where the sequential pass
+would pick by line order and this one picks the non-orphan).
 """
 
 from __future__ import annotations
@@ -22,21 +23,13 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from harvester.coalesce import Coalescer
 from harvester.events import DELIVERY
 from harvester.parse import PID_STATE_MAX, Parser, Stats, drop_oldest
-from harvester.sources.archive import (
-    CHUNK,
-    ArchiveError,
-    line_blocks,
-    raw_chunks,
-    read_ahead,
-    sniff,
-)
+from harvester.sources.archive import ArchiveError, sniff, texts
 from harvester.timeparse import Clock
 
 log = logging.getLogger(__name__)
@@ -82,6 +75,7 @@ class Result:
     job: list[Segment]
     logins: bytes  # Table.dumps(): the job's rows, to be applied after those of earlier jobs
     others: bytes
+    entries: int  # how many rows the two hold
     orphans: list
     ended: dict
     open_sessions: dict
@@ -122,91 +116,6 @@ def plan(files: list[Source], workers: int) -> list[list[Segment]]:
     return [j for j in jobs if j]
 
 
-def _bounded_pieces(seg: Segment) -> Iterator[tuple[int, bytes]]:
-    """(decompressed offset, bytes) of exactly the lines this segment owns: those that start at
-    byte offsets in [lo, hi) of a plain file; all of a compressed file."""
-    path = Path(seg.path)
-    with open(path, "rb") as f:
-        plain = sniff(f.read(8)).new is None
-    if plain:
-        stream = ((at, piece, seg.lo, seg.hi) for at, piece in _plain_from(path, max(seg.lo - 1, 0)))
-    else:
-        stream = _compressed(path)
-    return _owned(stream)
-
-
-def _compressed(path: Path) -> Iterator[tuple[int, bytes, int | None, int | None]]:
-    """A compressed file is always one whole segment (see plan)."""
-    at = 0
-    for piece in raw_chunks(path, CHUNK):
-        yield at, piece, 0, None
-        at += len(piece)
-
-
-def _owned(stream: Iterator[tuple[int, bytes, int | None, int | None]]) -> Iterator[tuple[int, bytes]]:
-    state = "seek"  # seek -> (skip to newline) -> in -> done
-    last = b"\n"  # the byte before the current piece
-    lo_at = 0
-    for at, piece, lo, hi in stream:
-        i = 0
-        if state == "seek":
-            if lo is None or at + len(piece) <= lo:
-                last = piece[-1:] or last
-                continue
-            lo_at = lo
-            i = lo - at
-            before = piece[i - 1:i] if i > 0 else last
-            state = "in" if before == b"\n" else "skip"
-        if state == "skip":
-            nl = piece.find(b"\n", i)
-            if nl < 0:
-                last = piece[-1:] or last
-                continue
-            i, state = nl + 1, "in"
-        if hi is not None:
-            if hi <= lo_at or at + i >= hi and (i > 0 or last == b"\n"):
-                return  # nothing (more) starts before hi
-            j = hi - 1 - at
-            if j < i:
-                if last == b"\n":
-                    return
-                j = i
-            nl = piece.find(b"\n", j)
-            if nl >= 0:
-                yield at + i, piece[i:nl + 1]
-                return
-        if i < len(piece):
-            yield at + i, piece[i:]
-        last = piece[-1:] or last
-
-
-def _plain_from(path: Path, start: int) -> Iterator[tuple[int, bytes]]:
-    with open(path, "rb") as f:
-        f.seek(start)
-        at = start
-        while True:
-            data = f.read(CHUNK)
-            if not data:
-                return
-            yield at, data
-            at += len(data)
-
-
-def _segment_blocks(seg: Segment, max_line: int, on_long_line) -> Iterator[tuple[int, bytes, int]]:
-    """The segment's lines as (offset in the decompressed file, block, 0)."""
-    first: list[int] = []
-
-    def pieces() -> Iterator[bytes]:
-        for at, piece in _bounded_pieces(seg):
-            if not first:
-                first.append(at)
-            yield piece
-
-    for offset, block in line_blocks(pieces(), max_line=max_line,
-                                     on_long_line=lambda at: on_long_line(at + first[0])):
-        yield offset + first[0], block, 0
-
-
 # --- the worker --------------------------------------------------------------------------
 
 _STATE: dict = {}
@@ -227,16 +136,15 @@ def parse_job(job: list[Segment]) -> Result:
     for seg in job:
         parser.begin(seg.label, seg.prefix, Clock(seg.style, s["zone"], year=s["year"], reference=seg.mtime))
         try:
-            blocks = read_ahead(lambda report, seg=seg: _segment_blocks(seg, s["max_line"], report),
-                                on_long_line=lambda at: parser.problem("long_line", at, b"(not shown)"))
-            for offset, block, _ in blocks:
-                parser.feed(block, sink, offset)
+            for text in texts(Path(seg.path), seg.lo, seg.hi, max_line=s["max_line"],
+                              on_long_line=lambda at: parser.problem("long_line", at, b"(not shown)")):
+                parser.feed_text(text.data, text.end, sink, text.offset)
         except ArchiveError as e:
             errors.append((seg.path, str(e), e.partial))
         except OSError as e:
             errors.append((seg.path, f"read error: {e.strerror or e}", True))
         parser.end()
-    return Result(job, sink.logins.dumps(), sink.others.dumps(), parser.orphans, parser.ended,
+    return Result(job, sink.logins.dumps(), sink.others.dumps(), len(sink), parser.orphans, parser.ended,
                   parser._lmtp.open(), parser._login_ip, parser.stats, sink.bad_users, errors)
 
 
@@ -268,8 +176,7 @@ class Stitcher:
             if session and session[0] != ip:
                 for user, t, digits, node in session[1]:
                     logins.put(user, "lmtp", t, digits, ip, node, "lmtp")
-        logins.merge(r.logins)
-        others.merge(r.others)
+        sink.add_run(r.logins, r.others, r.entries)
         sink.bad_users.extend(r.bad_users)
         self.open_sessions.update(r.open_sessions)
         self.login_ip.update(r.login_ip)

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from harvester import segments
-from harvester.segments import Segment
+from harvester.sources import archive
 
 
 @pytest.mark.parametrize("compressed", [False, True])
@@ -19,11 +19,12 @@ def test_segments_reassemble_the_file_exactly(tmp_path, monkeypatch, compressed)
         data = b"\n".join(lines) + (b"\n" if trial % 3 else b"")
         path = tmp_path / ("f.gz" if compressed else "f")
         path.write_bytes(gzip.compress(data, 1) if compressed else data)
-        monkeypatch.setattr(segments, "CHUNK", rng.choice([7, 100, 4096]))
+        monkeypatch.setattr(archive, "BLOCK", rng.choice([7, 100, 4096]))
         size = path.stat().st_size
         for count in (1,) if compressed else (1, 2, 3, 5):
             cuts = [k * size // count for k in range(count)] + [None]
-            parts = [b"".join(p for _, p in segments._bounded_pieces(Segment(str(path), lo, hi, "syslog", "bsd", 0)))
+            parts = [b"".join(t.data[1:t.end] for t in archive.texts(path, lo, hi, max_line=1 << 20,
+                                                                      on_long_line=print))
                      for lo, hi in zip(cuts, cuts[1:], strict=False)]
             assert b"".join(parts) == data, (trial, count)
 

@@ -110,7 +110,8 @@ class SqliteStore:
         """Write and empty what `sink` gathered; on a failure the sink keeps it.
 
         Native tables go straight into SQLite through the native writer (same upserts, no
-        Python row per key, about a third less time); anything else goes through `write`.
+        Python row per key, about a third less time), merged with the sink's runs as they are
+        written; anything else goes through `write`.
         """
         fs = native.fastscan
         if fs is None or not isinstance(sink.logins, fs.Table) or not isinstance(sink.others, fs.Table):
@@ -118,9 +119,11 @@ class SqliteStore:
         try:
             if self._writer is None:
                 self._writer = fs.SqliteWriter(str(self.path), UPSERT_LOGIN, UPSERT_EVENT)
-            written, bad = self._writer.write(sink.logins, sink.others)
+            written, bad = self._writer.write(sink.logins, sink.others, [r[0] for r in sink.runs],
+                                              [r[1] for r in sink.runs])
         except RuntimeError as e:
             raise StoreError(f"{self.path}: write failed: {e}") from None
+        sink.runs = []
         sink.bad_users.extend(bad)
         return written
 

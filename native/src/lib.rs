@@ -184,15 +184,17 @@ impl Scanner {
         })
     }
 
-    /// Parse `text` ("\n" + complete lines) into `logins`/`others`, counting into `counts`.
+    /// Parse `text[:end]` ("\n" + complete lines) into `logins`/`others`, counting into `counts`.
     ///
-    /// Returns the offset up to which the text was handled: its length, or where
+    /// Returns the offset up to which the text was handled: `end`, or where
     /// PCRE2 gave up (a match limit), from which the caller carries on in Python.
+    /// (`end` lets a reader hand over a whole read buffer without slicing a copy of it.)
     #[allow(clippy::too_many_arguments)]
     fn feed(
         &self,
         py: Python<'_>,
         text: &Bound<'_, PyBytes>,
+        end: usize,
         logins: &Bound<'_, Table>,
         others: &Bound<'_, Table>,
         counts: &Bound<'_, PyDict>,
@@ -201,6 +203,7 @@ impl Scanner {
         slow: &Bound<'_, PyAny>,
     ) -> PyResult<usize> {
         let data = text.as_bytes();
+        let data = &data[..end.min(data.len())];
         let mut tally = Counts::default();
         let result = self.scan(py, data, logins, others, &mut tally, clock, orphans, slow);
         tally.flush(py, counts)?;
@@ -454,20 +457,40 @@ impl Scanner {
     }
 }
 
-/// Number of b"\n" in `block`: SIMD memchr, five times faster than bytes.count here.
+/// Number of b"\n" in `block[start:end]`: SIMD memchr, five times faster than bytes.count here.
 #[pyfunction]
-fn newlines(py: Python<'_>, block: &[u8]) -> usize {
-    py.allow_threads(|| memchr::memchr_iter(b'\n', block).count())
+#[pyo3(signature = (block, start=0, end=None))]
+fn newlines(py: Python<'_>, block: &[u8], start: usize, end: Option<usize>) -> usize {
+    let end = end.unwrap_or(block.len()).min(block.len());
+    let part = &block[start.min(end)..end];
+    py.allow_threads(|| memchr::memchr_iter(b'\n', part).count())
 }
 
 /// UTC RFC 3339 text of epoch microseconds at `digits` fractional digits (0-6), as
 /// timeparse.rfc3339 writes it: 2026-11-22T01:52:03Z or 2026-11-22T01:52:03.242533Z.
 #[pyfunction]
 pub fn rfc3339(time_us: i64, digits: i64) -> String {
+    let mut b = [0u8; 32];
+    if let Some(n) = rfc3339_into(time_us, digits, &mut b) {
+        // Every byte rfc3339_into writes is ASCII.
+        return String::from_utf8_lossy(&b[..n]).into_owned();
+    }
     let secs = time_us.div_euclid(1_000_000);
     let us = time_us.rem_euclid(1_000_000);
     let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let (year, month, day) = civil(days);
+    let mut out = format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}", sod / 3600, sod / 60 % 60, sod % 60);
+    if digits > 0 {
+        let frac = format!("{us:06}");
+        out.push('.');
+        out.push_str(&frac[..digits.min(6) as usize]);
+    }
+    out.push('Z');
+    out
+}
+
+/// Civil date (year, month, day) of days since 1970-01-01 (H. Hinnant's algorithm).
+fn civil(days: i64) -> (i64, i64, i64) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -476,52 +499,46 @@ pub fn rfc3339(time_us: i64, digits: i64) -> String {
     let mp = (5 * doy + 2) / 153;
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
+/// rfc3339's text written into `b` without allocating (its length), for years 0-9999 (else None).
+/// Digits by hand: format! was a tenth of a backfill's SQLite write time.
+pub fn rfc3339_into(time_us: i64, digits: i64, b: &mut [u8; 32]) -> Option<usize> {
+    let secs = time_us.div_euclid(1_000_000);
+    let us = time_us.rem_euclid(1_000_000);
+    let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (year, month, day) = civil(days);
     if !(0..=9999).contains(&year) {
-        let mut out = format!(
-            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
-            sod / 3600,
-            sod / 60 % 60,
-            sod % 60
-        );
-        if digits > 0 {
-            let frac = format!("{us:06}");
-            out.push('.');
-            out.push_str(&frac[..digits.min(6) as usize]);
-        }
-        out.push('Z');
-        return out;
+        return None;
     }
-    // Digits by hand: format! was a tenth of a backfill's SQLite write time.
-    let mut b = [0u8; 27];
-    let put = |b: &mut [u8], at: usize, v: i64, n: usize| {
+    let put = |b: &mut [u8; 32], at: usize, v: i64, n: usize| {
         let mut v = v;
         for i in (0..n).rev() {
             b[at + i] = b'0' + (v % 10) as u8;
             v /= 10;
         }
     };
-    put(&mut b, 0, year, 4);
+    put(b, 0, year, 4);
     b[4] = b'-';
-    put(&mut b, 5, month, 2);
+    put(b, 5, month, 2);
     b[7] = b'-';
-    put(&mut b, 8, day, 2);
+    put(b, 8, day, 2);
     b[10] = b'T';
-    put(&mut b, 11, sod / 3600, 2);
+    put(b, 11, sod / 3600, 2);
     b[13] = b':';
-    put(&mut b, 14, sod / 60 % 60, 2);
+    put(b, 14, sod / 60 % 60, 2);
     b[16] = b':';
-    put(&mut b, 17, sod % 60, 2);
+    put(b, 17, sod % 60, 2);
     let mut n = 19;
     if digits > 0 {
         let d = digits.min(6) as usize;
         b[19] = b'.';
-        put(&mut b, 20, us / 10_i64.pow(6 - d as u32), d);
+        put(b, 20, us / 10_i64.pow(6 - d as u32), d);
         n = 20 + d;
     }
     b[n] = b'Z';
-    // SAFETY-free: every byte written above is ASCII.
-    String::from_utf8_lossy(&b[..n + 1]).into_owned()
+    Some(n + 1)
 }
 
 /// Store rows (coalesce.Row: user, service, kind, time_us, digits, ip, node, detail) as the

@@ -9,15 +9,17 @@
 //! of SQLite in one process could break each other's POSIX locks).
 
 use std::borrow::Cow;
+use std::cmp::Ordering;
+use std::ffi::{c_int, CStr};
 use std::time::Duration;
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString};
-use rusqlite::{params, Connection, TransactionBehavior};
+use rusqlite::{ffi, Connection, TransactionBehavior};
 
-use crate::rfc3339;
-use crate::table::{split, Entry, Table};
+use crate::{rfc3339, rfc3339_into};
+use crate::table::{split, Entry, Reader, Table};
 
 fn err(e: rusqlite::Error) -> PyErr {
     PyRuntimeError::new_err(e.to_string())
@@ -31,14 +33,82 @@ pub struct SqliteWriter {
     event_sql: String,
 }
 
-fn node_text<'a>(py: Python<'a>, node: &'a PyObject) -> PyResult<Option<Cow<'a, str>>> {
-    if node.is_none(py) {
-        return Ok(None);
+/// A statement driven through SQLite's C API: texts are bound SQLITE_STATIC (no copy, no
+/// malloc per value; rusqlite always binds SQLITE_TRANSIENT), and one row is bound, stepped
+/// and reset at a time, so the borrowed bytes outlive every use SQLite makes of them.
+struct Raw {
+    db: *mut ffi::sqlite3,
+    stmt: *mut ffi::sqlite3_stmt,
+}
+
+impl Raw {
+    fn new(db: &Connection, sql: &str) -> PyResult<Raw> {
+        // SAFETY: the handle belongs to `db`, which outlives this statement (finalized on drop,
+        // inside the write that made it).
+        let handle = unsafe { db.handle() };
+        let mut stmt = std::ptr::null_mut();
+        let rc = unsafe {
+            ffi::sqlite3_prepare_v2(handle, sql.as_ptr().cast(), sql.len() as c_int, &mut stmt, std::ptr::null_mut())
+        };
+        let raw = Raw { db: handle, stmt };
+        raw.check(rc, ffi::SQLITE_OK)?;
+        Ok(raw)
     }
-    if let Ok(bytes) = node.downcast_bound::<PyBytes>(py) {
-        return Ok(Some(String::from_utf8_lossy(bytes.as_bytes())));
+
+    fn check(&self, rc: c_int, want: c_int) -> PyResult<()> {
+        if rc == want {
+            return Ok(());
+        }
+        // SAFETY: sqlite3_errmsg returns a NUL-terminated string owned by the connection.
+        let msg = unsafe { CStr::from_ptr(ffi::sqlite3_errmsg(self.db)) }.to_string_lossy().into_owned();
+        Err(PyRuntimeError::new_err(msg))
     }
-    Ok(Some(Cow::Borrowed(node.downcast_bound::<PyString>(py)?.to_str()?)))
+
+    fn text(&self, i: c_int, v: Option<&[u8]>) -> PyResult<()> {
+        // SAFETY: `v` stays borrowed until `run` has stepped and reset the statement.
+        let rc = unsafe {
+            match v {
+                Some(b) => ffi::sqlite3_bind_text(self.stmt, i, b.as_ptr().cast(), b.len() as c_int, ffi::SQLITE_STATIC()),
+                None => ffi::sqlite3_bind_null(self.stmt, i),
+            }
+        };
+        self.check(rc, ffi::SQLITE_OK)
+    }
+
+    fn int(&self, i: c_int, v: i64) -> PyResult<()> {
+        let rc = unsafe { ffi::sqlite3_bind_int64(self.stmt, i, v) };
+        self.check(rc, ffi::SQLITE_OK)
+    }
+
+    /// Step the bound row to completion and make the statement ready for the next one.
+    fn run(&self) -> PyResult<()> {
+        let rc = unsafe { ffi::sqlite3_step(self.stmt) };
+        unsafe { ffi::sqlite3_reset(self.stmt) };
+        self.check(rc, ffi::SQLITE_DONE)
+    }
+}
+
+impl Drop for Raw {
+    fn drop(&mut self) {
+        unsafe { ffi::sqlite3_finalize(self.stmt) };
+    }
+}
+
+/// `b` as text for SQLite: as it is when it is UTF-8 (the usual case, checked fast), else with
+/// replacement characters.
+fn utf8(b: &[u8]) -> Cow<'_, [u8]> {
+    match std::str::from_utf8(b) {
+        Ok(_) => Cow::Borrowed(b),
+        Err(_) => Cow::Owned(String::from_utf8_lossy(b).into_owned().into_bytes()),
+    }
+}
+
+/// The stored time as text: in `buf` when the year has four digits, else allocated.
+fn time_text(t: i64, digits: i64, buf: &mut [u8; 32]) -> Cow<'_, [u8]> {
+    match rfc3339_into(t, digits, buf) {
+        Some(n) => Cow::Borrowed(&buf[..n]),
+        None => Cow::Owned(rfc3339(t, digits).into_bytes()),
+    }
 }
 
 #[pymethods]
@@ -49,49 +119,57 @@ impl SqliteWriter {
         let db = Connection::open(path).map_err(err)?;
         db.busy_timeout(Duration::from_secs(30)).map_err(err)?;
         db.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA cache_size=-65536;").map_err(err)?;
-        db.prepare_cached(&login_sql).map_err(err)?;
-        db.prepare_cached(&event_sql).map_err(err)?;
+        drop(Raw::new(&db, &login_sql)?); // fail here, at open, on a statement that cannot work
+        drop(Raw::new(&db, &event_sql)?);
         Ok(SqliteWriter { db, login_sql, event_sql })
     }
 
-    /// Upsert every entry of `logins` (key: user, service) and `others` (key: user, kind) in one
-    /// transaction, in key order, then empty both tables. On an error nothing is committed and
-    /// the tables keep their entries. Returns (rows written, [user name that is not UTF-8, ...]).
+    /// Upsert every entry of `logins` (key: user, service) and `others` (key: user, kind), and of
+    /// the `dumps` runs of other processes' tables in `login_runs`/`other_runs` (oldest first), in
+    /// one transaction, in key order, then empty both tables (the caller drops the runs).
+    ///
+    /// The tables and runs are merged as they are written, as if merged in that order first (a
+    /// key's newest time wins; equal times: the later run), but without building a table of
+    /// every key in this process. On an error nothing is committed and the tables keep their
+    /// entries. Returns (rows written, [user name that is not UTF-8, ...]).
+    #[pyo3(signature = (logins, others, login_runs=None, other_runs=None))]
     fn write<'py>(
         &mut self,
         py: Python<'py>,
         logins: &Bound<'py, Table>,
         others: &Bound<'py, Table>,
+        login_runs: Option<Vec<Bound<'py, PyBytes>>>,
+        other_runs: Option<Vec<Bound<'py, PyBytes>>>,
     ) -> PyResult<(usize, Bound<'py, PyList>)> {
         let bad = PyList::empty(py);
         let mut written = 0usize;
+        let mut buf = [0u8; 32];
         {
             let (l, o) = (logins.borrow(), others.borrow());
             let tx = self.db.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
             {
-                let mut st = tx.prepare_cached(&self.login_sql).map_err(err)?;
-                for (k, e) in l.sorted() {
-                    let Some((user, _, e)) = decoded(py, k, e, &bad)? else { continue };
-                    let ip = e.ip.as_deref().map(String::from_utf8_lossy);
-                    let node = node_text(py, &e.node)?;
-                    let service = e.service.bind(py).to_str()?;
-                    st.execute(params![user, service, rfc3339(e.t, e.digits), e.t, ip, node]).map_err(err)?;
-                    written += 1;
-                }
-                let mut st = tx.prepare_cached(&self.event_sql).map_err(err)?;
-                for (k, e) in o.sorted() {
-                    let Some((user, kind, e)) = decoded(py, k, e, &bad)? else { continue };
-                    let ip = e.ip.as_deref().map(String::from_utf8_lossy);
-                    let node = node_text(py, &e.node)?;
-                    let service = e.service.bind(py).to_str()?;
-                    let detail = match &e.detail {
-                        Some(d) => Some(d.bind(py).to_str()?),
-                        None => None,
-                    };
-                    st.execute(params![user, kind, service, rfc3339(e.t, e.digits), e.t, ip, node, detail])
-                        .map_err(err)?;
-                    written += 1;
-                }
+                let st = Raw::new(&tx, &self.login_sql)?;
+                written += merged(py, cursors(&l, login_runs.as_deref()), &bad, |v| {
+                    st.text(1, Some(v.user))?;
+                    st.text(2, Some(v.service))?;
+                    st.text(3, Some(&time_text(v.t, v.digits, &mut buf)))?;
+                    st.int(4, v.t)?;
+                    st.text(5, v.ip.map(utf8).as_deref())?;
+                    st.text(6, v.node.map(utf8).as_deref())?;
+                    st.run()
+                })?;
+                let st = Raw::new(&tx, &self.event_sql)?;
+                written += merged(py, cursors(&o, other_runs.as_deref()), &bad, |v| {
+                    st.text(1, Some(v.user))?;
+                    st.text(2, Some(&utf8(v.second)))?;
+                    st.text(3, Some(v.service))?;
+                    st.text(4, Some(&time_text(v.t, v.digits, &mut buf)))?;
+                    st.int(5, v.t)?;
+                    st.text(6, v.ip.map(utf8).as_deref())?;
+                    st.text(7, v.node.map(utf8).as_deref())?;
+                    st.text(8, v.detail)?;
+                    st.run()
+                })?;
             }
             tx.commit().map_err(err)?;
         }
@@ -101,19 +179,127 @@ impl SqliteWriter {
     }
 }
 
-/// The key's user (None, and listed in `bad`, when it is not UTF-8) and second part.
-fn decoded<'k>(
-    py: Python<'_>,
-    key: &'k [u8],
-    e: &'k Entry,
-    bad: &Bound<'_, PyList>,
-) -> PyResult<Option<(&'k str, Cow<'k, str>, &'k Entry)>> {
-    let (second, user) = split(key);
-    match std::str::from_utf8(user) {
-        Ok(u) => Ok(Some((u, String::from_utf8_lossy(second), e))),
-        Err(_) => {
-            bad.append(PyBytes::new(py, user))?;
-            Ok(None)
+/// One entry to write, borrowed from a table or a run: service and detail are UTF-8 already.
+struct View<'a> {
+    user: &'a [u8],
+    second: &'a [u8],
+    t: i64,
+    digits: i64,
+    ip: Option<&'a [u8]>,
+    node: Option<&'a [u8]>,
+    service: &'a [u8],
+    detail: Option<&'a [u8]>,
+}
+
+/// A source of entries in key order (user, then second).
+enum Cursor<'a> {
+    Table(std::vec::IntoIter<(&'a [u8], &'a Entry)>),
+    Run(Reader<'a>),
+}
+
+/// The table's entries, then each run, as cursors (oldest first).
+fn cursors<'a>(table: &'a Table, runs: Option<&'a [Bound<'_, PyBytes>]>) -> Vec<Cursor<'a>> {
+    let mut c = vec![Cursor::Table(table.sorted().into_iter())];
+    c.extend(runs.unwrap_or_default().iter().map(|b| Cursor::Run(Reader { data: b.as_bytes(), at: 0 })));
+    c
+}
+
+impl<'a> Cursor<'a> {
+    fn next<'py: 'a>(&mut self, py: Python<'py>) -> PyResult<Option<View<'a>>> {
+        match self {
+            Cursor::Table(it) => {
+                let Some((key, e)) = it.next() else { return Ok(None) };
+                let (second, user) = split(key);
+                let node = if e.node.is_none(py) {
+                    None
+                } else if let Ok(b) = e.node.downcast_bound::<PyBytes>(py) {
+                    Some(b.as_bytes())
+                } else {
+                    Some(e.node.downcast_bound::<PyString>(py)?.to_str()?.as_bytes())
+                };
+                let detail = match &e.detail {
+                    Some(d) => Some(d.bind(py).to_str()?.as_bytes()),
+                    None => None,
+                };
+                Ok(Some(View {
+                    user,
+                    second,
+                    t: e.t,
+                    digits: e.digits,
+                    ip: e.ip.as_deref(),
+                    node,
+                    service: e.service.bind(py).to_str()?.as_bytes(),
+                    detail,
+                }))
+            }
+            Cursor::Run(r) => Ok(r.record()?.map(|rec| {
+                let (second, user) = split(rec.key);
+                View {
+                    user,
+                    second,
+                    t: rec.t,
+                    digits: rec.digits,
+                    ip: rec.ip,
+                    node: rec.node.map(|(_, b)| b),
+                    service: rec.service,
+                    detail: rec.detail,
+                }
+            })),
         }
     }
+}
+
+fn key_order(a: &View<'_>, b: &View<'_>) -> Ordering {
+    a.user.cmp(b.user).then_with(|| a.second.cmp(b.second))
+}
+
+/// Merge the sorted `cursors` (later ones win equal times) and `upsert` each key's newest entry,
+/// skipping (and listing in `bad`) user names that are not UTF-8. Returns how many were upserted.
+fn merged<'a, 'py: 'a>(
+    py: Python<'py>,
+    mut cursors: Vec<Cursor<'a>>,
+    bad: &Bound<'_, PyList>,
+    mut upsert: impl FnMut(&View<'a>) -> PyResult<()>,
+) -> PyResult<usize> {
+    let mut heads: Vec<Option<View<'a>>> = Vec::with_capacity(cursors.len());
+    for c in cursors.iter_mut() {
+        heads.push(c.next(py)?);
+    }
+    let mut written = 0;
+    loop {
+        // The smallest key among the heads; of the heads with that key, the newest (the later on ties).
+        let mut low: Option<usize> = None;
+        let mut win = 0;
+        for (i, h) in heads.iter().enumerate() {
+            let Some(h) = h else { continue };
+            match low.map(|j| key_order(h, heads[j].as_ref().unwrap())) {
+                None | Some(Ordering::Less) => {
+                    low = Some(i);
+                    win = i;
+                }
+                Some(Ordering::Equal) if h.t >= heads[win].as_ref().unwrap().t => win = i,
+                _ => {}
+            }
+        }
+        let Some(low) = low else { break };
+        let v = heads[win].as_ref().unwrap();
+        if std::str::from_utf8(v.user).is_ok() {
+            upsert(v)?;
+            written += 1;
+        } else {
+            bad.append(PyBytes::new(py, v.user))?;
+        }
+        // Advance every cursor that was at this key.
+        let key = (v.user, v.second);
+        let mut same = Vec::new();
+        for (i, h) in heads.iter().enumerate().skip(low) {
+            if h.as_ref().is_some_and(|h| (h.user, h.second) == key) {
+                same.push(i);
+            }
+        }
+        for i in same {
+            heads[i] = cursors[i].next(py)?;
+        }
+    }
+    Ok(written)
 }

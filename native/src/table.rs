@@ -137,15 +137,16 @@ impl Table {
         Ok(out)
     }
 
-    /// Every entry as one bytes object, to ship a segment's rows to another process at memcpy
-    /// speed (items() + pickle cost as much as parsing the segment did). See `merge`.
+    /// Every entry as one bytes object, in key order, to ship a segment's rows to another process
+    /// at memcpy speed (items() + pickle cost as much as parsing the segment did). The parent
+    /// either `merge`s it or hands it to SqliteWriter.write, which merges sorted runs as it writes.
     fn dumps<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         let mut out: Vec<u8> = Vec::with_capacity(self.map.len() * 96);
         let put = |out: &mut Vec<u8>, b: &[u8]| {
             out.extend_from_slice(&(b.len() as u32).to_le_bytes());
             out.extend_from_slice(b);
         };
-        for (k, e) in &self.map {
+        for (k, e) in self.sorted() {
             put(&mut out, k);
             out.extend_from_slice(&e.t.to_le_bytes());
             out.push(e.digits as u8);
@@ -180,22 +181,13 @@ impl Table {
 
     /// Apply what `dumps` gave, as a later part (equal times: it wins), as `put` would one by one.
     fn merge(&mut self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
-        let bad = || pyo3::exceptions::PyValueError::new_err("not a Table.dumps() value");
         let mut r = Reader { data, at: 0 };
         let mut strings: HashMap<Vec<u8>, Py<PyString>, RandomState> = HashMap::default();
         let mut nodes: HashMap<Vec<u8>, PyObject, RandomState> = HashMap::default();
-        while r.at < data.len() {
-            let key = r.chunk().ok_or_else(bad)?;
-            let t = i64::from_le_bytes(r.take(8).ok_or_else(bad)?.try_into().unwrap());
-            let digits = r.take(1).ok_or_else(bad)?[0] as i64;
-            let ip = match r.take(1).ok_or_else(bad)?[0] {
-                0 => None,
-                _ => Some(Box::<[u8]>::from(r.chunk().ok_or_else(bad)?)),
-            };
-            let node = match r.take(1).ok_or_else(bad)?[0] {
-                0 => py.None(),
-                tag => {
-                    let b = r.chunk().ok_or_else(bad)?;
+        while let Some(rec) = r.record()? {
+            let node = match rec.node {
+                None => py.None(),
+                Some((tag, b)) => {
                     let mut tagged = vec![tag];
                     tagged.extend_from_slice(b);
                     nodes
@@ -210,13 +202,10 @@ impl Table {
                         .clone_ref(py)
                 }
             };
-            let service = text(py, &mut strings, r.chunk().ok_or_else(bad)?);
-            let detail = match r.take(1).ok_or_else(bad)?[0] {
-                0 => None,
-                _ => Some(text(py, &mut strings, r.chunk().ok_or_else(bad)?)),
-            };
-            let entry = Entry { t, digits, ip, node, service, detail };
-            let (second, user) = split(key);
+            let service = text(py, &mut strings, rec.service);
+            let detail = rec.detail.map(|d| text(py, &mut strings, d));
+            let entry = Entry { t: rec.t, digits: rec.digits, ip: rec.ip.map(Box::from), node, service, detail };
+            let (second, user) = split(rec.key);
             self.put_entry(user, second, entry);
         }
         Ok(())
@@ -290,12 +279,52 @@ fn text(py: Python<'_>, cache: &mut HashMap<Vec<u8>, Py<PyString>, RandomState>,
     s
 }
 
-struct Reader<'a> {
-    data: &'a [u8],
-    at: usize,
+/// One entry of a `dumps` value, borrowed from it.
+pub struct Record<'a> {
+    pub key: &'a [u8],
+    pub t: i64,
+    pub digits: i64,
+    pub ip: Option<&'a [u8]>,
+    pub node: Option<(u8, &'a [u8])>, // (1: bytes, 2: str, as it was in the table), the text
+    pub service: &'a [u8],
+    pub detail: Option<&'a [u8]>,
+}
+
+/// Reads the entries of a `dumps` value in order.
+pub struct Reader<'a> {
+    pub data: &'a [u8],
+    pub at: usize,
 }
 
 impl<'a> Reader<'a> {
+    /// The next entry, None at the end, an error when `data` is not what `dumps` writes.
+    pub fn record(&mut self) -> PyResult<Option<Record<'a>>> {
+        if self.at >= self.data.len() {
+            return Ok(None);
+        }
+        self.parse().map(Some).ok_or_else(|| pyo3::exceptions::PyValueError::new_err("not a Table.dumps() value"))
+    }
+
+    fn parse(&mut self) -> Option<Record<'a>> {
+        let key = self.chunk()?;
+        let t = i64::from_le_bytes(self.take(8)?.try_into().ok()?);
+        let digits = self.take(1)?[0] as i64;
+        let ip = match self.take(1)?[0] {
+            0 => None,
+            _ => Some(self.chunk()?),
+        };
+        let node = match self.take(1)?[0] {
+            0 => None,
+            tag => Some((tag, self.chunk()?)),
+        };
+        let service = self.chunk()?;
+        let detail = match self.take(1)?[0] {
+            0 => None,
+            _ => Some(self.chunk()?),
+        };
+        Some(Record { key, t, digits, ip, node, service, detail })
+    }
+
     fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         let b = self.data.get(self.at..self.at.checked_add(n)?)?;
         self.at += n;

@@ -102,6 +102,36 @@ def test_the_native_flush_stores_exactly_what_the_row_path_stores(tmp_path):
     slow.close()
 
 
+def with_runs() -> Coalescer:
+    """A coalescer with its own rows and two later processes' tables as runs: overlapping keys,
+    newer and older times, equal times (the later run wins), keys only some of them have."""
+    sink = filled()
+    for shift in (1, 2):
+        part = Coalescer()
+        for i in range(0, 300, 2 * shift):
+            part.logins.put(f"user{i % 131}@example.org".encode(), "imap", 1_795_308_723_000_000 + 150 * shift,
+                            0, f"192.0.2.{shift}".encode(), b"mx%d" % shift, "imap")
+        part.logins.put(b"j\xc3\xa4ne", "pop3", 1_795_308_723_000_000, 0, b"198.51.100.1", "n%d" % shift, "pop3")
+        part.others.put(b"eve", "auth_fail", 1_795_308_725_000_000, 3, b"203.0.113.%d" % shift, None, "imap")
+        sink.add_run(part.logins.dumps(), part.others.dumps(), len(part))
+    return sink
+
+
+@pytest.mark.skipif(native.fastscan is None, reason="runs are merged into the tables on the row path")
+def test_runs_merged_while_writing_store_what_merging_them_first_stores(tmp_path):
+    fast, slow = (open_store(f"sqlite:///{tmp_path}/{n}.db") for n in ("fast", "slow"))
+    a, b = with_runs(), with_runs()
+    written = fast.flush(a)
+    rows = b.take()
+    assert written == slow.write(rows) == len(rows)
+    assert dump(fast) == dump(slow)
+    assert ("eve", "auth_fail", "imap", "2026-11-22T00:52:05.000Z", 1_795_308_725_000_000, "203.0.113.2",
+            None, None) in dump(fast)[1]
+    assert len(a) == 0 and not a.runs and a.bad_users == [b"\xff\xfe"]
+    fast.close()
+    slow.close()
+
+
 def test_a_failed_flush_commits_nothing_and_keeps_the_rows_for_a_retry(store):
     store.db.execute("CREATE TRIGGER no BEFORE INSERT ON last_event BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
     sink = filled()

@@ -6,12 +6,21 @@ import bz2
 import gzip
 import lzma
 import os
+import random
 from pathlib import Path
 
 import pytest
 import zstandard
 
-from harvester.sources.archive import ArchiveError, expand, line_blocks, raw_chunks, read_ahead, rotation_key
+from harvester.sources.archive import (
+    ArchiveError,
+    expand,
+    line_blocks,
+    plain_texts,
+    raw_chunks,
+    read_ahead,
+    rotation_key,
+)
 
 BODY = b"".join(b"line %d " % i + b"x" * (i % 50) + b"\n" for i in range(20000))
 COMPRESS = {"": bytes, ".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress,
@@ -89,7 +98,8 @@ def test_expand_reports_missing_files_and_directories_without_raising(tmp_path):
 
 
 def test_read_ahead_hands_blocks_long_lines_and_damage_to_the_parser_in_order(tmp_path):
-    """The helper process's blocks, long-line reports and the error after them arrive as produced."""
+    """The helper process's blocks, long-line reports and the error after them arrive as produced, each
+    block with the parser's newline in front."""
     def produce(report):
         yield 0, b"a\n", 10
         report(2)
@@ -98,8 +108,8 @@ def test_read_ahead_hands_blocks_long_lines_and_damage_to_the_parser_in_order(tm
 
     longs: list[int] = []
     it = read_ahead(produce, on_long_line=longs.append)
-    assert next(it) == (0, b"a\n", 10)
-    assert next(it) == (2, b"b" * (3 << 20) + b"\n", 20) and longs == [2]
+    assert next(it) == (0, b"\na\n", 3, 10)
+    assert next(it) == (2, b"\n" + b"b" * (3 << 20) + b"\n", (3 << 20) + 2, 20) and longs == [2]
     with pytest.raises(ArchiveError, match="ends early") as e:
         next(it)
     assert e.value.partial
@@ -158,3 +168,32 @@ def test_lines_before_damage_still_drop_an_over_long_line():
         for _, block in line_blocks(chunks(), max_line=1024, on_long_line=guarded(calls)):
             got.append(block)
     assert b"".join(got) == b"a\nb\n" and calls == [2]
+
+
+def test_a_plain_file_read_in_place_gives_the_lines_and_long_line_reports_of_the_general_reader(tmp_path):
+    """plain_texts (one copy, reads that begin at the previous newline) against line_blocks, over
+    random files with long lines anywhere, block sizes smaller and larger than the lines, and
+    with and without a last newline."""
+    rng = random.Random(11)
+    p = tmp_path / "maillog"
+    for trial in range(60):
+        max_line = rng.choice([16, 100, 1024])
+        lines = [b"y" * rng.choice([0, 3, max_line - 1, max_line, max_line + 1, 3 * max_line, 5000])
+                 for _ in range(rng.randint(0, 40))]
+        data = b"\n".join(lines) + (b"\n" if trial % 4 else b"")
+        p.write_bytes(data)
+        want_long: list[int] = []
+        want = b"".join(b for _, b in line_blocks(raw_chunks(p, 4096), max_line=max_line,
+                                                  on_long_line=want_long.append))
+        for block in (8, 64, 4096):
+            long: list[int] = []
+            texts = list(plain_texts(p, max_line=max_line, on_long_line=guarded(long), block=block))
+            assert all(t.data[:1] == b"\n" for t in texts)
+            assert b"".join(t.data[1:t.end] for t in texts) == want, (trial, block)
+            assert long == want_long, (trial, block)
+
+
+def test_a_plain_file_that_cannot_be_opened_is_damage_with_nothing_used(tmp_path):
+    with pytest.raises(ArchiveError, match="cannot open") as e:
+        list(plain_texts(tmp_path / "gone", max_line=1024, on_long_line=print))
+    assert not e.value.partial
