@@ -97,9 +97,13 @@ def test_expand_reports_missing_files_and_directories_without_raising(tmp_path):
                                                                "DIR/maillog*)"}
 
 
-def test_read_ahead_hands_blocks_long_lines_and_damage_to_the_parser_in_order(tmp_path):
+@pytest.mark.parametrize("slot", [8 << 20, 1 << 20], ids=["through-the-ring", "too-big-for-a-slot"])
+def test_read_ahead_hands_blocks_long_lines_and_damage_to_the_parser_in_order(tmp_path, monkeypatch, slot):
     """The helper process's blocks, long-line reports and the error after them arrive as produced, each
-    block with the parser's newline in front."""
+    block with the parser's newline in front, whether it came through the shared ring or the pipe."""
+    from harvester.sources import archive
+
+    monkeypatch.setattr(archive, "SLOT", slot)
     def produce(report):
         yield 0, b"a\n", 10
         report(2)
@@ -113,6 +117,17 @@ def test_read_ahead_hands_blocks_long_lines_and_damage_to_the_parser_in_order(tm
     with pytest.raises(ArchiveError, match="ends early") as e:
         next(it)
     assert e.value.partial
+
+
+def test_read_ahead_reuses_its_ring_slots_without_overwriting_a_block_not_yet_taken():
+    blocks = [bytes([65 + i % 26]) * (i * 40_000 + 1) + b"\n" for i in range(40)]
+
+    def produce(report):
+        for i, b in enumerate(blocks):
+            yield i, b, i
+
+    got = [(t.offset, t.data, t.end) for t in read_ahead(produce, on_long_line=print)]
+    assert got == [(i, b"\n" + b, len(b) + 1) for i, b in enumerate(blocks)]
 
 
 def test_read_ahead_stopped_early_leaves_no_helper_behind():
