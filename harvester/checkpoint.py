@@ -110,8 +110,9 @@ class Checkpoints:
         data = {"version": VERSION,
                 "positions": {p: [x.to_json() for x in xs] for p, xs in state.positions.items()},
                 "sessions": state.sessions, "rawlog": state.rawlog}
+        text = json.dumps(data, separators=(",", ":"))  # dumps runs the C encoder; dump(f) the Python one
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, separators=(",", ":"))
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
