@@ -10,6 +10,7 @@ import gc
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -170,8 +171,9 @@ def _in_parallel(files: list[Path], parser: Parser, sink: Coalescer, settings: S
     status: dict[str, str] = {}
     stitcher = segments.Stitcher()
     jobs = segments.plan(sources, workers)
-    with segments.pool(len(jobs), parser.pack, parser.node, parser.webmail, zone, settings.year,
-                       settings.max_line_bytes) as pool:
+    with tempfile.TemporaryDirectory(prefix="harvester-backfill-") as spill, \
+            segments.pool(len(jobs), parser.pack, parser.node, parser.webmail, zone, settings.year,
+                          settings.max_line_bytes, spill) as pool:
         for result in pool.imap(segments.parse_job, jobs):
             stitcher.apply(result, sink)
             parser.stats.add(result.stats)

@@ -111,7 +111,7 @@ def with_runs() -> Coalescer:
         for i in range(0, 300, 2 * shift):
             part.logins.put(f"user{i % 131}@example.org".encode(), "imap", 1_795_308_723_000_000 + 150 * shift,
                             0, f"192.0.2.{shift}".encode(), b"mx%d" % shift, "imap")
-        part.logins.put(b"j\xc3\xa4ne", "pop3", 1_795_308_723_000_000, 0, b"198.51.100.1", "n%d" % shift, "pop3")
+        part.logins.put(b"j\xc3\xa4ne", "pop3", 1_795_308_723_000_000, 0, b"198.51.100.1", f"n{shift}", "pop3")
         part.others.put(b"eve", "auth_fail", 1_795_308_725_000_000, 3, b"203.0.113.%d" % shift, None, "imap")
         sink.add_run(part.logins.dumps(), part.others.dumps(), len(part))
     return sink
