@@ -99,7 +99,9 @@ class SqliteStore:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
+            # FULL: each commit syncs the WAL. With NORMAL a commit can roll back after a power cut,
+            # while the daemon's checkpoint (synced) already says its lines were stored.
+            self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("PRAGMA cache_size=-65536")  # 64 MiB: big batches touch many B-tree pages
             self.db.executescript(SCHEMA)
         except (OSError, sqlite3.Error) as e:

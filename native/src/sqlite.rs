@@ -118,7 +118,8 @@ impl SqliteWriter {
     fn new(path: &str, login_sql: String, event_sql: String) -> PyResult<Self> {
         let db = Connection::open(path).map_err(err)?;
         db.busy_timeout(Duration::from_secs(30)).map_err(err)?;
-        db.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA cache_size=-65536;").map_err(err)?;
+        // As the Python connection (sinks/sqlite.py): a commit is on disk before the caller goes on.
+        db.execute_batch("PRAGMA synchronous=FULL; PRAGMA cache_size=-65536;").map_err(err)?;
         drop(Raw::new(&db, &login_sql)?); // fail here, at open, on a statement that cannot work
         drop(Raw::new(&db, &event_sql)?);
         Ok(SqliteWriter { db, login_sql, event_sql })
