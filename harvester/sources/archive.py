@@ -221,31 +221,34 @@ def line_blocks(chunks: Iterable[bytes], *, max_line: int, on_long_line: Callabl
 
 
 def _drop_long_lines(block: bytes, start: int, max_line: int, report: Callable[[int], None]) -> bytes:
-    """Cut out lines longer than `max_line` from a block of complete lines.
+    """Cut out lines longer than `max_line` from a block of complete lines (found at `start`)."""
+    kept = _kept_lines(block, 0, len(block), start, max_line, report)
+    return block if kept is None else b"".join(kept)
 
-    Jumps from newline to the last newline within the next max_line bytes, so
-    a block costs about len(block) / max_line memrchr calls.
+
+def _kept_lines(data: bytes, begin: int, end: int, offset: int, max_line: int,
+                report: Callable[[int], None]) -> list[bytes] | None:
+    """The pieces of data[begin:end] (lines; data[begin] is at file offset `offset`) left when its
+    lines longer than `max_line` are cut out and reported; None when there are none (the usual case).
+
+    Jumps from newline to the last newline within the next max_line bytes, so a
+    block costs about its length / max_line memrchr calls.
     """
-    if len(block) <= max_line:
-        return block
+    i = kept_from = begin
     keep: list[bytes] = []
-    i = kept_from = 0
-    end = len(block)
     while end - i > max_line:
-        j = block.rfind(b"\n", i, i + max_line + 1)
+        j = data.rfind(b"\n", i, i + max_line + 1)
         if j >= 0:
             i = j + 1
             continue
-        nl = block.find(b"\n", i)  # a long line runs from i to nl (or to the end: an unterminated last line)
-        report(start + i)
-        keep.append(block[kept_from:i])
-        if nl < 0:
-            return b"".join(keep)
-        i = kept_from = nl + 1
+        report(offset + i - begin)  # a long line runs from i to its newline (or to the end, unterminated)
+        keep.append(data[kept_from:i])
+        nl = data.find(b"\n", i, end)
+        i = kept_from = end if nl < 0 else nl + 1
     if not keep:
-        return block
-    keep.append(block[kept_from:])
-    return b"".join(keep)
+        return None
+    keep.append(data[kept_from:end])
+    return keep
 
 
 def _no_newline(parts: list[bytes]) -> bool:
@@ -359,28 +362,14 @@ def _newline_from(fd: int, pos: int) -> int | None:
 
 def _cut_long_lines(data: bytes, end: int, offset: int, max_line: int,
                     report: Callable[[int], None]) -> tuple[bytes, int]:
-    """data[1:end] without its lines longer than `max_line` (each reported); usually as it is.
-
-    Jumps from a newline to the last newline within the next max_line bytes, so a
-    text costs about len / max_line memrchr calls.
-    """
-    i = 1
-    keep: list[bytes] = []
-    kept_from = 1
-    while end - i > max_line:
-        j = data.rfind(b"\n", i, i + max_line + 1)
-        if j >= 0:
-            i = j + 1
-            continue
-        report(offset + i - 1)
-        keep.append(data[kept_from:i])
-        nl = data.find(b"\n", i, end)
-        i = kept_from = end if nl < 0 else nl + 1
-    if not keep:
+    """(text, end) of data[1:end] without its lines longer than `max_line`: usually data as it is."""
+    kept = _kept_lines(data, 1, end, offset, max_line, report)
+    if kept is None:
         return data, end
-    keep.append(data[kept_from:end])
-    out = b"\n" + b"".join(keep)
+    out = b"\n" + b"".join(kept)
     return out, len(out)
+
+
 _HEAD = struct.Struct("<BBQQQ")  # kind, slot, a, b, payload length
 _BLOCK, _LONG, _ERROR, _END, _SLOT = range(5)
 SLOT = 8 << 20  # bytes per slot of read_ahead's shared ring (a block is about BLOCK plus one read)

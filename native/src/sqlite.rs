@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyString};
+use pyo3::types::{PyBytes, PyList};
 use rusqlite::{ffi, Connection, TransactionBehavior};
 
 use crate::{rfc3339, rfc3339_into};
@@ -207,46 +207,26 @@ fn cursors<'a>(table: &'a Table, runs: Option<&'a [Bound<'_, PyBytes>]>) -> Vec<
 
 impl<'a> Cursor<'a> {
     fn next<'py: 'a>(&mut self, py: Python<'py>) -> PyResult<Option<View<'a>>> {
-        match self {
-            Cursor::Table(it) => {
-                let Some((key, e)) = it.next() else { return Ok(None) };
-                let (second, user) = split(key);
-                let node = if e.node.is_none(py) {
-                    None
-                } else if let Ok(b) = e.node.downcast_bound::<PyBytes>(py) {
-                    Some(b.as_bytes())
-                } else {
-                    Some(e.node.downcast_bound::<PyString>(py)?.to_str()?.as_bytes())
-                };
-                let detail = match &e.detail {
-                    Some(d) => Some(d.bind(py).to_str()?.as_bytes()),
-                    None => None,
-                };
-                Ok(Some(View {
-                    user,
-                    second,
-                    t: e.t,
-                    digits: e.digits,
-                    ip: e.ip.as_deref(),
-                    node,
-                    service: e.service.bind(py).to_str()?.as_bytes(),
-                    detail,
-                }))
+        let record = match self {
+            Cursor::Table(it) => match it.next() {
+                Some((key, e)) => Some(e.record(py, key)?),
+                None => None,
+            },
+            Cursor::Run(r) => r.record()?,
+        };
+        Ok(record.map(|rec| {
+            let (second, user) = split(rec.key);
+            View {
+                user,
+                second,
+                t: rec.t,
+                digits: rec.digits,
+                ip: rec.ip,
+                node: rec.node.map(|(_, b)| b),
+                service: rec.service,
+                detail: rec.detail,
             }
-            Cursor::Run(r) => Ok(r.record()?.map(|rec| {
-                let (second, user) = split(rec.key);
-                View {
-                    user,
-                    second,
-                    t: rec.t,
-                    digits: rec.digits,
-                    ip: rec.ip,
-                    node: rec.node.map(|(_, b)| b),
-                    service: rec.service,
-                    detail: rec.detail,
-                }
-            })),
-        }
+        }))
     }
 }
 
@@ -290,16 +270,12 @@ fn merged<'a, 'py: 'a>(
         } else {
             bad.append(PyBytes::new(py, v.user))?;
         }
-        // Advance every cursor that was at this key.
+        // Advance every cursor that was at this key (the key's slices borrow the data, not `heads`).
         let key = (v.user, v.second);
-        let mut same = Vec::new();
-        for (i, h) in heads.iter().enumerate().skip(low) {
-            if h.as_ref().is_some_and(|h| (h.user, h.second) == key) {
-                same.push(i);
+        for i in low..heads.len() {
+            if heads[i].as_ref().is_some_and(|h| (h.user, h.second) == key) {
+                heads[i] = cursors[i].next(py)?;
             }
-        }
-        for i in same {
-            heads[i] = cursors[i].next(py)?;
         }
     }
     Ok(written)

@@ -146,35 +146,25 @@ impl Table {
             out.extend_from_slice(&(b.len() as u32).to_le_bytes());
             out.extend_from_slice(b);
         };
+        let opt = |out: &mut Vec<u8>, tag: u8, b: Option<&[u8]>| match b {
+            Some(b) => {
+                out.push(tag);
+                put(out, b);
+            }
+            None => out.push(0),
+        };
         for (k, e) in self.sorted() {
-            put(&mut out, k);
-            out.extend_from_slice(&e.t.to_le_bytes());
-            out.push(e.digits as u8);
-            match &e.ip {
-                Some(ip) => {
-                    out.push(1);
-                    put(&mut out, ip);
-                }
+            let r = e.record(py, k)?;
+            put(&mut out, r.key);
+            out.extend_from_slice(&r.t.to_le_bytes());
+            out.push(r.digits as u8);
+            opt(&mut out, 1, r.ip);
+            match r.node {
+                Some((tag, b)) => opt(&mut out, tag, Some(b)),
                 None => out.push(0),
             }
-            let node = e.node.bind(py);
-            if node.is_none() {
-                out.push(0);
-            } else if let Ok(b) = node.downcast::<PyBytes>() {
-                out.push(1);
-                put(&mut out, b.as_bytes());
-            } else {
-                out.push(2);
-                put(&mut out, node.downcast::<PyString>()?.to_str()?.as_bytes());
-            }
-            put(&mut out, e.service.bind(py).to_str()?.as_bytes());
-            match &e.detail {
-                Some(d) => {
-                    out.push(1);
-                    put(&mut out, d.bind(py).to_str()?.as_bytes());
-                }
-                None => out.push(0),
-            }
+            put(&mut out, r.service);
+            opt(&mut out, 1, r.detail);
         }
         Ok(PyBytes::new(py, &out))
     }
@@ -279,7 +269,33 @@ fn text(py: Python<'_>, cache: &mut HashMap<Vec<u8>, Py<PyString>, RandomState>,
     s
 }
 
-/// One entry of a `dumps` value, borrowed from it.
+impl Entry {
+    /// This entry under `key` as a Record, its texts borrowed from the Python objects it holds.
+    pub fn record<'a, 'py: 'a>(&'a self, py: Python<'py>, key: &'a [u8]) -> PyResult<Record<'a>> {
+        let node = if self.node.is_none(py) {
+            None
+        } else if let Ok(b) = self.node.downcast_bound::<PyBytes>(py) {
+            Some((1, b.as_bytes()))
+        } else {
+            Some((2, self.node.downcast_bound::<PyString>(py)?.to_str()?.as_bytes()))
+        };
+        let detail = match &self.detail {
+            Some(d) => Some(d.bind(py).to_str()?.as_bytes()),
+            None => None,
+        };
+        Ok(Record {
+            key,
+            t: self.t,
+            digits: self.digits,
+            ip: self.ip.as_deref(),
+            node,
+            service: self.service.bind(py).to_str()?.as_bytes(),
+            detail,
+        })
+    }
+}
+
+/// One entry of a `dumps` value (or of a table), borrowed from it.
 pub struct Record<'a> {
     pub key: &'a [u8],
     pub t: i64,
