@@ -85,3 +85,13 @@ class PrivateNode:
         import subprocess
 
         subprocess.run([*self.cmd, "stop", *self.dir], check=check, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def log_lines(tmp_path_factory) -> list[bytes]:
+    """9,000 lines of the generated maillog (400 users, UTC), for the daemon scenarios."""
+    from tests import corpus
+
+    src = tmp_path_factory.mktemp("corpus") / "maillog"
+    corpus.write_maillog(src, lines=9000, users=400, tz="UTC")
+    return src.read_bytes().splitlines(keepends=True)
