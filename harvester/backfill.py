@@ -115,19 +115,23 @@ def _one_file(path: Path, parser: Parser, sink: Coalescer, settings: Settings, z
         return f"cannot read: {e.strerror}"
     status = "ok"
     done_bytes = 0
-    first = True
+    prefix = None
+    head = b""
     parser.name(str(path))
     max_line = settings.max_line_bytes
     try:
         # Each text carries how far the reader was when it was cut, so the bar follows the parser.
         for text in texts(path, max_line=max_line,
                           on_long_line=lambda at: parser.problem("long_line", at, b"(not shown)")):
-            if first:
-                first = False
-                prefix = _prefix_for(parser, settings, path, text.data[1:min(text.end, SNIFF_BYTES + 1)])
+            if prefix is None:
+                # Decided by the first Dovecot line (a combined mail log may begin with other daemons'
+                # lines); texts before it hold no event under any prefix, so skipping them loses nothing.
+                sample = text.data[1:text.end]
+                head = head or sample[:SNIFF_BYTES]
+                prefix = _prefix_for(parser, settings, sample)
                 if prefix is None:
-                    status = "no line in a known format"
-                    break
+                    parser.count_skipped(sample)
+                    continue
                 style = parser.pack.prefixes[prefix].style
                 parser.begin(str(path), prefix, Clock(style, zone, year=settings.year, reference=mtime))
             parser.feed_text(text.data, text.end, sink, text.offset)
@@ -141,6 +145,8 @@ def _one_file(path: Path, parser: Parser, sink: Coalescer, settings: Settings, z
         log.error("%s: %s; %s", path, e,
                   "the lines before the damage were used" if e.partial else "file skipped")
         status = str(e)
+    if prefix is None and status == "ok":
+        status = _undecided(parser, path, head)
     parser.end()
     if bar is not None:
         bar.update(max(_size(path) - done_bytes, 0))
@@ -154,11 +160,15 @@ def _in_parallel(files: list[Path], parser: Parser, sink: Coalescer, settings: S
     for path in files:
         try:
             mtime = path.stat().st_mtime
-            head = next(line_blocks(raw_chunks(path), max_line=settings.max_line_bytes,
-                                    on_long_line=lambda at: None, block=SNIFF_BYTES), (0, b""))[1]
-            prefix = _prefix_for(parser, settings, path, head)
+            prefix, head = None, b""
+            for _, block in line_blocks(raw_chunks(path), max_line=settings.max_line_bytes,
+                                        on_long_line=lambda at: None, block=SNIFF_BYTES):
+                head = head or block
+                prefix = _prefix_for(parser, settings, block)
+                if prefix is not None:  # the first Dovecot line decides, however far in
+                    break
             if prefix is None:
-                summary.files.append((str(path), "no line in a known format"))
+                summary.files.append((str(path), _undecided(parser, path, head)))
                 continue
             sources.append(segments.source(path, prefix, parser.pack.prefixes[prefix].style, mtime))
         except ArchiveError as e:
@@ -190,18 +200,27 @@ def _in_parallel(files: list[Path], parser: Parser, sink: Coalescer, settings: S
     summary.files.extend((f.path, status.get(f.path, "ok")) for f in sources)
 
 
-def _prefix_for(parser: Parser, settings: Settings, path: Path, block: bytes) -> str | None:
+def _prefix_for(parser: Parser, settings: Settings, block: bytes) -> str | None:
+    """The configured prefix, or the one the first Dovecot line of `block` decides (None: not yet)."""
     if settings.prefix != "auto":
         if settings.prefix not in parser.pack.prefixes:
             raise SystemExit(f"prefix {settings.prefix!r} is not in pack {parser.pack.name!r} "
                              f"(it has: {', '.join(parser.pack.prefixes)})")
         return settings.prefix
-    name, scores = patterns.detect_prefix(parser.pack, block[:SNIFF_BYTES])
-    if name is None:
-        log.error("%s: no line looks like any prefix of pack %r, skipped", path, parser.pack.name)
-    else:
-        log.debug("%s: prefix %s (matches per prefix: %s)", path, name, scores)
+    name, scores = patterns.detect_prefix(parser.pack, block)
+    if name is not None:
+        log.debug("prefix %s (matches per prefix: %s)", name, scores)
     return name
+
+
+def _undecided(parser: Parser, path: Path, head: bytes) -> str:
+    """A whole file without one Dovecot event: fine if it looks like a log of a known format (a quiet
+    one), a problem to report if no line does."""
+    if patterns.closest_prefix(parser.pack, head)[0] is not None:
+        log.info("%s: no Dovecot login or delivery in it", path)
+        return "ok"
+    log.error("%s: no line looks like any prefix of pack %r, skipped", path, parser.pack.name)
+    return "no line in a known format"
 
 
 def _size(path: Path) -> int:

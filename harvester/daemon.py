@@ -1,13 +1,15 @@
 """The live daemon: follow the maillog, keep the store current, never lose or invent a login.
 
-One loop: read new complete lines of every followed file, parse them into the
-coalescer, flush to the store every `flush_interval_ms` (or `flush_events`
-rows), and only after the store acknowledged a flush save the checkpoints (the
-offsets and the parser's open sessions at that moment). A crash therefore
-replays from the last acknowledged point, and the store's newest-wins writes
-make the replay harmless. When the store fails, the rows stay queued, the
-checkpoints stay put, reading pauses at `max_waiting_rows`, and the flush is
-retried with backoff until the store is back.
+The loop reads new complete lines of every followed file and parses them into
+the coalescer. Every `flush_interval_ms` (or `flush_events` rows) it cuts a
+batch: the rows gathered so far plus the checkpoint (offsets and the parser's
+open sessions at that moment) that becomes true once they are stored. A writer
+thread writes the batch and, only after the store acknowledged it, saves that
+checkpoint; a crash therefore replays from the last acknowledged point, and the
+store's newest-wins writes make the replay harmless. A store that is slow,
+locked or down holds up only the writer: the loop goes on reading (up to
+`max_waiting_rows`), pinging systemd's watchdog and answering /metrics, and the
+writer retries the same batch with backoff until the store takes it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from harvester import metrics, native, patterns
-from harvester.checkpoint import Checkpoints, State
+from harvester.checkpoint import Checkpoints, State, StateInUse, lock_state_dir
 from harvester.coalesce import Coalescer
 from harvester.config import Settings, state_dir
 from harvester.parse import Networks, Parser
@@ -34,7 +36,8 @@ from harvester.sources.tail import Block, Follower
 from harvester.timeparse import Clock, resolve_timezone
 
 log = logging.getLogger(__name__)
-BACKOFF_MAX = 30.0
+BACKOFF_MAX = 5.0  # a store that comes back is written to within this many seconds
+STOP_DEADLINE = 8.0  # seconds SIGTERM waits for the last write (systemd's TimeoutStopSec is longer)
 OUTAGE_REPEAT = 60.0  # while the store is down, say so again this often
 GLOB_RESCAN = 10.0  # seconds between looks for new files matching the followed globs
 SESSIONS_KEPT = 5000  # POP3 logins saved with a checkpoint, for deletions logged after a restart
@@ -64,8 +67,131 @@ class Source:
     follower: Follower
     parser: Parser
     prefix: str | None = None
+    undecided_said: bool = False  # "no Dovecot line yet" was logged
     ref_minute: int = 0
     seen: dict = field(default_factory=dict)  # last stats pushed to the metrics
+
+
+@dataclass
+class Batch:
+    """What one write takes: the rows coalesced since the previous batch, and the checkpoint that
+    becomes true once the store acknowledged them (an empty batch only moves the checkpoint)."""
+
+    sink: Coalescer
+    state: State
+    read_at: list[float]  # monotonic read times of the blocks whose rows it holds
+
+
+class Writer(threading.Thread):
+    """Writes batches off the loop thread, one at a time: a store that is slow, locked or down never stops
+    reading, the watchdog or /metrics. A failed batch keeps the rows the store did not take and is retried
+    with backoff until it is stored, or the daemon stops (its checkpoint then stays unsaved: a replay)."""
+
+    def __init__(self, store: Store, checkpoints: Checkpoints, wake: threading.Event) -> None:
+        super().__init__(name="harvester-writer", daemon=True)
+        self.store = store
+        self.checkpoints = checkpoints
+        self.wake = wake  # the loop's: set when a batch is done, so the next one is cut at once
+        self.cond = threading.Condition()
+        self.batch: Batch | None = None
+        self.closing = False  # write what was handed over, then end
+        self.abandon = threading.Event()  # end now, even with a batch unwritten
+        self.store_up = True
+        self.down_since = 0.0
+        self.last_outage_log = 0.0
+        self.backoff = 0.0
+        self.newest_us = 0
+
+    # -- the loop thread's side -------------------------------------------------------
+    def idle(self) -> bool:
+        return self.batch is None
+
+    def in_flight(self) -> int:
+        """Rows handed over and not yet acknowledged."""
+        batch = self.batch
+        return len(batch.sink) if batch is not None else 0
+
+    def submit(self, batch: Batch) -> None:
+        with self.cond:
+            assert self.batch is None, "one batch at a time"
+            self.batch = batch
+            self.cond.notify_all()
+
+    def finish(self, seconds: float) -> bool:
+        """Write what was handed over within `seconds` (not retrying a store that is down), then end.
+        Returns whether everything handed over was stored."""
+        with self.cond:
+            self.closing = True
+            self.cond.notify_all()
+        if not self.store_up:
+            self.abandon.set()
+        self.join(seconds)
+        if self.is_alive():
+            self.abandon.set()
+            self.join(1.0)
+        return self.batch is None
+
+    # -- the writer thread -----------------------------------------------------------------
+    def run(self) -> None:
+        while not self.abandon.is_set():
+            with self.cond:
+                while self.batch is None and not self.closing:
+                    self.cond.wait()
+                batch = self.batch
+            if batch is None:
+                return
+            if self._attempt(batch):
+                with self.cond:
+                    self.batch = None
+                self.wake.set()
+            elif self.abandon.wait(self.backoff):
+                return
+
+    def _attempt(self, batch: Batch) -> bool:
+        waiting = len(batch.sink)
+        if waiting:
+            newest = _newest(batch.sink)
+            t = time.monotonic()
+            try:
+                written = flush(batch.sink, self.store)
+            except Exception as e:  # StoreError, or anything unexpected: the rows stay, the daemon goes on
+                if not isinstance(e, StoreError):
+                    log.exception("unexpected error while writing to %s", self.store.url)
+                self._failed(e, len(batch.sink))
+                return False
+            metrics.WRITE_SECONDS.observe(time.monotonic() - t)
+            metrics.ROWS_WRITTEN.inc(written)
+            self.newest_us = max(self.newest_us, newest)
+            metrics.NEWEST.set(self.newest_us / 1e6)
+        now = time.monotonic()
+        for read_at in batch.read_at:
+            metrics.DELAY.observe(now - read_at)
+        if not self.store_up:
+            log.warning("store %s is back after %.0f s; caught up %d rows", self.store.url,
+                        now - self.down_since, waiting)
+        self.store_up, self.backoff = True, 0.0
+        metrics.STORE_UP.set(1)
+        try:
+            self.checkpoints.save(batch.state)
+        except OSError as e:  # the rows are stored; the next batch's checkpoint covers these lines too
+            log.error("%s: cannot save checkpoints: %s (they are saved again after the next write)",
+                      self.checkpoints.path, e)
+        return True
+
+    def _failed(self, e: Exception, waiting: int) -> None:
+        now = time.monotonic()
+        metrics.WRITE_ERRORS.inc()
+        metrics.STORE_UP.set(0)
+        if self.store_up:
+            log.error("store %s: %s; %d rows kept, checkpoints held, retrying with backoff", self.store.url, e,
+                      waiting)
+            self.store_up, self.down_since, self.last_outage_log = False, now, now
+        elif now - self.last_outage_log >= OUTAGE_REPEAT:
+            log.error("store %s still failing after %.0f s (%d rows in the batch being retried): %s",
+                      self.store.url, now - self.down_since, waiting, e)
+            self.last_outage_log = now
+        metrics.RETRIES.inc()
+        self.backoff = min(max(self.backoff * 2, 0.5), BACKOFF_MAX)
 
 
 class Daemon:
@@ -76,18 +202,14 @@ class Daemon:
         self.reload_settings = reload  # () -> Settings, for SIGHUP
         self.sink = Coalescer()
         self.checkpoints = Checkpoints(state_dir(settings))
+        self.wake = threading.Event()  # file changes, signals and a finished write end the loop's wait
+        self.writer = Writer(store, self.checkpoints, self.wake)
         self.sources: dict[str, Source] = {}
-        self.wake = threading.Event()
         self.stopping = False
         self.reloading = False
-        self.store_up = True
-        self.down_since: float | None = None
-        self.last_outage_log = 0.0
-        self.retry_at = 0.0
-        self.backoff = 0.0
-        self.unflushed_blocks: list[tuple[float, int]] = []  # (monotonic read time, lines) of queued blocks
-        self.dirty = False  # offsets moved since the last saved checkpoint
-        self.newest_us = 0
+        self.read_at: list[float] = []  # monotonic read times of the blocks in self.sink
+        self.dirty = True  # offsets moved since the last checkpoint handed to the writer (at start: maybe)
+        self.lock_fd = -1
         self._observer = None
         self.rawlog_trees: list[rawlog.Tree] = []
         # (root, user, name, pid) -> latest reading of the name: sessions harvested after the mark
@@ -99,7 +221,10 @@ class Daemon:
     def _parser(self) -> Parser:
         s = self.settings
         pack = patterns.load(s.pattern_pack, [Path(d) for d in s.patterns_dir])
-        return Parser(pack, node=s.node_name, webmail=Networks(s.webmail_networks))
+        parser = Parser(pack, node=s.node_name, webmail=Networks(s.webmail_networks))
+        if s.rawlog:  # every parser, also after SIGHUP and for files a glob matches later: rawlog sessions
+            parser.remember_logins()  # take their address from the Login line with the same pid
+        return parser
 
     def _expand(self) -> list[str]:
         out = []
@@ -156,6 +281,14 @@ class Daemon:
 
     # -- the loop --------------------------------------------------------------------
     def run(self) -> int:
+        try:
+            self.lock_fd = lock_state_dir(self.checkpoints.dir)
+        except StateInUse as e:
+            log.error("%s", e)
+            return 2
+        except OSError as e:
+            log.error("state directory %s: %s", self.checkpoints.dir, e.strerror or e)
+            return 2
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_reload)
@@ -173,14 +306,20 @@ class Daemon:
             log.info("watching rawlog sessions under %s%s", root,
                      f" named after {datetime.fromtimestamp(tree.mark, zone):%Y-%m-%d %H:%M:%S %Z}"
                      if tree.mark else " (all of them)")
-        for src in self.sources.values():
-            src.parser.remember_logins()
+        try:
+            metrics.serve(self.settings.metrics_listen, "native" if native.enabled() else "python")
+        except OSError as e:
+            log.error("metrics_listen %s: cannot listen: %s (another harvester on this port? give each "
+                      "instance its own metrics_listen, or an empty one for none)", self.settings.metrics_listen,
+                      e.strerror or e)
+            return 2
         self._watch()
-        metrics.serve(self.settings.metrics_listen, "native" if native.enabled() else "python")
+        self.writer.start()
         notify("READY=1\nSTATUS=following " + ", ".join(self.sources))
         watchdog_every = _watchdog_interval()
-        last_flush = last_scan = last_ping = time.monotonic()
+        last_cut = last_scan = last_ping = time.monotonic()
         poll = self.settings.poll_interval_ms / 1000
+        interval = self.settings.flush_interval_ms / 1000
         try:
             while not self.stopping:
                 started = time.monotonic()
@@ -189,26 +328,28 @@ class Daemon:
                 if started - last_scan >= GLOB_RESCAN:
                     self._add_sources(None, "beginning")  # a file that appears later is new all through
                     last_scan = started
-                if len(self.sink) < self.settings.max_waiting_rows:
-                    self._read_all()
+                behind = False
+                if self._waiting() < self.settings.max_waiting_rows:
+                    behind = self._read_all()
                     if self.rawlog_trees and started - self.last_rawlog_scan >= poll:
                         self._read_rawlogs()
                         self.last_rawlog_scan = started
                 now = time.monotonic()
-                due = now - last_flush >= self.settings.flush_interval_ms / 1000
-                if (due or len(self.sink) >= self.settings.flush_events) and now >= self.retry_at:
-                    self._flush()
-                    last_flush = now
-                if watchdog_every and now - last_ping >= watchdog_every:
+                due = now - last_cut >= interval or len(self.sink) >= self.settings.flush_events
+                if due and self.writer.idle() and (len(self.sink) or self.dirty):
+                    self._cut()
+                    last_cut = now
+                if watchdog_every and now - last_ping >= watchdog_every and self.writer.is_alive():
                     notify("WATCHDOG=1")
                     last_ping = now
                 self._gauges()
-                # Sleep until a file changes (or the poll interval / next flush), but read in bursts.
+                if behind and self._waiting() < self.settings.max_waiting_rows:
+                    continue  # catching up: more is readable already, read it without waiting
+                # Sleep until a file changes (or the poll interval / next cut), but read in bursts.
                 spent = time.monotonic() - started
                 if spent < MIN_CYCLE:
                     time.sleep(MIN_CYCLE - spent)
-                until_flush = self.settings.flush_interval_ms / 1000 - (time.monotonic() - last_flush)
-                timeout = max(min(poll, until_flush), 0.01)
+                timeout = max(min(poll, interval - (time.monotonic() - last_cut)), 0.01)
                 if watchdog_every:
                     timeout = min(timeout, watchdog_every)
                 self.wake.wait(timeout)
@@ -218,7 +359,13 @@ class Daemon:
             self._shutdown()
         return 0
 
-    def _read_all(self) -> None:
+    def _waiting(self) -> int:
+        """Rows read and not yet acknowledged: what memory holds for the store."""
+        return len(self.sink) + self.writer.in_flight()
+
+    def _read_all(self) -> bool:
+        """Read what every followed file has; returns whether some file has more readable already."""
+        behind = False
         for src in list(self.sources.values()):
             try:
                 blocks = src.follower.poll()
@@ -227,12 +374,17 @@ class Daemon:
                 continue
             for b in blocks:
                 self._parse(src, b)
+            behind = behind or src.follower.backlog()
+        return behind
 
     def _parse(self, src: Source, b: Block) -> None:
         p = src.parser
+        self.dirty = True
         if src.prefix is None:
             src.prefix = self._prefix(src, b.data)
-            if src.prefix is None:
+            if src.prefix is None:  # no Dovecot line yet: nothing in this block is an event under any prefix
+                p.count_skipped(b.data)
+                self._count(src)
                 return
             style = p.pack.prefixes[src.prefix].style
             p.begin(src.path, src.prefix, Clock(style, resolve_timezone(self.settings.timezone),
@@ -242,8 +394,7 @@ class Daemon:
             p._clock.set_reference(time.time())
             src.ref_minute = int(time.time()) // 60
         p.feed(b.data, self.sink, b.offset)
-        self.unflushed_blocks.append((time.monotonic(), b.data.count(b"\n")))
-        self.dirty = True
+        self.read_at.append(time.monotonic())
         self._count(src)
 
     def _read_rawlogs(self) -> None:
@@ -278,13 +429,16 @@ class Daemon:
         return self.rawlog_parser
 
     def _prefix(self, src: Source, data: bytes) -> str | None:
+        """The configured prefix, or the one the file's first Dovecot line decides (None: not yet seen)."""
         s = self.settings
         if s.prefix != "auto":
             return s.prefix
-        name, _ = patterns.detect_prefix(src.parser.pack, data[:64 << 10])
-        if name is None:
-            log.error("%s: no line looks like any prefix of pack %r; these lines are skipped",
-                      src.path, src.parser.pack.name)
+        name, _ = patterns.detect_prefix(src.parser.pack, data)
+        if name is None and not src.undecided_said:
+            log.info("%s: no Dovecot line yet; its line format is decided by the first one", src.path)
+            src.undecided_said = True
+        elif name is not None:
+            log.info("%s: line format %s", src.path, name)
         return name
 
     def _count(self, src: Source) -> None:
@@ -306,62 +460,16 @@ class Daemon:
         seen.update(lines=st.lines, bytes=st.bytes, nu=nu)
         src.parser.end()  # one log line per kind of bad input in this batch
 
-    def _flush(self) -> None:
-        """Write what is waiting; on success save the checkpoints, on failure keep both and back off."""
-        waiting = len(self.sink)
-        if waiting == 0 and not self.dirty:
-            return
-        positions = {p: s.follower.positions() for p, s in self.sources.items()}
-        sessions = {p: _sessions(s.parser) for p, s in self.sources.items()}
-        blocks, self.unflushed_blocks = self.unflushed_blocks, []
-        newest = _newest(self.sink)
-        if waiting:
-            t = time.monotonic()
-            try:
-                written = flush(self.sink, self.store)
-            except Exception as e:  # StoreError, or anything unexpected: the rows stay, the daemon goes on
-                if not isinstance(e, StoreError):
-                    log.exception("unexpected error while writing to %s", self.store.url)
-                self.unflushed_blocks = blocks + self.unflushed_blocks
-                self._failed(e)
-                return
-            metrics.WRITE_SECONDS.observe(time.monotonic() - t)
-            metrics.ROWS_WRITTEN.inc(written)
-            self.newest_us = max(self.newest_us, newest)
-            metrics.NEWEST.set(self.newest_us / 1e6)
-        now = time.monotonic()
-        for read_at, _ in blocks:
-            metrics.DELAY.observe(now - read_at)
-        if not self.store_up:
-            log.warning("store %s is back after %.0f s; caught up %d rows", self.store.url,
-                        now - (self.down_since or now), waiting)
-        self.store_up, self.down_since, self.backoff, self.retry_at = True, None, 0.0, 0.0
-        metrics.STORE_UP.set(1)
-        try:
-            self.checkpoints.save(State(positions, sessions, {str(t.root): t.mark for t in self.rawlog_trees}))
-            self.dirty = False
-        except OSError as e:
-            log.error("%s: cannot save checkpoints: %s (they are saved again after the next write)",
-                      self.checkpoints.path, e)
-
-    def _failed(self, e: Exception) -> None:
-        now = time.monotonic()
-        metrics.WRITE_ERRORS.inc()
-        metrics.STORE_UP.set(0)
-        if self.store_up:
-            log.error("store %s: %s; %d rows kept, checkpoints held, retrying with backoff", self.store.url, e,
-                      len(self.sink))
-            self.store_up, self.down_since, self.last_outage_log = False, now, now
-        elif now - self.last_outage_log >= OUTAGE_REPEAT:
-            log.error("store %s still failing after %.0f s (%d rows waiting): %s", self.store.url,
-                      now - (self.down_since or now), len(self.sink), e)
-            self.last_outage_log = now
-        metrics.RETRIES.inc()
-        self.backoff = min(max(self.backoff * 2, 0.5), BACKOFF_MAX)
-        self.retry_at = now + self.backoff
+    def _cut(self) -> None:
+        """Hand what was gathered, with the checkpoint it makes true, to the writer; gather anew."""
+        state = State({p: s.follower.positions() for p, s in self.sources.items()},
+                      {p: _sessions(s.parser) for p, s in self.sources.items()},
+                      {str(t.root): t.mark for t in self.rawlog_trees})
+        self.writer.submit(Batch(self.sink, state, self.read_at))
+        self.sink, self.read_at, self.dirty = Coalescer(), [], False
 
     def _gauges(self) -> None:
-        metrics.WAITING.set(len(self.sink))
+        metrics.WAITING.set(self._waiting())
         for p, s in self.sources.items():
             metrics.LAG.labels(p).set(s.follower.lag_bytes())
 
@@ -395,17 +503,20 @@ class Daemon:
         notify("READY=1")
 
     def _shutdown(self) -> None:
-        """SIGTERM: a last flush and checkpoint (if the store takes it), then close everything."""
+        """SIGTERM: a last write and checkpoint if the store takes them within STOP_DEADLINE, then close.
+        A store that is down is not waited for: what it did not acknowledge is read again at the next start."""
         if self._observer is not None:
             self._observer.stop()
-        try:
-            self.retry_at = 0.0
-            self._flush()
-        except Exception as e:  # the stop must finish within systemd's timeout whatever happens
-            log.error("final flush failed: %s", e)
-        if len(self.sink):
-            log.warning("stopping with %d rows not stored; they are read again from the checkpoints "
-                        "at the next start", len(self.sink))
+        deadline = time.monotonic() + STOP_DEADLINE
+        if self.writer.is_alive():
+            while not self.writer.idle() and self.writer.store_up and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if self.writer.idle() and (len(self.sink) or self.dirty):
+                self._cut()
+            stored = self.writer.finish(max(deadline - time.monotonic(), 0.0))
+            if not stored or len(self.sink):
+                log.warning("stopping with %d rows not stored; they are read again from the checkpoints "
+                            "at the next start", self._waiting())
         for s in self.sources.values():
             s.follower.close()
         log.info("stopped")

@@ -185,6 +185,11 @@ class Parser:
         """Also remember IMAP and POP3 logins' addresses by mail-process pid (rawlog sessions join them)."""
         self._join_services |= {"imap", "pop3", "webmail"}
 
+    def count_skipped(self, block: bytes) -> None:
+        """Count lines read but not parsed (before a file's first Dovecot line decided its prefix)."""
+        self.stats.lines += block.count(b"\n") + (0 if not block or block.endswith(b"\n") else 1)
+        self.stats.bytes += len(block)
+
     # -- per file -----------------------------------------------------------------
     def begin(self, name: str, prefix: str, clock: Clock) -> None:
         """Start a file (or stream) whose lines use `prefix` and `clock`."""

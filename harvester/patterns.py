@@ -252,16 +252,23 @@ def _rename(rx: str, tag: str) -> str:
 
 
 def detect_prefix(pack: Pack, sample: bytes) -> tuple[str | None, dict[str, int]]:
-    """Pick the prefix under which the pack understands most lines of `sample`.
+    """Pick the prefix under which the pack recognises most Dovecot lines of `sample`.
 
-    Returns (name or None, matches per prefix). Falls back to the prefix that
-    merely parses most lines when no event is recognised (a quiet log).
+    Returns (name or None, matches per prefix). Only a line the pack recognises decides: a combined
+    mail log often starts with other daemons' lines, which the bare timestamp prefix of Dovecot's own
+    log file would also take. None means "not yet": ask again with later lines (no line of `sample`
+    is an event under any prefix, so nothing in it is lost by waiting).
     """
     text = b"\n" + sample
     scores = {n: sum(1 for _ in compile_pack(pack, n).regex.finditer(text)) for n in pack.prefixes}
     best = max(scores, key=lambda n: scores[n])
-    if scores[best] > 0:
-        return best, scores
+    return (best if scores[best] > 0 else None), scores
+
+
+def closest_prefix(pack: Pack, sample: bytes) -> tuple[str | None, dict[str, int]]:
+    """The prefix that merely parses most lines of `sample` (a quiet log with no event yet), for reports:
+    never for storing, where only `detect_prefix` decides."""
+    text = b"\n" + sample
     bare = {n: len(re.findall(("\\n" + p.regex).encode(), text)) for n, p in pack.prefixes.items()}
     best = max(bare, key=lambda n: bare[n])
     return (best if bare[best] > 0 else None), bare

@@ -44,7 +44,13 @@ def report(path: Path, settings: Settings, *, max_events: int = 20, out=None) ->
     if settings.prefix != "auto":
         prefix, scores = settings.prefix, {}
     else:
+        # As run and backfill decide: on the first Dovecot line, however far in (a combined mail log);
+        # a log without any event still gets the prefix that parses most lines, to report on.
         prefix, scores = patterns.detect_prefix(pack, data[:64 << 10])
+        if prefix is None:
+            prefix, scores = patterns.detect_prefix(pack, data)
+        if prefix is None:
+            prefix, scores = patterns.closest_prefix(pack, data[:64 << 10])
     if scores:
         print("prefix:  " + ", ".join(f"{n}={c}" for n, c in scores.items()) + " (matches in the first 64 KiB)",
               file=out)

@@ -74,7 +74,20 @@ def test_prefix_is_detected_from_the_first_lines(samples, name, prefix):
     assert patterns.detect_prefix(patterns.load("dovecot"), (samples / name).read_bytes())[0] == prefix
 
 
-def test_quiet_log_without_events_still_gets_its_prefix():
+def test_quiet_log_without_events_gets_the_closest_prefix_for_reports_but_decides_nothing():
     text = b"Nov 22 01:52:02 vm dovecot: master: Dovecot v2.3.19.1 starting up\n" * 3
-    assert patterns.detect_prefix(patterns.load("dovecot"), text)[0] == "syslog"
-    assert patterns.detect_prefix(patterns.load("dovecot"), b"\x00\x01 binary\n")[0] is None
+    pack = patterns.load("dovecot")
+    assert patterns.closest_prefix(pack, text)[0] == "syslog"
+    assert patterns.detect_prefix(pack, text)[0] is None
+    assert patterns.closest_prefix(pack, b"\x00\x01 binary\n")[0] is None
+
+
+def test_combined_mail_log_starting_with_postfix_lines_decides_on_the_first_dovecot_line():
+    """Debian's /var/log/mail.log: postfix lines first would pass for Dovecot's own log-file prefix
+    (a bare timestamp); only a Dovecot line decides."""
+    pack = patterns.load("dovecot")
+    postfix = b"Nov 29 10:00:00 mx postfix/smtpd[123]: connect from unknown[192.0.2.1]\n"
+    assert patterns.detect_prefix(pack, postfix * 50)[0] is None
+    login = (b"Nov 29 10:00:01 mx dovecot: imap-login: Login: user=<a@example.com>, method=PLAIN, "
+             b"rip=192.0.2.7, lip=192.0.2.1, mpid=4242, session=<x>\n")
+    assert patterns.detect_prefix(pack, postfix * 50 + login)[0] == "syslog"

@@ -63,6 +63,7 @@ class Follower:
     cur: _Open | None = None
     old: list[_Open] = field(default_factory=list)
     pending: list[Block] = field(default_factory=list)  # read from siblings at a restart or copytruncate
+    more: bool = False  # the last poll left readable bytes behind
 
     # -- start ---------------------------------------------------------------------
     def start(self, positions: list[Position], start_at: str) -> str:
@@ -160,6 +161,7 @@ class Follower:
     def poll(self) -> list[Block]:
         """New complete lines: first those of finished or rotated files, then the current file's."""
         self._check_rotation()
+        self.more = False
         out, self.pending = self.pending, []
         for o in list(self.old):
             out += self._read(o, final=False)
@@ -170,6 +172,10 @@ class Follower:
         if self.cur is not None:
             out += self._read(self.cur, final=False)
         return out
+
+    def backlog(self) -> bool:
+        """Whether the last poll stopped at READ_BYTES with more already readable (catching up)."""
+        return self.more
 
     def positions(self) -> list[Position]:
         """Where each open file was read to: the rotated one being drained first."""
@@ -253,6 +259,7 @@ class Follower:
         data = os.pread(o.fd, READ_BYTES, o.offset)
         if not data:
             return []
+        self.more = self.more or len(data) == READ_BYTES
         if o.quiet_since is not None:
             o.quiet_since = time.monotonic()
         start = o.offset

@@ -11,6 +11,7 @@
 use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::ffi::{c_int, CStr};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use pyo3::exceptions::PyRuntimeError;
@@ -26,9 +27,10 @@ fn err(e: rusqlite::Error) -> PyErr {
 }
 
 /// One connection that applies both tables in one transaction.
-#[pyclass(module = "harvester._fastscan", unsendable)]
+// Not `unsendable`: the daemon makes it in its writer thread and may drop it in the main one.
+#[pyclass(module = "harvester._fastscan")]
 pub struct SqliteWriter {
-    db: Connection,
+    db: Mutex<Connection>,
     login_sql: String,
     event_sql: String,
 }
@@ -122,7 +124,7 @@ impl SqliteWriter {
         db.execute_batch("PRAGMA synchronous=FULL; PRAGMA cache_size=-65536;").map_err(err)?;
         drop(Raw::new(&db, &login_sql)?); // fail here, at open, on a statement that cannot work
         drop(Raw::new(&db, &event_sql)?);
-        Ok(SqliteWriter { db, login_sql, event_sql })
+        Ok(SqliteWriter { db: Mutex::new(db), login_sql, event_sql })
     }
 
     /// Upsert every entry of `logins` (key: user, service) and `others` (key: user, kind), and of
@@ -147,7 +149,8 @@ impl SqliteWriter {
         let mut buf = [0u8; 32];
         {
             let (l, o) = (logins.borrow(), others.borrow());
-            let tx = self.db.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
+            let mut db = self.db.lock().map_err(|_| PyRuntimeError::new_err("SQLite writer poisoned"))?;
+            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
             {
                 let st = Raw::new(&tx, &self.login_sql)?;
                 written += merged(py, cursors(&l, login_runs.as_deref()), &bad, |v| {
