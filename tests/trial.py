@@ -1,0 +1,135 @@
+"""A hostile operator's week, compressed: `harvester run` follows a maillog written at a steady rate while
+real logrotate rotates it every way it can (create, copytruncate, compress, delaycompress) and the daemon
+is killed with -9 at random moments, sometimes with rotations while it is down. At the end its store is
+compared with a one-shot backfill of every line written: keys missing, keys with a stale time, keys with
+the right time but a wrong IP (an LMTP session whose address was lost).
+
+    python -m tests.trial [--kills 22] [--rotations 25] [--rate 3000] [--seed 1]
+
+tests/reliability/test_trial.py runs a small fixed-seed trial; the closing figures come from this command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests import corpus
+from tests.daemon_kit import Writer, logrotate, reference, rows, start
+
+KINDS = ("create", "copytruncate", "create\n    compress", "create\n    compress\n    delaycompress")
+
+
+@dataclass
+class Outcome:
+    keys: int
+    missing: int
+    stale: int
+    wrong_ip: int
+    kills: int
+    rotations: int
+    while_stopped: int
+    lines: int
+
+    def __str__(self) -> str:
+        return (f"{self.kills} kill -9, {self.rotations} rotations ({self.while_stopped} while stopped), "
+                f"{self.lines:,} lines: {self.missing} keys missing, {self.stale} stale, {self.wrong_ip} wrong IP "
+                f"of {self.keys:,}")
+
+
+def run_trial(tmp: Path, *, kills: int, rotations: int, rate: int, seed: int, lines: int) -> Outcome:
+    rng = random.Random(seed)
+    src = tmp / "corpus"
+    corpus.write_maillog(src, lines=lines, users=max(lines // 25, 200), tz="UTC", seed=seed)
+    log_lines = src.read_bytes().splitlines(keepends=True)
+    (tmp / "log").mkdir()
+    w = Writer(tmp / "log" / "maillog", log_lines)
+    db = tmp / "h.db"
+    store = f"sqlite:///{db}"
+    # Spread the kills and rotations over the lines: each step writes a slice at `rate`, then acts.
+    steps = ["kill"] * kills + ["rotate"] * rotations
+    rng.shuffle(steps)
+    per_step = max(len(log_lines) // (len(steps) + 1), 1)
+    proc = start(tmp, store)
+    done_kills = done_rot = stopped_rot = 0
+    try:
+        w.write(per_step)
+        while not (tmp / "state" / "checkpoints.json").exists():  # a daemon that has run a while
+            time.sleep(0.05)
+        for step in steps:
+            _write_at(w, per_step, rate, rng)
+            if step == "rotate":
+                logrotate(tmp, rng.choice(KINDS))
+                w.write(rng.randrange(0, 40))  # the writer has not reopened yet
+                w.reopen()
+                done_rot += 1
+                continue
+            time.sleep(rng.uniform(0, 0.6))  # mid-flush or between flushes
+            proc.kill()
+            proc.wait()
+            done_kills += 1
+            for _ in range(rng.choice((0, 0, 1, 2))):  # rotated while the daemon is down
+                w.write(rng.randrange(1, per_step // 4 + 2))
+                logrotate(tmp, rng.choice(KINDS))
+                w.write(rng.randrange(0, 40))
+                w.reopen()
+                done_rot += 1
+                stopped_rot += 1
+            proc = start(tmp, store)
+        w.write(len(log_lines))
+        want = reference(tmp, log_lines[:w.next])
+        deadline = time.monotonic() + 60
+        got = rows(db)
+        while got != want and time.monotonic() < deadline:
+            time.sleep(0.5)
+            got = rows(db)
+    finally:
+        w.close()
+        proc.kill()
+        proc.wait()
+    stored = {(u, s): (t, ip) for u, s, t, ip, _ in got}
+    missing = stale = wrong_ip = 0
+    for u, s, t, ip, _ in want:
+        have = stored.get((u, s))
+        if have is None:
+            missing += 1
+        elif have[0] < t:
+            stale += 1
+        elif have[0] == t and have[1] != ip:
+            wrong_ip += 1
+    return Outcome(len(want), missing, stale, wrong_ip, done_kills, done_rot, stopped_rot, w.next)
+
+
+def _write_at(w: Writer, n: int, rate: int, rng: random.Random) -> None:
+    """`n` lines at about `rate` lines/s, in bursts of a tenth of a second."""
+    burst = max(rate // 10, 1)
+    left = n
+    while left > 0:
+        k = min(burst, left)
+        w.write(k, chunk=rng.randrange(20, 120))
+        left -= k
+        time.sleep(0.1)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kills", type=int, default=22)
+    ap.add_argument("--rotations", type=int, default=25)
+    ap.add_argument("--rate", type=int, default=3000, help="lines per second written")
+    ap.add_argument("--lines", type=int, default=240_000)
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="harvester-trial-") as d:
+        out = run_trial(Path(d), kills=args.kills, rotations=args.rotations, rate=args.rate, seed=args.seed,
+                        lines=args.lines)
+    print(out)
+    return 0 if out.missing == out.stale == out.wrong_ip == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
