@@ -29,6 +29,9 @@ class Table(Protocol):
 
     def items(self) -> list[tuple[tuple[bytes, str], Value]]: ...
 
+    def newest(self) -> int:
+        """The newest event time held (0 when empty)."""
+
     def update(self, items: list[tuple[tuple[bytes, str], Value]]) -> None: ...
 
     def take(self, row_type: type, kind: str | None) -> tuple[list, list[bytes]]:
@@ -54,6 +57,9 @@ class PyTable:
 
     def items(self) -> list[tuple[tuple[bytes, str], Value]]:
         return list(self._d.items())
+
+    def newest(self) -> int:
+        return max((v[0] for v in self._d.values()), default=0)
 
     def update(self, items: list[tuple[tuple[bytes, str], Value]]) -> None:
         for (user, second), value in items:
@@ -115,6 +121,10 @@ class Coalescer:
 
     def __len__(self) -> int:
         return len(self.logins) + len(self.others) + sum(n for _, _, n in self.runs)
+
+    def newest(self) -> int:
+        """The newest event time gathered in the tables (0 when empty)."""
+        return max(self.logins.newest(), self.others.newest())
 
     def add_run(self, logins: bytes, others: bytes, entries: int) -> None:
         """Keep another process's tables (dumps) to apply after everything gathered so far."""

@@ -150,7 +150,7 @@ class Writer(threading.Thread):
     def _attempt(self, batch: Batch) -> bool:
         waiting = len(batch.sink)
         if waiting:
-            newest = _newest(batch.sink)
+            newest = batch.sink.newest()
             t = time.monotonic()
             try:
                 written = flush(batch.sink, self.store)
@@ -534,15 +534,6 @@ def _watchdog_interval() -> float:
     if not usec or (pid and pid != str(os.getpid())):
         return 0.0
     return int(usec) / 2e6
-
-
-def _newest(sink: Coalescer) -> int:
-    """Newest event time waiting in the coalescer (for the newest-stored-event gauge)."""
-    best = 0
-    for table in (sink.logins, sink.others):
-        for _, value in table.items():
-            best = max(best, value[0])
-    return best
 
 
 def _sessions(parser: Parser) -> dict:

@@ -108,6 +108,12 @@ impl Table {
         self.map.len()
     }
 
+    /// The newest event time in the table (0 when empty), for the daemon's newest-stored gauge without
+    /// a Python object per entry.
+    fn newest(&self) -> i64 {
+        self.map.values().map(|e| e.t).max().unwrap_or(0)
+    }
+
     /// Store (t, digits, ip, node, service, detail) for (user, second) unless a newer one is there.
     #[pyo3(signature = (user, second, t, digits, ip, node, service, detail=None))]
     #[allow(clippy::too_many_arguments)]
