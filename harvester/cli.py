@@ -196,13 +196,13 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
     out = sys.stderr
     print(f"files: {ok} read, {len(s.failed_files)} with problems", file=out)
     for path, status in s.failed_files:
-        print(f"  {path}: {status}", file=out)
+        print(f"  {for_terminal(path)}: {for_terminal(status)}", file=out)
     engine = "native" if native.enabled() else "Python (the native module is not built or HARVESTER_ENGINE=python)"
     print(f"lines: {s.lines:,} ({s.bytes / 1e6:,.1f} MB) in {s.seconds:.2f} s, {rate:,.0f} lines/s, "
           f"{engine} engine", file=out)
     print("events:", file=out)
     for (kind, service), n in sorted(s.events.items()):
-        print(f"  {kind:12s} {service:12s} {n:>12,}", file=out)
+        print(f"  {kind:12s} {for_terminal(service):12s} {n:>12,}", file=out)
     if not s.events:
         print("  none", file=out)
     print(f"lines not understood: {s.not_understood:,}", file=out)
