@@ -53,8 +53,9 @@ def resolve_timezone(name: str | None) -> tzinfo:
 class Clock:
     """Turns (ts, frac, tz) fields of one file's lines into UTC epoch microseconds.
 
-    `reference` is the latest time a line can have: the file's mtime, or None for live lines (then
-    the wall clock, read as lines come). A line more than `tolerance` seconds after it is refused
+    `reference` is the latest time a line can have: the file's mtime. None, or a time within the
+    tolerance of now, means lines being written now (a followed or busy file): then the wall clock,
+    read as lines come, moves it on. A line more than `tolerance` seconds after it is refused
     (FutureError): one far-future time would win over every real login. `year` fixes the year of
     year-less ("bsd") timestamps; otherwise it is the reference's, or the previous one for a date
     more than LAST_YEAR_AFTER after the reference: a "Dec 31" line in a file written on Jan 1
@@ -67,7 +68,8 @@ class Clock:
         self.zone = zone
         self.year = year
         self.tolerance = tolerance
-        self.live = reference is None
+        self._follow = reference is None
+        self.live = True
         self.cache: dict[bytes, int] = {}  # accepted timestamp text (+ offset) -> UTC epoch microseconds
         self._minutes: dict[bytes, int] = {}
         self.set_reference(time.time() if reference is None else reference)
@@ -75,6 +77,7 @@ class Clock:
     def set_reference(self, reference: float) -> None:
         """Latest time a line can have (file mtime, or now when following a live file)."""
         self._reference = reference
+        self.live = self._follow or reference >= time.time() - self.tolerance
         self.cache.clear()
         self._minutes.clear()
 
@@ -110,8 +113,9 @@ class Clock:
             us = self.minute(head, tzs) + min(int(sec), 59) * 1_000_000
         else:
             us = self._parse(ts, tzs)
-        if us > self.limit_us:
-            ahead = (us - self.limit_us) / 1e6 + self.tolerance
+        limit = self.limit_us
+        if us > limit:
+            ahead = (us - limit) / 1e6 + self.tolerance
             raise FutureError(f"timestamp {ts.decode('ascii', 'replace')!r} is {ahead:,.0f} s after "
                               f"{'now' if self.live else 'its file was last written'} "
                               f"(more than future_tolerance_s = {self.tolerance:g})")

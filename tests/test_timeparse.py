@@ -92,3 +92,16 @@ def test_a_live_clock_follows_the_wall_clock(monkeypatch):
         clock.to_us(b"Nov 29 19:10:00", None, None)
     now[0] += 600
     assert clock.to_us(b"Nov 29 19:10:00", None, None)[0] == ts(2026, 11, 29, 19, 10)
+
+
+def test_a_clock_set_to_now_follows_the_wall_clock_as_the_daemon_sets_it(monkeypatch):
+    """The daemon gives live files reference=now and may not move it (with a fixed year): the limit
+    must follow the wall clock, or every line would be "future" five minutes after the start."""
+    now = [ts(2026, 11, 29, 19, 0) / 1e6]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    clock = Clock("bsd", UTC, year=2026, reference=now[0])
+    now[0] += 3600
+    assert clock.to_us(b"Nov 29 19:59:00", None, None)[0] == ts(2026, 11, 29, 19, 59)
+    rotated = Clock("bsd", UTC, year=2026, reference=now[0] - 3600)  # a file last written an hour ago
+    with pytest.raises(FutureError):
+        rotated.to_us(b"Nov 29 19:59:00", None, None)
