@@ -235,3 +235,34 @@ def test_a_spray_of_200000_distinct_non_utf8_names_is_counted_not_kept(tmp_path)
         assert [r.user for r in store.export()] == ["jane"]
     finally:
         store.close()
+
+
+@pytest.mark.skipif(native.fastscan is None, reason="the native module is not built")
+def test_future_and_long_user_lines_are_reported_alike_by_both_engines():
+    """The same counts, first places and samples, and the same rows, whichever engine runs the loop."""
+    from datetime import UTC
+
+    from harvester import patterns
+    from harvester.parse import Parser
+    from harvester.timeparse import Clock
+
+    block = (login(1) + login(2, b"x" * 256) + login(3).replace(b"Nov 22", b"Nov 23") + login(4)
+             + login(5, b"y" * 255) + login(6).replace(b"Nov 22", b"Dec 24"))
+    reference = datetime(2026, 11, 22, 2, 0, tzinfo=UTC).timestamp()
+    seen = {}
+    for engine in ("python", "auto"):
+        old, native.ENGINE = native.ENGINE, engine
+        try:
+            parser = Parser(patterns.load("dovecot"))
+            parser.begin("f", "syslog", Clock("bsd", UTC, reference=reference))
+            sink = Coalescer()
+        finally:
+            native.ENGINE = old
+        parser.feed(block, sink)
+        problems = {k: (p.count, p.first_offset, p.sample) for k, p in parser.end().items()}
+        seen[engine] = (problems, dict(parser.stats.bad), sorted(sink.logins.items()))
+    assert seen["python"] == seen["auto"]
+    problems, bad, rows = seen["auto"]
+    assert bad == {"future": 1, "long_user": 1}
+    assert problems["long_user"][1] == len(login(1)) and problems["future"][2].startswith(b"Nov 23 01:53:03")
+    assert {k[0] for k, _ in rows} == {b"u1", b"u4", b"y" * 255, b"u6"}  # "Dec 24" is last year's
