@@ -54,7 +54,7 @@ class Clock:
     """Turns (ts, frac, tz) fields of one file's lines into UTC epoch microseconds.
 
     `reference` is the latest time a line can have: the file's mtime. None, or a time within the
-    tolerance of now, means lines being written now (a followed or busy file): then the wall clock,
+    tolerance (at least a minute) of now, means lines being written now (a followed or busy file): then the wall clock,
     read as lines come, moves it on. A line more than `tolerance` seconds after it is refused
     (FutureError): one far-future time would win over every real login. `year` fixes the year of
     year-less ("bsd") timestamps; otherwise it is the reference's, or the previous one for a date
@@ -77,7 +77,7 @@ class Clock:
     def set_reference(self, reference: float) -> None:
         """Latest time a line can have (file mtime, or now when following a live file)."""
         self._reference = reference
-        self.live = self._follow or reference >= time.time() - self.tolerance
+        self.live = self._follow or reference >= time.time() - max(self.tolerance, 60)
         self.cache.clear()
         self._minutes.clear()
 
