@@ -51,7 +51,8 @@ class Summary:
 
 def make_parser(settings: Settings) -> Parser:
     pack = patterns.load(settings.pattern_pack, [Path(d) for d in settings.patterns_dir])
-    parser = Parser(pack, node=settings.node_name, webmail=Networks(settings.webmail_networks))
+    parser = Parser(pack, node=settings.node_name, webmail=Networks(settings.webmail_networks),
+                    max_user=settings.max_user_bytes)
     if settings.rawlog:
         parser.remember_logins()  # rawlog sessions without an address take their Login line's
     return parser
@@ -97,11 +98,7 @@ def run(paths: list[str], settings: Settings, store: Store, *, progress: bool | 
     st = parser.stats
     summary.lines, summary.bytes, summary.events = st.lines, st.bytes, Counter(st.events)
     summary.not_understood = sum(st.not_understood.values())
-    summary.bad = Counter(st.bad)
-    summary.bad["utf8"] += len(sink.bad_users)
-    if sink.bad_users:
-        log.warning("%d row(s) whose user name is not valid UTF-8, skipped (first: %r)",
-                    len(sink.bad_users), sink.bad_users[0][:80])
+    summary.bad = Counter(st.bad) + sink.bad_input()  # the sink logged its own (rows it set aside)
     summary.seconds = time.monotonic() - started
     return summary
 
@@ -133,7 +130,8 @@ def _one_file(path: Path, parser: Parser, sink: Coalescer, settings: Settings, z
                     parser.count_skipped(sample)
                     continue
                 style = parser.pack.prefixes[prefix].style
-                parser.begin(str(path), prefix, Clock(style, zone, year=settings.year, reference=mtime))
+                parser.begin(str(path), prefix, Clock(style, zone, year=settings.year, reference=mtime,
+                                                      tolerance=settings.future_tolerance_s))
             parser.feed_text(text.data, text.end, sink, text.offset)
             if len(sink) >= settings.flush_rows:
                 summary.rows_written += flush(sink, store)
@@ -183,7 +181,8 @@ def _in_parallel(files: list[Path], parser: Parser, sink: Coalescer, settings: S
     jobs = segments.plan(sources, workers)
     with tempfile.TemporaryDirectory(prefix="harvester-backfill-") as spill, \
             segments.pool(len(jobs), parser.pack, parser.node, parser.webmail, zone, settings.year,
-                          settings.max_line_bytes, spill) as pool:
+                          settings.max_line_bytes, spill, max_user=settings.max_user_bytes,
+                          tolerance=settings.future_tolerance_s) as pool:
         for result in pool.imap(segments.parse_job, jobs):
             stitcher.apply(result, sink)
             parser.stats.add(result.stats)

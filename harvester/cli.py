@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import sys
 import textwrap
@@ -13,6 +12,7 @@ from pathlib import Path
 
 from harvester import __version__, native, patterns
 from harvester.config import CASSANDRA_KEYS, ConfigError, Settings, add_flags, resolve
+from harvester.escape import for_csv, for_terminal, json_line, to_json
 from harvester.sinks import StoreError, open_store
 from harvester.timeparse import TimeError, resolve_timezone, rfc3339
 
@@ -158,13 +158,21 @@ class _JsonFormatter(logging.Formatter):
              "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
         if record.exc_info:
             d["exception"] = self.formatException(record.exc_info)
-        return json.dumps(d, ensure_ascii=False)
+        return json_line(d)  # a user name in a message must not reach a log viewer's terminal raw
+
+
+class _TextFormatter(logging.Formatter):
+    """Log lines for people: control and format characters in a message shown as escapes."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = for_terminal(record.message)
+        return super().formatMessage(record)
 
 
 def _logging(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter() if settings.log_format == "json"
-                         else logging.Formatter("harvester: %(levelname)s: %(message)s"))
+                         else _TextFormatter("harvester: %(levelname)s: %(message)s"))
     handler.set_name("harvester")
     root = logging.getLogger()
     root.handlers[:] = [h for h in root.handlers if h.get_name() != "harvester"] + [handler]  # others (pytest) stay
@@ -188,13 +196,13 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
     out = sys.stderr
     print(f"files: {ok} read, {len(s.failed_files)} with problems", file=out)
     for path, status in s.failed_files:
-        print(f"  {path}: {status}", file=out)
+        print(f"  {for_terminal(path)}: {for_terminal(status)}", file=out)
     engine = "native" if native.enabled() else "Python (the native module is not built or HARVESTER_ENGINE=python)"
     print(f"lines: {s.lines:,} ({s.bytes / 1e6:,.1f} MB) in {s.seconds:.2f} s, {rate:,.0f} lines/s, "
           f"{engine} engine", file=out)
     print("events:", file=out)
     for (kind, service), n in sorted(s.events.items()):
-        print(f"  {kind:12s} {service:12s} {n:>12,}", file=out)
+        print(f"  {kind:12s} {for_terminal(service):12s} {n:>12,}", file=out)
     if not s.events:
         print("  none", file=out)
     print(f"lines not understood: {s.not_understood:,}", file=out)
@@ -219,12 +227,12 @@ def cmd_lookup(args: argparse.Namespace, settings: Settings) -> int:
         store.close()
     zone = resolve_timezone(settings.timezone)
     if args.json:
-        print(json.dumps([_row_dict(r, zone) for r in rows], ensure_ascii=False, indent=2))
+        print(to_json([_row_dict(r, zone) for r in rows], indent=2))
         return 0 if rows else 1
     if not rows:
-        print(f"{args.user}: no login recorded in {store.url}")
+        print(f"{for_terminal(args.user)}: no login recorded in {store.url}")
         return 1
-    print(f"{args.user}")
+    print(for_terminal(args.user))
     table = [("SERVICE", "LAST LOGIN (local)", "LAST LOGIN (UTC)", "IP", "NODE")]
     for r in (r for r in rows if r.kind == "login"):
         table.append((r.service, _local(r.time_us, r.digits, zone), rfc3339(r.time_us, r.digits),
@@ -250,15 +258,17 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     try:
         out = sys.stdout
         if args.format == "csv":
+            # Cells are escaped for a person's terminal or spreadsheet (no formulas); JSON lines keep
+            # every character (as \uXXXX where unsafe).
             w = csv.writer(out)
             w.writerow(("user", "service", "last_login", "ip", "node"))
             for r in store.export():
-                w.writerow((r.user, r.service, rfc3339(r.time_us, r.digits), r.ip or "", r.node or ""))
+                w.writerow((for_csv(r.user), for_csv(r.service), rfc3339(r.time_us, r.digits), for_csv(r.ip or ""),
+                            for_csv(r.node or "")))
         else:
             for r in store.export():
-                out.write(json.dumps({"user": r.user, "service": r.service,
-                                      "last_login": rfc3339(r.time_us, r.digits), "ip": r.ip,
-                                      "node": r.node}, ensure_ascii=False) + "\n")
+                out.write(json_line({"user": r.user, "service": r.service, "last_login": rfc3339(r.time_us, r.digits),
+                                     "ip": r.ip, "node": r.node}) + "\n")
     finally:
         store.close()
     return 0
@@ -333,6 +343,7 @@ def _local(time_us: int, digits: int, zone) -> str:
 
 
 def _print_table(rows: list[tuple[str, ...]]) -> None:
+    rows = [tuple(for_terminal(c) for c in r) for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

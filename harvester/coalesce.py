@@ -8,11 +8,17 @@ which is also where a user name that is not UTF-8 is caught.
 
 from __future__ import annotations
 
+import logging
 import pickle
+import time
+from collections import Counter
 from typing import NamedTuple, Protocol
 
 from harvester import native
 from harvester.events import Event
+
+log = logging.getLogger(__name__)
+SAY_AGAIN_S = 60  # a recurring problem is logged once, then at most this often
 
 # A value: (time_us, digits, ip, node, service, detail); ip/node still bytes (node may be the
 # configured default, a str).
@@ -114,7 +120,12 @@ class Coalescer:
         self.logins: Table = new_table()
         self.others: Table = new_table()
         self.trace: list | None = [] if trace else None
-        self.bad_users: list[bytes] = []
+        # Rows set aside: counts by reason and the first example only (a spray of distinct bad names
+        # must not grow memory).
+        self._bad: Counter[str] = Counter()
+        self._bad_sample: dict[str, bytes] = {}
+        self._said = 0  # count of set-aside rows the log has told
+        self._say_at = 0.0
         # Other processes' tables (Table.dumps of logins, of others; their entry count), oldest
         # first, applied after the tables' own entries: the SQLite writer merges them as it writes.
         self.runs: list[tuple[bytes, bytes, int]] = []
@@ -141,10 +152,34 @@ class Coalescer:
         """Decode what was gathered into rows in key order and start empty (the caller writes them)."""
         self.absorb_runs()
         out, bad = self.logins.take(Row, "login")
-        self.bad_users.extend(bad)
+        self.note_bad_users(bad)
         rows, bad = self.others.take(Row, None)
-        self.bad_users.extend(bad)
+        self.note_bad_users(bad)
         return out + rows
+
+    def note_bad_users(self, names: list[bytes]) -> None:
+        """Count rows set aside because their user name is not UTF-8 (reason "utf8"); the stores'
+        writers call it for the names they skip. Logged once, then at most once a minute."""
+        if not names:
+            return
+        self._bad["utf8"] += len(names)
+        self._bad_sample.setdefault("utf8", names[0][:160])
+        now = time.monotonic()
+        if now >= self._say_at:
+            self._say_at = now + SAY_AGAIN_S
+            n = self._bad["utf8"]
+            log.warning("%d row(s) whose user name is not valid UTF-8, skipped (%d so far; first: %r)",
+                        n - self._said, n, self._bad_sample["utf8"][:80])
+            self._said = n
+
+    def bad_input(self) -> Counter[str]:
+        """Rows set aside so far, by reason ("utf8"): cumulative, a copy (for metrics and summaries).
+        Line-level bad input (timestamp, future, long_user, nul, long_line) is the Parser's stats.bad."""
+        return Counter(self._bad)
+
+    def bad_sample(self, reason: str) -> bytes | None:
+        """The first set-aside user name of `reason`, or None."""
+        return self._bad_sample.get(reason)
 
     def put_back(self, rows: list[Row]) -> None:
         """Return rows that `take` gave out and the store did not accept (newer ones stay)."""

@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harvester.parse import MAX_USER_BYTES
+from harvester.timeparse import FUTURE_TOLERANCE_S
+
 DEFAULT_CONFIG = Path("/etc/harvester/harvester.toml")
 
 
@@ -174,6 +177,11 @@ OPTIONS: tuple[Option, ...] = (
            "write to the store when this many distinct rows are waiting (bounds memory)", "N"),
     Option("max_line_bytes", _opt_int(1024, 1 << 30), 1 << 20,
            "longer lines are counted and skipped", "BYTES"),
+    Option("max_user_bytes", _opt_int(1, 65_000), MAX_USER_BYTES,
+           "lines with a longer user name are counted and skipped (no store keeps such names)", "BYTES"),
+    Option("future_tolerance_s", _opt_int(0, 366 * 86_400), FUTURE_TOLERANCE_S,
+           "lines dated more than this after their file's last write (or now, when followed live) are "
+           "counted and skipped: a future time would win over every real login", "SECONDS"),
     Option("log_level", _choice("debug", "info", "warning", "error"), "info", "logging threshold", "LEVEL"),
     Option("log_format", _choice("text", "json"), "text", "log lines for people (text) or for a log pipeline (json)",
            "FORMAT"),

@@ -14,13 +14,14 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import islice
 
 from harvester import native
-from harvester.coalesce import Coalescer
+from harvester.coalesce import SAY_AGAIN_S, Coalescer
 from harvester.events import (
     DELIVERY,
     KINDS,
@@ -31,12 +32,15 @@ from harvester.events import (
     SESSION_START,
 )
 from harvester.patterns import Compiled, Pack, compile_pack
-from harvester.timeparse import Clock, TimeError
+from harvester.timeparse import Clock, FutureError, TimeError
 
 log = logging.getLogger(__name__)
 
 
 PID_STATE_MAX = 100_000  # remembered LMTP sessions / POP3 logins before the oldest half is dropped
+# Longest user name stored (bytes): Dovecot's SQL dict schema has VARCHAR(255), an RFC 5321 path
+# at most 256 octets, and Cassandra refuses keys over 64 KiB on every retry. Longer is bad input.
+MAX_USER_BYTES = 255
 _SAMPLES = 5
 # Kinds from a pack are equal strings, not the same objects; the hot loop compares with `is`.
 _CANON = {k: k for k in KINDS}
@@ -154,8 +158,10 @@ _ABSENT = object()
 class Parser:
     """Turns blocks of complete lines into events, coalesced straight into a Coalescer."""
 
-    def __init__(self, pack: Pack, *, node: str | None = None, webmail: Networks | None = None) -> None:
+    def __init__(self, pack: Pack, *, node: str | None = None, webmail: Networks | None = None,
+                 max_user: int = MAX_USER_BYTES) -> None:
         self.pack = pack
+        self.max_user = max_user
         self.node = node
         self.webmail = webmail or Networks(())
         self.stats = Stats()
@@ -166,6 +172,8 @@ class Parser:
         self._clock: Clock | None = None
         self._file = "-"
         self.problems: dict[str, Problem] = {}
+        # (file, reason) -> (when it may be logged again, what was seen since it last was)
+        self._said: dict[tuple[str, str], tuple[float, Problem | None]] = {}
         # LMTP pid -> the MTA's address and the deliveries of the open session, re-emitted if
         # Disconnect shows another address (XCLIENT ADDR).
         self._lmtp = native.fastscan.Sessions(PID_STATE_MAX) if native.enabled() else PySessions(PID_STATE_MAX)
@@ -222,7 +230,8 @@ class Parser:
             return native.fastscan.Scanner(
                 compiled.regex.pattern.decode("utf-8"), specs, _SERVICE, "webmail",
                 self._lmtp, self._login_ip, self._join_services,
-                self.webmail.__contains__ if self.webmail.nets else None, self.node, drop_oldest, PID_STATE_MAX)
+                self.webmail.__contains__ if self.webmail.nets else None, self.node, drop_oldest, PID_STATE_MAX,
+                self.max_user)
         except (ValueError, UnicodeDecodeError) as e:  # a regex only Python's engine takes: slower, not wrong
             log.warning("pack %s, prefix %s: parsing in Python: %s", self.pack.name, compiled.prefix.name, e)
             return None
@@ -232,8 +241,18 @@ class Parser:
         self._file = name
 
     def end(self) -> dict[str, Problem]:
-        """Finish the current file: log one clear line per kind of bad input, return them."""
+        """Finish the current file (or a live file's batch): log one clear line per kind of bad input
+        (for a file that keeps having it: once, then at most once a minute), return them."""
+        now = time.monotonic()
         for reason, p in self.problems.items():
+            key = (self._file, reason)
+            at, held = self._said.get(key, (0.0, None))
+            if held is not None:  # seen since the last line said: say it with this batch's
+                p = Problem(held.count + p.count, held.first_offset, held.sample)
+            if now < at:
+                self._said[key] = (at, p)
+                continue
+            self._said[key] = (now + SAY_AGAIN_S, None)
             log.warning("%s: %d %s, skipped (first at byte %d: %r)", self._file, p.count,
                         _REASONS.get(reason, reason), p.first_offset, p.sample[:160])
         problems, self.problems = self.problems, {}
@@ -298,9 +317,13 @@ class Parser:
         if t is None:
             try:
                 t = clock.seconds(ts, tzs)
-            except TimeError:
-                self.problem("timestamp", offset + m.start(), _line(text, m.start() + 1))
+            except TimeError as e:
+                self.problem("future" if isinstance(e, FutureError) else "timestamp", offset + m.start(),
+                             _line(text, m.start() + 1))
                 return
+        if user is not None and len(user) > self.max_user:
+            self.problem("long_user", offset + m.start(), _line(text, m.start() + 1))
+            return
         if frac is None:
             digits = 0
         else:
@@ -401,6 +424,8 @@ _REASONS = {
     "nul": "line(s) with NUL bytes (the text before the NULs)",
     "utf8": "row(s) whose user name is not valid UTF-8",
     "timestamp": "line(s) with an impossible timestamp",
+    "future": "line(s) dated further ahead than future_tolerance_s (they would win over every real login)",
+    "long_user": "line(s) whose user name is longer than max_user_bytes",
     "long_line": "line(s) longer than max_line_bytes",
     "not_understood": "line(s) that look like logins or deliveries but match no pattern",
 }

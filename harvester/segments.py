@@ -29,9 +29,9 @@ from pathlib import Path
 
 from harvester.coalesce import Coalescer
 from harvester.events import DELIVERY
-from harvester.parse import PID_STATE_MAX, Parser, Stats, drop_oldest
+from harvester.parse import MAX_USER_BYTES, PID_STATE_MAX, Parser, Stats, drop_oldest
 from harvester.sources.archive import ArchiveError, sniff, texts
-from harvester.timeparse import Clock
+from harvester.timeparse import FUTURE_TOLERANCE_S, Clock
 
 log = logging.getLogger(__name__)
 MIN_SEGMENT = 16 << 20  # bytes of work; less input than this is one job
@@ -82,7 +82,6 @@ class Result:
     open_sessions: dict
     login_ip: dict
     stats: Stats
-    bad_users: list[bytes]
     errors: list[tuple[str, str, bool]]  # (path, what went wrong, whether the lines before it were used)
 
     def take_rows(self) -> tuple[bytes, bytes]:
@@ -129,20 +128,22 @@ def plan(files: list[Source], workers: int) -> list[list[Segment]]:
 _STATE: dict = {}
 
 
-def _init(pack, node, webmail, zone, year, max_line, spill) -> None:
-    _STATE.update(pack=pack, node=node, webmail=webmail, zone=zone, year=year, max_line=max_line, spill=spill)
+def _init(pack, node, webmail, zone, year, max_line, spill, max_user, tolerance) -> None:
+    _STATE.update(pack=pack, node=node, webmail=webmail, zone=zone, year=year, max_line=max_line, spill=spill,
+                  max_user=max_user, tolerance=tolerance)
 
 
 def parse_job(job: list[Segment]) -> Result:
     """Worker entry point: parse one job's segments in order with one Parser; return what the parent
     needs to stitch."""
     s = _STATE
-    parser = Parser(s["pack"], node=s["node"], webmail=s["webmail"])
+    parser = Parser(s["pack"], node=s["node"], webmail=s["webmail"], max_user=s["max_user"])
     parser.orphans = []
     sink = Coalescer()
     errors: list[tuple[str, str, bool]] = []
     for seg in job:
-        parser.begin(seg.label, seg.prefix, Clock(seg.style, s["zone"], year=s["year"], reference=seg.mtime))
+        parser.begin(seg.label, seg.prefix, Clock(seg.style, s["zone"], year=s["year"], reference=seg.mtime,
+                                                  tolerance=s["tolerance"]))
         try:
             for text in texts(Path(seg.path), seg.lo, seg.hi, max_line=s["max_line"],
                               on_long_line=lambda at: parser.problem("long_line", at, b"(not shown)")):
@@ -160,7 +161,7 @@ def parse_job(job: list[Segment]) -> Result:
         f.write(logins)
         f.write(sink.others.dumps())
     return Result(job, rows_file, len(logins), len(sink), parser.orphans, parser.ended,
-                  parser._lmtp.open(), parser._login_ip, parser.stats, sink.bad_users, errors)
+                  parser._lmtp.open(), parser._login_ip, parser.stats, errors)
 
 
 # --- the parent --------------------------------------------------------------------------
@@ -191,8 +192,7 @@ class Stitcher:
             if session and session[0] != ip:
                 for user, t, digits, node in session[1]:
                     logins.put(user, "lmtp", t, digits, ip, node, "lmtp")
-        sink.add_run(*r.take_rows(), r.entries)
-        sink.bad_users.extend(r.bad_users)
+        sink.add_run(*r.take_rows(), r.entries)  # user names are checked as the runs are written
         self.open_sessions.update(r.open_sessions)
         self.login_ip.update(r.login_ip)
         for d in (self.open_sessions, self.login_ip):
@@ -200,11 +200,13 @@ class Stitcher:
                 drop_oldest(d)
 
 
-def pool(workers: int, pack, node, webmail, zone, year, max_line, spill: str):
+def pool(workers: int, pack, node, webmail, zone, year, max_line, spill: str, *, max_user: int = MAX_USER_BYTES,
+         tolerance: float = FUTURE_TOLERANCE_S):
     """A process pool whose workers hold the pack (forked, so nothing is pickled per task) and write
     their rows into files in the directory `spill`."""
     ctx = multiprocessing.get_context("fork")
-    return ctx.Pool(workers, initializer=_init, initargs=(pack, node, webmail, zone, year, max_line, spill))
+    return ctx.Pool(workers, initializer=_init,
+                    initargs=(pack, node, webmail, zone, year, max_line, spill, max_user, tolerance))
 
 
 def default_workers() -> int:

@@ -16,6 +16,7 @@ from harvester import patterns
 from harvester.backfill import make_parser
 from harvester.coalesce import Coalescer
 from harvester.config import Settings
+from harvester.escape import for_terminal
 from harvester.sources.archive import ArchiveError, raw_chunks
 from harvester.timeparse import Clock, resolve_timezone, rfc3339
 
@@ -96,24 +97,24 @@ def report(path: Path, settings: Settings, *, max_events: int = 20, out=None) ->
     if unknown:
         print("\nlines that look like logins or deliveries but match no pattern (samples):", file=out)
         for line in unknown:
-            print("  " + line.decode("utf-8", "replace"), file=out)
+            print("  " + for_terminal(line.decode("utf-8", "replace")), file=out)
     if no_prefix:
         print("\nlines without this prefix (samples; other programs' lines are normal):", file=out)
         for line in no_prefix:
-            print("  " + line.decode("utf-8", "replace")[:200], file=out)
+            print("  " + for_terminal(line.decode("utf-8", "replace")[:200]), file=out)
 
     sink = Coalescer(trace=True)
     style = pack.prefixes[prefix].style
     mtime = path.stat().st_mtime
     parser.begin(str(path), prefix, Clock(style, resolve_timezone(settings.timezone), year=settings.year,
-                                          reference=mtime))
+                                          reference=mtime, tolerance=settings.future_tolerance_s))
     parser.feed(data, sink)
     parser.end()
     events = sink.events()
     print(f"\nevents:  {len(events):,} (showing {min(max_events, len(events))})", file=out)
     for e in events[:max_events]:
-        print(f"  {rfc3339(e.time_us, e.digits)}  {e.kind:11s} {e.service:11s} {e.user!r:32s} "
-              f"{e.ip or '-':20s} {e.detail or ''}".rstrip(), file=out)
+        print(f"  {rfc3339(e.time_us, e.digits)}  {e.kind:11s} {for_terminal(e.service):11s} {e.user!r:32s} "
+              f"{for_terminal(e.ip or '-'):20s} {for_terminal(e.detail or '')}".rstrip(), file=out)
     rows = sink.take()
     print(f"rows:    {sum(1 for r in rows if r.kind == 'login')} last-login rows, "
           f"{sum(1 for r in rows if r.kind != 'login')} other-event rows would be stored", file=out)

@@ -15,15 +15,22 @@ from dateutil import tz as dateutil_tz
 
 MONTHS = {m.encode(): i for i, m in enumerate(
     ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), start=1)}
-# A line may be up to this much "ahead" of its file's mtime (clock skew, late syslog writes)
-# before we decide it belongs to the previous year.
-FUTURE_SLACK = timedelta(days=1)
+# How far a line may lie after its reference (file mtime, or now for live lines: clock skew between
+# hosts, late syslog writes) before it is refused: a future time would win over every real login.
+FUTURE_TOLERANCE_S = 300
+# A year-less date more than this after the reference is last year's line (a "Dec 31" line in a file
+# written on Jan 1); less, it is this year's from a skewed clock or a wrong time zone, and refused.
+LAST_YEAR_AFTER = timedelta(days=1)
 _OFFSET = re.compile(r"^(?:UTC|GMT)?([+-])(\d\d):?(\d\d)$")
 _CACHE_MAX = 200_000
 
 
 class TimeError(ValueError):
     """A timestamp that cannot be turned into a time."""
+
+
+class FutureError(TimeError):
+    """A timestamp further ahead of the reference than the tolerance (bad input "future")."""
 
 
 def resolve_timezone(name: str | None) -> tzinfo:
@@ -46,26 +53,40 @@ def resolve_timezone(name: str | None) -> tzinfo:
 class Clock:
     """Turns (ts, frac, tz) fields of one file's lines into UTC epoch microseconds.
 
-    `year` fixes the year of year-less ("bsd") timestamps; otherwise it is taken
-    from `reference` (the file's mtime): a line is never later than the moment
-    its file was last written, so a "Dec 31" line in a file written on Jan 1
+    `reference` is the latest time a line can have: the file's mtime. None, or a time within the
+    tolerance (at least a minute) of now, means lines being written now (a followed or busy file): then the wall clock,
+    read as lines come, moves it on. A line more than `tolerance` seconds after it is refused
+    (FutureError): one far-future time would win over every real login. `year` fixes the year of
+    year-less ("bsd") timestamps; otherwise it is the reference's, or the previous one for a date
+    more than LAST_YEAR_AFTER after the reference: a "Dec 31" line in a file written on Jan 1
     belongs to the previous year.
     """
 
     def __init__(self, style: str, zone: tzinfo, *, year: int | None = None,
-                 reference: float | None = None) -> None:
+                 reference: float | None = None, tolerance: float = FUTURE_TOLERANCE_S) -> None:
         self.style = style
         self.zone = zone
         self.year = year
-        self.cache: dict[bytes, int] = {}  # timestamp text (+ offset) -> UTC epoch microseconds
+        self.tolerance = tolerance
+        self._follow = reference is None
+        self.live = True
+        self.cache: dict[bytes, int] = {}  # accepted timestamp text (+ offset) -> UTC epoch microseconds
         self._minutes: dict[bytes, int] = {}
         self.set_reference(time.time() if reference is None else reference)
 
     def set_reference(self, reference: float) -> None:
         """Latest time a line can have (file mtime, or now when following a live file)."""
-        self._ref = datetime.fromtimestamp(reference, self.zone) + FUTURE_SLACK
+        self._reference = reference
+        self.live = self._follow or reference >= time.time() - max(self.tolerance, 60)
         self.cache.clear()
         self._minutes.clear()
+
+    @property
+    def limit_us(self) -> int:
+        """The latest whole-second time accepted, UTC epoch microseconds (the native scanner hands
+        later lines back to `seconds`, which refuses them)."""
+        ref = max(self._reference, time.time()) if self.live else self._reference
+        return int((ref + self.tolerance) * 1_000_000)
 
     def to_us(self, ts: bytes, frac: bytes | None, tzs: bytes | None) -> tuple[int, int]:
         """(UTC epoch microseconds, fractional digits shown by the log)."""
@@ -81,6 +102,8 @@ class Clock:
 
         Zone offsets only change on minute boundaries, so the expensive part
         (date, zone, year) is done once per minute; the seconds are added.
+        A time after `limit_us` raises FutureError and is not cached: a live
+        clock may accept it later, and only set_reference moves a reference back.
         """
         if len(self.cache) > _CACHE_MAX:
             self.cache.clear()
@@ -90,6 +113,12 @@ class Clock:
             us = self.minute(head, tzs) + min(int(sec), 59) * 1_000_000
         else:
             us = self._parse(ts, tzs)
+        limit = self.limit_us
+        if us > limit:
+            ahead = (us - limit) / 1e6 + self.tolerance
+            raise FutureError(f"timestamp {ts.decode('ascii', 'replace')!r} is {ahead:,.0f} s after "
+                              f"{'now' if self.live else 'its file was last written'} "
+                              f"(more than future_tolerance_s = {self.tolerance:g})")
         self.cache[ts if tzs is None else ts + tzs] = us
         return us
 
@@ -115,14 +144,15 @@ class Clock:
         day, hh, mm, ss = int(ts[4:6]), int(ts[7:9]), int(ts[10:12]), min(int(ts[13:15]), 59)
         if self.year is not None:
             return datetime(self.year, month, day, hh, mm, ss, tzinfo=self.zone)
-        year = self._ref.year
+        limit = self.limit_us / 1e6
+        year = datetime.fromtimestamp(limit, self.zone).year
         for _ in range(9):  # Feb 29 only exists in leap years: walk back until it does
             try:
                 dt = datetime(year, month, day, hh, mm, ss, tzinfo=self.zone)
             except ValueError:
                 year -= 1
                 continue
-            if dt <= self._ref:
+            if dt.timestamp() - limit <= LAST_YEAR_AFTER.total_seconds():  # else refused by seconds()
                 return dt
             year -= 1
         raise ValueError("no year fits")

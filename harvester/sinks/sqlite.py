@@ -126,7 +126,7 @@ class SqliteStore:
         except RuntimeError as e:
             raise StoreError(f"{self.path}: write failed: {e}") from None
         sink.runs = []
-        sink.bad_users.extend(bad)
+        sink.note_bad_users(bad)
         return written
 
     def write(self, rows: list[Row]) -> int:

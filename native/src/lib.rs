@@ -6,7 +6,8 @@
 //! few. The pack's joined regex runs under PCRE2's JIT, events go into the
 //! native coalescing `Table` (table.rs), and the LMTP/POP3 session state stays
 //! in the parser's Python dicts, shared with the Python loop. Anything rare or
-//! subtle (lines a pack must understand but did not, bad timestamps, sessions
+//! subtle (lines a pack must understand but did not, bad or future timestamps, user
+//! names over the parser's max_user, sessions
 //! begun in an earlier segment, XCLIENT address changes) is handed back to
 //! Python with the line's position: `slow(pos)`.
 
@@ -69,6 +70,7 @@ struct Scanner {
     node: PyObject,
     drop_oldest: PyObject,
     state_max: usize,
+    max_user: usize,
 }
 
 fn group<'t>(locs: &CaptureLocations, text: &'t [u8], i: usize) -> Option<&'t [u8]> {
@@ -145,6 +147,7 @@ impl Scanner {
         node: PyObject,
         drop_oldest: PyObject,
         state_max: usize,
+        max_user: usize,
         py: Python<'_>,
     ) -> PyResult<Self> {
         let webmail = if webmail.is_none(py) { None } else { Some(webmail) };
@@ -181,6 +184,7 @@ impl Scanner {
             node,
             drop_oldest,
             state_max,
+            max_user,
         })
     }
 
@@ -205,7 +209,9 @@ impl Scanner {
         let data = text.as_bytes();
         let data = &data[..end.min(data.len())];
         let mut tally = Counts::default();
-        let result = self.scan(py, data, logins, others, &mut tally, clock, orphans, slow);
+        // Later whole seconds are the clock's to refuse (Clock.seconds): handed back to Python.
+        let limit: i64 = clock.getattr("limit_us")?.extract()?;
+        let result = self.scan(py, data, logins, others, &mut tally, clock, limit, orphans, slow);
         tally.flush(py, counts)?;
         result
     }
@@ -221,6 +227,7 @@ impl Scanner {
         others: &Bound<'_, Table>,
         tally: &mut Counts,
         clock: &Bound<'_, PyAny>,
+        limit: i64,
         orphans: bool,
         slow: &Bound<'_, PyAny>,
     ) -> PyResult<usize> {
@@ -272,6 +279,10 @@ impl Scanner {
                     }
                 }
             };
+            if sec > limit || get(USER).is_some_and(|u| u.len() > self.max_user) {
+                slow.call1((start,))?; // Python counts it as bad input ("future", "long_user")
+                continue;
+            }
             let (t, digits) = match get(FRAC) {
                 None => (sec, 0),
                 Some(frac) => match micros(frac) {

@@ -96,7 +96,7 @@ def test_the_native_flush_stores_exactly_what_the_row_path_stores(tmp_path):
     rows = b.take()
     assert slow.write(rows) == 100
     assert dump(fast) == dump(slow) and len(dump(fast)[0]) == 98
-    assert a.bad_users == b.bad_users == [b"\xff\xfe"]
+    assert a.bad_input() == b.bad_input() == {"utf8": 1} and a.bad_sample("utf8") == b"\xff\xfe"
     assert len(a) == 0
     fast.close()
     slow.close()
@@ -127,7 +127,7 @@ def test_runs_merged_while_writing_store_what_merging_them_first_stores(tmp_path
     assert dump(fast) == dump(slow)
     assert ("eve", "auth_fail", "imap", "2026-11-22T00:52:05.000Z", 1_795_308_725_000_000, "203.0.113.2",
             None, None) in dump(fast)[1]
-    assert len(a) == 0 and not a.runs and a.bad_users == [b"\xff\xfe"]
+    assert len(a) == 0 and not a.runs and a.bad_input() == {"utf8": 1}
     fast.close()
     slow.close()
 
@@ -141,4 +141,4 @@ def test_a_failed_flush_commits_nothing_and_keeps_the_rows_for_a_retry(store):
     assert len(sink) == (101 if native.enabled() else 100)  # the native path keeps the non-UTF-8 name too
     store.db.execute("DROP TRIGGER no")
     assert store.flush(sink) == 100
-    assert len(sink) == 0 and sink.bad_users == [b"\xff\xfe"]
+    assert len(sink) == 0 and sink.bad_input() == {"utf8": 1}
