@@ -109,6 +109,31 @@ class Row(NamedTuple):
     detail: str | None = None
 
 
+class SetAside:
+    """Rows set aside because their user name cannot be stored, by reason: counts and the first example
+    only (a spray of distinct bad names must not grow memory), told in the log once, then at most once a
+    minute. One per run: the daemon's batches share it, so its figures and its log span all of them."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.samples: dict[str, bytes] = {}
+        self._said = 0  # set-aside rows the log has told
+        self._say_at = 0.0
+
+    def note(self, reason: str, names: list[bytes]) -> None:
+        if not names:
+            return
+        self.counts[reason] += len(names)
+        self.samples.setdefault(reason, names[0][:160])
+        now = time.monotonic()
+        if now >= self._say_at:
+            self._say_at = now + SAY_AGAIN_S
+            n = sum(self.counts.values())
+            log.warning("%d row(s) whose user name is not valid UTF-8, skipped (%d so far; first: %r)",
+                        n - self._said, n, self.samples[reason][:80])
+            self._said = n
+
+
 class Coalescer:
     """Newest login per (user, service) and newest other event per (user, kind).
 
@@ -116,16 +141,11 @@ class Coalescer:
     With `trace=True` every event is also kept in order (for test-patterns).
     """
 
-    def __init__(self, trace: bool = False) -> None:
+    def __init__(self, trace: bool = False, set_aside: SetAside | None = None) -> None:
         self.logins: Table = new_table()
         self.others: Table = new_table()
         self.trace: list | None = [] if trace else None
-        # Rows set aside: counts by reason and the first example only (a spray of distinct bad names
-        # must not grow memory).
-        self._bad: Counter[str] = Counter()
-        self._bad_sample: dict[str, bytes] = {}
-        self._said = 0  # count of set-aside rows the log has told
-        self._say_at = 0.0
+        self.set_aside = set_aside or SetAside()
         # Other processes' tables (Table.dumps of logins, of others; their entry count), oldest
         # first, applied after the tables' own entries: the SQLite writer merges them as it writes.
         self.runs: list[tuple[bytes, bytes, int]] = []
@@ -159,27 +179,17 @@ class Coalescer:
 
     def note_bad_users(self, names: list[bytes]) -> None:
         """Count rows set aside because their user name is not UTF-8 (reason "utf8"); the stores'
-        writers call it for the names they skip. Logged once, then at most once a minute."""
-        if not names:
-            return
-        self._bad["utf8"] += len(names)
-        self._bad_sample.setdefault("utf8", names[0][:160])
-        now = time.monotonic()
-        if now >= self._say_at:
-            self._say_at = now + SAY_AGAIN_S
-            n = self._bad["utf8"]
-            log.warning("%d row(s) whose user name is not valid UTF-8, skipped (%d so far; first: %r)",
-                        n - self._said, n, self._bad_sample["utf8"][:80])
-            self._said = n
+        writers call it for the names they skip."""
+        self.set_aside.note("utf8", names)
 
     def bad_input(self) -> Counter[str]:
         """Rows set aside so far, by reason ("utf8"): cumulative, a copy (for metrics and summaries).
         Line-level bad input (timestamp, future, long_user, nul, long_line) is the Parser's stats.bad."""
-        return Counter(self._bad)
+        return Counter(self.set_aside.counts)
 
     def bad_sample(self, reason: str) -> bytes | None:
         """The first set-aside user name of `reason`, or None."""
-        return self._bad_sample.get(reason)
+        return self.set_aside.samples.get(reason)
 
     def put_back(self, rows: list[Row]) -> None:
         """Return rows that `take` gave out and the store did not accept (newer ones stay)."""

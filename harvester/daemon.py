@@ -21,13 +21,14 @@ import signal
 import socket
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from harvester import metrics, native, patterns
 from harvester.checkpoint import Checkpoints, State, StateInUse, lock_state_dir
-from harvester.coalesce import Coalescer
+from harvester.coalesce import Coalescer, SetAside
 from harvester.config import Settings, state_dir
 from harvester.parse import Networks, Parser
 from harvester.sinks.base import Store, StoreError, flush
@@ -200,7 +201,9 @@ class Daemon:
         self.store = store
         self.patterns_given = paths
         self.reload_settings = reload  # () -> Settings, for SIGHUP
-        self.sink = Coalescer()
+        self.set_aside = SetAside()  # rows no store can take, over every batch
+        self.bad_pushed: Counter[str] = Counter()  # of those, what the metrics have
+        self.sink = Coalescer(set_aside=self.set_aside)
         self.checkpoints = Checkpoints(state_dir(settings))
         self.wake = threading.Event()  # file changes, signals and a finished write end the loop's wait
         self.writer = Writer(store, self.checkpoints, self.wake)
@@ -221,7 +224,7 @@ class Daemon:
     def _parser(self) -> Parser:
         s = self.settings
         pack = patterns.load(s.pattern_pack, [Path(d) for d in s.patterns_dir])
-        parser = Parser(pack, node=s.node_name, webmail=Networks(s.webmail_networks))
+        parser = Parser(pack, node=s.node_name, webmail=Networks(s.webmail_networks), max_user=s.max_user_bytes)
         if s.rawlog:  # every parser, also after SIGHUP and for files a glob matches later: rawlog sessions
             parser.remember_logins()  # take their address from the Login line with the same pid
         return parser
@@ -388,7 +391,7 @@ class Daemon:
                 return
             style = p.pack.prefixes[src.prefix].style
             p.begin(src.path, src.prefix, Clock(style, resolve_timezone(self.settings.timezone),
-                                                year=self.settings.year, reference=time.time()))
+                                                year=self.settings.year, tolerance=self.settings.future_tolerance_s))
         elif p._clock is not None and not self.settings.year and int(time.time()) // 60 != src.ref_minute:
             # a live file's lines are never later than now: the year of "Dec 31" lines read on Jan 1
             p._clock.set_reference(time.time())
@@ -466,9 +469,13 @@ class Daemon:
                       {p: _sessions(s.parser) for p, s in self.sources.items()},
                       {str(t.root): t.mark for t in self.rawlog_trees})
         self.writer.submit(Batch(self.sink, state, self.read_at))
-        self.sink, self.read_at, self.dirty = Coalescer(), [], False
+        self.sink, self.read_at, self.dirty = Coalescer(set_aside=self.set_aside), [], False
 
     def _gauges(self) -> None:
+        for reason, n in self.set_aside.counts.items():  # the writer sets rows aside as it writes them
+            if n > self.bad_pushed[reason]:
+                metrics.BAD_INPUT.labels(reason).inc(n - self.bad_pushed[reason])
+                self.bad_pushed[reason] = n
         metrics.WAITING.set(self._waiting())
         for p, s in self.sources.items():
             metrics.LAG.labels(p).set(s.follower.lag_bytes())

@@ -97,7 +97,8 @@ class SqliteStore:
         try:
             if create:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            # The daemon writes from its writer thread (one at a time) and reads nothing meanwhile.
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             # FULL: each commit syncs the WAL. With NORMAL a commit can roll back after a power cut,
             # while the daemon's checkpoint (synced) already says its lines were stored.

@@ -41,7 +41,7 @@ def test_combined_mail_log_starting_with_postfix_lines_stores_the_dovecot_login(
     maillog = tmp_path / "log" / "maillog"
     maillog.write_bytes(b"")
     db = tmp_path / "h.db"
-    proc = start(tmp_path, f"sqlite:///{db}")
+    proc = start(tmp_path, f"sqlite:///{db}", "--year", "2025")
     try:
         assert wait_for(lambda: (tmp_path / "state" / "checkpoints.json").exists())
         with open(maillog, "ab") as f:
@@ -52,7 +52,7 @@ def test_combined_mail_log_starting_with_postfix_lines_stores_the_dovecot_login(
         assert wait_for(lambda: rows(db) != [])
     finally:
         err = stop(proc)
-    assert rows(db) == [("jane@example.com", "imap", "2026-11-29T10:00:01Z", "192.0.2.7", "mx1")]
+    assert rows(db) == [("jane@example.com", "imap", "2025-11-29T10:00:01Z", "192.0.2.7", "mx1")]
     assert "no Dovecot line yet" in err and "line format syslog" in err
 
 
@@ -62,9 +62,10 @@ def test_backfill_of_a_combined_log_whose_first_blocks_are_postfix_lines_stores_
     log.write_bytes(POSTFIX * 20_000 + LOGIN)  # 1.5 MB of postfix first: past any sniffed head
     db = tmp_path / "h.db"
     proc = subprocess.run([sys.executable, "-m", "harvester", "backfill", "--store", f"sqlite:///{db}",
-                           "--workers", workers, *COMMON[:4], str(log)], cwd=ROOT, capture_output=True, text=True)
+                           "--workers", workers, "--timezone", "UTC", "--year", "2025", str(log)], cwd=ROOT,
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert rows(db) == [("jane@example.com", "imap", "2026-11-29T10:00:01Z", "192.0.2.7", "mx1")]
+    assert rows(db) == [("jane@example.com", "imap", "2025-11-29T10:00:01Z", "192.0.2.7", "mx1")]
 
 
 def test_a_second_daemon_on_the_same_state_dir_exits_clearly_and_the_first_loses_nothing(tmp_path, log_lines):

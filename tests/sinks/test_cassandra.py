@@ -137,7 +137,7 @@ def test_two_processes_backfilling_overlapping_logs_converge_on_the_newest_event
     (tmp_path / "second").write_bytes(b"".join(lines[b:]))
     s = fresh(cassandra)
     cfg = tmp_path / "h.toml"
-    cfg.write_text(f'timezone = "UTC"\nyear = 2026\ncassandra_username = "cassandra"\n'
+    cfg.write_text(f'timezone = "UTC"\nyear = 2025\ncassandra_username = "cassandra"\n'
                    f'cassandra_password_file = "{cassandra["password_file"]}"\nflush_rows = 2000\n')
     url = f"cassandra://{cassandra['contact']}/{s.keyspace}"
     procs = [subprocess.Popen([sys.executable, "-m", "harvester", "backfill", "--config", str(cfg), "--store", url,
