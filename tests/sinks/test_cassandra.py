@@ -209,12 +209,13 @@ def test_schema_apply_creates_the_keyspace_and_prints_the_lookup(cassandra, caps
         s.close()
 
 
-def test_rows_the_cluster_refuses_are_named_and_only_they_stay_queued(cassandra):
+def test_rows_the_table_cannot_take_are_set_aside_and_the_rest_is_stored(cassandra, caplog):
     """A custom table whose pop3 column cannot take a time: the imap rows are stored and acknowledged,
-    the pop3 rows come back in PartialWrite.failed, and the coalescer keeps exactly those."""
+    the pop3 rows are refused for what they are (PartialWrite.refused), counted and named, never retried."""
+    from prometheus_client import REGISTRY
+
     from harvester.coalesce import Coalescer
-    from harvester.sinks.base import write_taken
-    from harvester.sinks.cassandra import PartialWrite
+    from harvester.sinks.base import PartialWrite, write_taken
 
     s = fresh(cassandra)
     ks = s.keyspace
@@ -227,11 +228,21 @@ def test_rows_the_cluster_refuses_are_named_and_only_they_stay_queued(cassandra)
         sink.logins.put(f"u{i}".encode(), "imap", T0 + i, 0, b"192.0.2.1", b"mx1", "imap")
         if i % 4 == 0:
             sink.logins.put(f"u{i}".encode(), "pop3", T0 + i, 0, b"192.0.2.1", b"mx1", "pop3")
+    def refused() -> float:
+        return REGISTRY.get_sample_value("harvester_store_rows_refused_total", {"reason": "TypeError"}) or 0
+
+    before = refused()
     try:
         with pytest.raises(PartialWrite) as e:
-            write_taken(sink, c)
-        assert e.value.acknowledged == 20 and len(e.value.failed) == 5
-        assert sorted(u.decode() for (u, _), _ in sink.logins.items()) == [f"u{i}" for i in (0, 12, 16, 4, 8)]
+            c.write(sink.take())
+        assert e.value.acknowledged == 20 and not e.value.failed and len(e.value.refused) == 5
+        for i in range(20):
+            sink.logins.put(f"u{i}".encode(), "imap", T0 + i, 0, b"192.0.2.1", b"mx1", "imap")
+            if i % 4 == 0:
+                sink.logins.put(f"u{i}".encode(), "pop3", T0 + i, 0, b"192.0.2.1", b"mx1", "pop3")
+        assert write_taken(sink, c) == 20
+        assert len(sink) == 0
+        assert refused() - before == 5
         assert s.session.execute(f"SELECT count(*) FROM {ks}.odd").one()[0] == 20
     finally:
         c.close()
