@@ -17,6 +17,8 @@ retries whole flushes with its own backoff), and it keeps no driver object
 from __future__ import annotations
 
 import ast
+import ctypes
+import functools
 import gc
 import logging
 import re
@@ -34,6 +36,7 @@ from harvester.sinks.base import Forgotten, PartialWrite, StoreError, shown
 
 log = logging.getLogger(__name__)
 RETRY_LOG_REPEAT = 60.0  # a storm of retried writes is logged once, then at most this often
+YOUNG_GC_EVERY = 2000  # requests sent between two collections of the youngest generation (see _execute)
 RECONNECT_SECONDS = 1.0  # how often the driver tries a node that is down (its default backs off to 600 s)
 URL = re.compile(r"cassandra://(?P<hosts>[^/]+)/(?P<keyspace>[A-Za-z][A-Za-z0-9_]{0,47})/?")
 
@@ -55,6 +58,25 @@ _driver_log = logging.getLogger("cassandra")
 _driver_log.setLevel(logging.DEBUG if logging.getLogger().getEffectiveLevel() <= logging.DEBUG else logging.WARNING)
 for _name in ("cassandra.cluster", "cassandra.connection", "cassandra.pool"):
     logging.getLogger(_name).addFilter(_Negotiation())
+
+
+TRIM_AFTER_ROWS = 10_000  # after a write this big, hand freed heap memory back to the system
+
+
+def _trim() -> None:
+    """glibc keeps memory freed by the driver's I/O thread in that thread's arena: after a big write (the
+    catch-up after an outage) the process would stay hundreds of MB larger. malloc_trim gives it back."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
 
 
 def parse_url(url: str) -> tuple[list[str], int, str]:
@@ -184,6 +206,8 @@ class CassandraStore:
         finally:
             if gc_was:
                 gc.enable()
+            if len(rows) >= TRIM_AFTER_ROWS:
+                _trim()
         if failed or refused:
             parts = []
             if failed:
@@ -271,6 +295,10 @@ class CassandraStore:
                     all_done.set()
 
         for i, req in enumerate(requests):
+            if i % YOUNG_GC_EVERY == YOUNG_GC_EVERY - 1:
+                # The driver's per-request reference cycles would pile up while write() holds GC off (1.3 GB
+                # for 500,000 rows): collect the young generations, not the old one (what made GC cost 40 %).
+                gc.collect(1 if i % (10 * YOUNG_GC_EVERY) == 10 * YOUNG_GC_EVERY - 1 else 0)
             slots.acquire()
             if stop[0] is not None:
                 results[i] = stop[0]
