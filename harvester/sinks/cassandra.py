@@ -285,7 +285,10 @@ class CassandraStore:
 
         def finish(i: int, e: BaseException | None) -> None:
             if e is not None:
-                results[i] = self._classify(e)
+                try:
+                    results[i] = self._classify(e)
+                except Exception:  # noqa: BLE001 - never leave write() waiting for a count that stopped
+                    results[i] = ("error", f"{type(e).__name__}: {e}")
                 if results[i][0] == "outage" and stop[0] is None:
                     stop[0] = results[i]
             slots.release()
