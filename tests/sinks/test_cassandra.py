@@ -251,11 +251,11 @@ def test_rows_the_table_cannot_take_are_set_aside_and_the_rest_is_stored(cassand
 
 
 def test_a_store_outage_is_retried_and_what_was_not_acknowledged_stays_queued(tmp_path):
-    """A node of its own goes down between two flushes: the second flush is retried with backoff, then
-    reported with every row still queued; once the node is back the same flush stores them all."""
+    """A node of its own goes down between two flushes: the second flush fails with every row still queued
+    (no host: not retried inside the write, the daemon retries flushes with its own backoff); once the node
+    is back the same flush stores them all."""
     from harvester.coalesce import Coalescer
-    from harvester.sinks.base import flush
-    from harvester.sinks.cassandra import PartialWrite
+    from harvester.sinks.base import PartialWrite, flush
 
     node = PrivateNode(tmp_path / "node")
     contact = node.start()
@@ -272,11 +272,9 @@ def test_a_store_outage_is_retried_and_what_was_not_acknowledged_stays_queued(tm
         node.stop()
         for i in range(50):
             sink.logins.put(f"u{i}".encode(), "pop3", T0 + i, 0, b"192.0.2.2", b"mx1", "pop3")
-        started = time.monotonic()
         with pytest.raises(PartialWrite) as e:
             flush(sink, store)
         assert e.value.acknowledged == 0 and len(e.value.failed) == 50
-        assert time.monotonic() - started >= 0.6  # two retries: 0.2 s, then 0.4 s
         assert len(sink) == 50
         node.start()
         for _ in range(30):  # the driver reconnects on its own schedule
