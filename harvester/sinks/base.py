@@ -102,7 +102,7 @@ def write_taken(sink: Coalescer, store: Store) -> int:
         raise
 
 
-_last_named = [float("-inf")]
+_last_named: dict[str, float] = {}  # store URL -> when it last named a refused row
 
 
 def set_aside(url: str, refused: list[tuple[Row, str]]) -> None:
@@ -117,8 +117,8 @@ def set_aside(url: str, refused: list[tuple[Row, str]]) -> None:
     for label, n in by_reason.items():
         metrics.ROWS_REFUSED.labels(label).inc(n)
     now = time.monotonic()
-    if now - _last_named[0] >= REFUSED_REPEAT:
-        _last_named[0] = now
+    if now - _last_named.get(url, float("-inf")) >= REFUSED_REPEAT:
+        _last_named[url] = now
         r, reason = refused[0]
         log.error("%s refused %d row(s) for what they are; set aside, never retried (counted in "
                   "harvester_store_rows_refused_total); first: user %s service %s kind %s: %s", url, len(refused),
