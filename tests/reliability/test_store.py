@@ -274,6 +274,7 @@ def test_a_cassandra_outage_keeps_no_driver_objects_writes_return_at_once_and_re
     try:
         s = Settings()
         s.set("cassandra_request_timeout", 5, "test")
+        s.set("cassandra_replication", "{'class': 'SimpleStrategy', 'replication_factor': 1}", "test")
         store = CassandraStore(f"cassandra://{contact}/outage", s)
         store.apply_schema()
         sink = Coalescer()
