@@ -288,3 +288,19 @@ def test_a_store_outage_is_retried_and_what_was_not_acknowledged_stays_queued(tm
         store.close()
     finally:
         node.stop(check=False)
+
+
+def test_forget_in_the_per_user_layout_deletes_one_service_column_pair_at_its_write_time(cassandra):
+    s = fresh(cassandra, cassandra_layout="per_user")
+    try:
+        s.write([login(4_070_908_800_000_000, "192.0.2.9"), login(T0, "192.0.2.2", service="pop3")])
+        (gone,) = s.forget("jane@example.org", "imap")
+        assert gone.row.service == "imap" and gone.deleted_at_us == 4_070_908_800_000_000
+        assert [(r.service, r.ip) for r in s.lookup("jane@example.org")] == [("pop3", "192.0.2.2")]
+        s.write([login(T0 + 1, service="pop3", ip="192.0.2.3")])  # the other column pair is not hidden
+        assert s.lookup("jane@example.org")[0].ip == "192.0.2.3"
+        assert [f.row.service for f in s.forget("jane@example.org")] == ["pop3"]
+        assert s.lookup("jane@example.org") == [] and s.forget("jane@example.org") == []
+    finally:
+        s.session.execute(f"DROP KEYSPACE {s.keyspace}")
+        s.close()
