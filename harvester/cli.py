@@ -1,4 +1,4 @@
-"""Command line: run, backfill, lookup, export, schema, test-patterns."""
+"""Command line: run, backfill, lookup, forget, export, schema, test-patterns."""
 
 from __future__ import annotations
 
@@ -69,6 +69,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("user", metavar="USER")
 
+    p = sub.add_parser(
+        "forget", help="remove an account's rows (one service's, or all) from the store",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Remove the login row of USER for SERVICE, or without SERVICE every login and other-event "
+                    "row of USER, and print what was removed (exit 1 when nothing matched). For a row a wrong "
+                    "log line pinned (a time in the future) or an account that must go.",
+        epilog=textwrap.dedent("""\
+            examples:
+              harvester forget jane@example.com imap
+              harvester forget --store cassandra://cass1/mail 'jane@example.com'
+
+            Cassandra: a row written with a future time (USING TIMESTAMP in 2099) can only be deleted by a
+            tombstone at that time, and such a tombstone also hides every later real login of that row
+            until Cassandra purges it (gc_grace_seconds after the delete, at a compaction); the command
+            says when that is the case and what to run. The daemon re-stores an account at its next login
+            in any case (unless the tombstone still hides it)."""))
+    add_flags(p, ("store", "log_level", *CASSANDRA_KEYS))
+    p.add_argument("user", metavar="USER")
+    p.add_argument("service", metavar="SERVICE", nargs="?", help="imap, pop3, lmtp, submission, ... (default: all)")
+
     p = sub.add_parser("export", help="write every row as JSON lines or CSV",
                        description="Write every last-login row to stdout: user, service, last_login "
                                    "(RFC 3339 UTC), ip, node.")
@@ -102,8 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
             examples:
               harvester schema --store cassandra://cass1,cass2/mail
               harvester schema --store cassandra://cass1/mail --cassandra-layout per_user
-              harvester schema --store cassandra://127.0.0.1/mail --apply \\
-                  --cassandra-replication "{'class': 'SimpleStrategy', 'replication_factor': 1}"
+              harvester schema --store cassandra://127.0.0.1/mail --apply
+              harvester schema --store cassandra://cass1/mail --apply \\
+                  --cassandra-replication "{'class': 'NetworkTopologyStrategy', 'dc1': 3, 'dc2': 3}"
+
+            --apply derives the keyspace's replication from the cluster it connects to
+            (NetworkTopologyStrategy, per data centre min(3, its nodes)) unless --cassandra-replication is given.
 
             The layouts: per_service (default; one row per account and service), per_user (one row per
             account, a column per service, as in the Dovecot Pro guide's dovecot_stats) and custom (your own
@@ -293,14 +317,21 @@ def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
     if url and url.startswith("cassandra:"):
         from harvester.sinks.cassandra import schema
 
-        statements = schema(settings, url)
+        replication, problem = None, None
         if args.apply:
             store = open_store(url, settings=settings)
             try:
+                replication, why = store.replication()
                 store.apply_schema()
+                problem = store.replication_problem()
             finally:
                 store.close()
-            print(f"-- created what was missing in {url}:", file=sys.stderr)
+            print(f"-- created what was missing in {url}; keyspace replication {replication} ({why})",
+                  file=sys.stderr)
+            if problem:
+                print(f"harvester: warning: the keyspace already existed and writes will fail: {problem}",
+                      file=sys.stderr)
+        statements = schema(settings, url, replication)
         for stmt in statements[:-1]:
             print(stmt + ";\n")
         print("-- what a support tool runs to look one account up:")
@@ -317,6 +348,56 @@ def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
+    store = open_store(settings.store, create=False, settings=settings)
+    try:
+        gone = store.forget(args.user, args.service)
+    finally:
+        store.close()
+    what = f"service {_shown(args.service)} of " if args.service else ""
+    if not gone:
+        print(f"nothing to forget: no {'login' if args.service else 'row'} of {what}{_shown(args.user)} "
+              f"in {store.url}")
+        return 1
+    print(f"removed from {store.url}:")
+    now_us = int(datetime.now(UTC).timestamp() * 1_000_000)
+    future = []
+    for f in gone:
+        r = f.row
+        print(f"  {_shown(r.user)} {_shown(r.service)} {r.kind} {rfc3339(r.time_us, r.digits)} "
+              f"ip {_shown(r.ip) if r.ip else '-'}")
+        if f.deleted_at_us is not None and f.deleted_at_us > now_us + FUTURE_SLACK_US:
+            future.append(f)
+    if future:
+        tables = sorted({f.table for f in future if f.table})
+        print(FUTURE_TOMBSTONE.format(n=len(future), when=rfc3339(future[0].deleted_at_us, 6),
+                                      purge="\n".join(PURGE.format(table=t) for t in tables)))
+    return 0
+
+
+# What `forget` says after deleting a row that had been written with a future time (Cassandra). The
+# purge was tried on Cassandra 5.0: the next real write shows a few seconds after the first ALTER.
+FUTURE_TOMBSTONE = """
+note: {n} row(s) had been written with a time in the future (e.g. {when}). Cassandra can
+only delete such a row with a tombstone at that time, and until Cassandra purges the tombstone
+it also hides every later real write of the same row: the account's next logins there are
+written but not shown. Cassandra purges it by itself only at a compaction more than
+gc_grace_seconds (default 10 days) from now. To purge it now (with several nodes, first run
+'nodetool repair' on the table: a replica that missed the tombstone would bring the row back):
+{purge}"""
+PURGE = """  ALTER TABLE {table} WITH gc_grace_seconds = 0 AND memtable_flush_period_in_ms = 1000;
+  -- wait 10 seconds: the table is flushed and the tombstone dropped; then restore the settings
+  ALTER TABLE {table} WITH gc_grace_seconds = 864000 AND memtable_flush_period_in_ms = 0;"""
+FUTURE_SLACK_US = 300_000_000  # a deletion time this far ahead of the clock is "in the future"
+
+
+def _shown(text: str) -> str:
+    """User-controlled text (user names, services from log lines) for a terminal: visible escapes."""
+    from harvester.sinks.base import shown
+
+    return shown(text, limit=1000)
+
+
 def cmd_test_patterns(args: argparse.Namespace, settings: Settings) -> int:
     from harvester.testpatterns import report
 
@@ -324,7 +405,7 @@ def cmd_test_patterns(args: argparse.Namespace, settings: Settings) -> int:
 
 
 COMMANDS = {"run": cmd_run, "backfill": cmd_backfill, "lookup": cmd_lookup, "export": cmd_export, "schema": cmd_schema,
-            "test-patterns": cmd_test_patterns}
+            "test-patterns": cmd_test_patterns, "forget": cmd_forget}
 
 
 def _row_dict(r, zone) -> dict:

@@ -234,8 +234,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("cassandra_retries", _opt_int(0, 100), 5,
            "retries of a write that timed out or found too few replicas (backoff 0.2 s doubling, at most "
            "10 s)", "N"),
-    Option("cassandra_replication", _str, "{'class': 'NetworkTopologyStrategy', 'replication_factor': 3}",
-           "keyspace replication for 'harvester schema --apply'", "CQL_MAP"),
+    Option("cassandra_replication", _str, "",
+           "keyspace replication for 'harvester schema --apply' (default: derived from the cluster: "
+           "NetworkTopologyStrategy, per data centre min(3, its nodes))", "CQL_MAP"),
+    # Both stores
+    Option("event_rows", _choice("known", "all"), "known",
+           "which accounts get last_event rows (failed logins, POP3 deletions): known (only accounts with a "
+           "stored login, so a password spray of made-up names adds no rows; SQLite only, Cassandra cannot "
+           "check without a read: see event_ttl_days) or all", "known|all"),
+    Option("event_ttl_days", _opt_int(0, 7300), 30,
+           "Cassandra: last_event rows expire this many days after they are written (bounds a password "
+           "spray's rows; 0: never)", "DAYS"),
 )
 BY_KEY = {o.key: o for o in OPTIONS}
 _LISTS = ("patterns_dir", "follow", "rawlog")  # flags that may be given more than once

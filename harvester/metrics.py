@@ -21,6 +21,8 @@ NOT_UNDERSTOOD = Counter("harvester_lines_not_understood_total",
 BAD_INPUT = Counter("harvester_bad_input_total", "Bad input counted and skipped", ["reason"])
 ROWS_WRITTEN = Counter("harvester_store_rows_written_total", "Rows the store acknowledged")
 WRITE_ERRORS = Counter("harvester_store_write_errors_total", "Store writes that failed (rows kept for a retry)")
+ROWS_REFUSED = Counter("harvester_store_rows_refused_total",
+                       "Rows the store refused for what they are (never retried, named in the log)", ["reason"])
 RETRIES = Counter("harvester_store_retries_total", "Flushes retried after a failed write")
 WRITE_SECONDS = Histogram("harvester_store_write_duration_seconds", "Time of one flush to the store",
                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))

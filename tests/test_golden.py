@@ -84,7 +84,7 @@ def _jsonl(path: Path) -> list[dict]:
 @pytest.mark.parametrize("log", sorted(GOLDEN.glob("*.log")), ids=lambda p: p.stem)
 def test_golden_pair(log: Path, store_url, capsys):
     assert run_cli("backfill", "--store", store_url, "--timezone", "UTC", "--year", "2026",
-                   "--webmail-networks", "10.99.0.0/16", "--node", "golden", str(log)) == 0
+                   "--webmail-networks", "10.99.0.0/16", "--node", "golden", "--event-rows", "all", str(log)) == 0
     assert export_rows(store_url, capsys) == _jsonl(log.with_suffix(".rows.jsonl"))
     db = sqlite3.connect(store_url.removeprefix("sqlite:///"))
     events = [dict(user=u, kind=k, service=s, time=t, ip=ip, detail=d) for u, k, s, t, ip, d in db.execute(

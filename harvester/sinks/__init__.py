@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from harvester.config import Settings
-from harvester.sinks.base import Store, StoreError
+from harvester.sinks.base import Forgotten, PartialWrite, Store, StoreError
 
 
 def default_url() -> str:
@@ -23,7 +23,7 @@ def open_store(url: str | None, *, create: bool = True, settings: Settings | Non
     if url.startswith("sqlite:"):
         from harvester.sinks.sqlite import SqliteStore
 
-        return SqliteStore(url, create=create)
+        return SqliteStore(url, create=create, settings=settings)
     if url.startswith("cassandra:"):
         from harvester.sinks.cassandra import CassandraStore
 
@@ -31,4 +31,4 @@ def open_store(url: str | None, *, create: bool = True, settings: Settings | Non
     raise StoreError(f"unknown store URL {url!r}: use sqlite:///path.db (or cassandra://hosts/keyspace)")
 
 
-__all__ = ["Store", "StoreError", "default_url", "open_store"]
+__all__ = ["Forgotten", "PartialWrite", "Store", "StoreError", "default_url", "open_store"]

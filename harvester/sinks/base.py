@@ -2,14 +2,45 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
+from harvester import metrics
 from harvester.coalesce import Coalescer, Row
+
+log = logging.getLogger(__name__)
+REFUSED_REPEAT = 60.0  # after the first refused row, name one again at most this often
+SHOWN_USER_CHARS = 80  # a refused row's user name is cut to this in the log
 
 
 class StoreError(Exception):
     """The store cannot be opened or written; the message is meant for the operator."""
+
+
+class PartialWrite(StoreError):
+    """A write that stored some rows and not others.
+
+    `failed`: rows not acknowledged (an outage, a timeout): put back and retried.
+    `refused`: (row, reason) the store refuses for what the row is (a key over the store's limit, a
+    value its type cannot take): never retried, logged and counted.
+    `acknowledged`: how many rows the store did take."""
+
+    def __init__(self, message: str, failed: list[Row], acknowledged: int,
+                 refused: list[tuple[Row, str]] | None = None) -> None:
+        super().__init__(message)
+        self.failed = failed
+        self.refused = refused or []
+        self.acknowledged = acknowledged
+
+
+class Forgotten(NamedTuple):
+    """A row `forget` removed, and the timestamp of the tombstone that removed it (Cassandra; None: SQLite)."""
+
+    row: Row
+    deleted_at_us: int | None = None
+    table: str | None = None  # keyspace.table it was deleted from (Cassandra)
 
 
 class Store(Protocol):
@@ -18,7 +49,9 @@ class Store(Protocol):
     url: str
 
     def write(self, rows: list[Row]) -> int:
-        """Apply rows (newest wins, equal time: this write wins); return how many were sent."""
+        """Apply rows (newest wins, equal time: this write wins); return how many were sent.
+
+        May raise PartialWrite (failed rows to retry, refused rows never to retry)."""
         ...
 
     def lookup(self, user: str) -> list[Row]:
@@ -27,6 +60,11 @@ class Store(Protocol):
 
     def export(self) -> Iterator[Row]:
         """Every row."""
+        ...
+
+    def forget(self, user: str, service: str | None = None) -> list[Forgotten]:
+        """Remove one service's login row of `user`, or (no service) all its login and last_event rows;
+        returns what was removed."""
         ...
 
     def close(self) -> None: ...
@@ -41,15 +79,63 @@ def flush(sink: Coalescer, store: Store) -> int:
 
 
 def write_taken(sink: Coalescer, store: Store) -> int:
-    """`sink.take()` into `store.write`, putting the rows back when the write fails."""
+    """`sink.take()` into `store.write`, putting back the rows still to retry when the write fails.
+
+    Rows the store refused (PartialWrite.refused) are logged, counted and dropped: one poison row must
+    not stall every later write. When nothing is left to retry, the acknowledged count is returned."""
     rows = sink.take()
     if not rows:
         return 0
     try:
         return store.write(rows)
-    except StoreError as e:
-        sink.put_back(getattr(e, "failed", rows))  # a partial write names the rows still missing
+    except PartialWrite as e:
+        sink.put_back(e.failed)
+        set_aside(store.url, e.refused)
+        if e.failed:
+            raise
+        return e.acknowledged
+    except StoreError:
+        sink.put_back(rows)
         raise
     except Exception:  # a bug or an unexpected library error must not cost the rows either
         sink.put_back(rows)
         raise
+
+
+_last_named: dict[str, float] = {}  # store URL -> when it last named a refused row
+
+
+def set_aside(url: str, refused: list[tuple[Row, str]]) -> None:
+    """Count rows a store refused (harvester_store_rows_refused_total{reason}) and name one in the log:
+    the first, then at most one a minute (a flood of them must not flood the log)."""
+    if not refused:
+        return
+    by_reason: dict[str, int] = {}
+    for _, reason in refused:
+        label = reason_label(reason)
+        by_reason[label] = by_reason.get(label, 0) + 1
+    for label, n in by_reason.items():
+        metrics.ROWS_REFUSED.labels(label).inc(n)
+    now = time.monotonic()
+    if now - _last_named.get(url, float("-inf")) >= REFUSED_REPEAT:
+        _last_named[url] = now
+        r, reason = refused[0]
+        log.error("%s refused %d row(s) for what they are; set aside, never retried (counted in "
+                  "harvester_store_rows_refused_total); first: user %s service %s kind %s: %s", url, len(refused),
+                  shown(r.user), shown(r.service), r.kind, reason[:300])
+
+
+def reason_label(reason: str) -> str:
+    """A bounded metric label for a refusal's reason text: its leading word (an exception's name)."""
+    head = reason.split(":", 1)[0].strip()
+    return head if head.isidentifier() and len(head) <= 40 else "other"
+
+
+def shown(text: str, limit: int = SHOWN_USER_CHARS) -> str:
+    """Text from a log line as an operator may see it: control characters and quotes escaped, cut to `limit`.
+
+    The one place stores and `harvester forget` print user names; the escaping is escape.for_terminal's."""
+    from harvester.escape import for_terminal
+
+    out = "'" + for_terminal(text[:limit]) + "'"
+    return out + f"...({len(text)} chars)" if len(text) > limit else out

@@ -1,15 +1,24 @@
 """The fleet store: every backend writes to one Cassandra cluster.
 
 Writes are prepared, token-aware, asynchronous with a bounded number in
-flight, marked idempotent, and retried with backoff when a node timed out or
-too few replicas were up. Each carries USING TIMESTAMP = the event time (see
+flight, marked idempotent, and retried briefly when a node timed out or too
+few replicas were up. Each carries USING TIMESTAMP = the event time (see
 cql.py), so retries and replays are harmless. `write` returns how many rows
-the cluster acknowledged; when some are still not acknowledged after the
-retries it raises PartialWrite naming them, so the caller keeps exactly those.
+the cluster acknowledged; otherwise it raises PartialWrite naming the rows to
+retry (an outage: no host, a timeout) and the rows the cluster refused for what
+they are (a key over 64 KiB, a value the column cannot take), never retried.
+
+One write() stays short when the cluster is down: it stops sending at the first
+"no host"/connection/timeout error and does not retry those itself (the daemon
+retries whole flushes with its own backoff), and it keeps no driver object
+(statement, future, exception) in what it raises.
 """
 
 from __future__ import annotations
 
+import ast
+import ctypes
+import functools
 import gc
 import logging
 import re
@@ -23,9 +32,12 @@ from pathlib import Path
 from harvester.coalesce import Row
 from harvester.config import Settings
 from harvester.sinks import cql
-from harvester.sinks.base import StoreError
+from harvester.sinks.base import Forgotten, PartialWrite, StoreError, shown
 
 log = logging.getLogger(__name__)
+RETRY_LOG_REPEAT = 60.0  # a storm of retried writes is logged once, then at most this often
+YOUNG_GC_EVERY = 2000  # requests sent between two collections of the youngest generation (see _execute)
+RECONNECT_SECONDS = 1.0  # how often the driver tries a node that is down (its default backs off to 600 s)
 URL = re.compile(r"cassandra://(?P<hosts>[^/]+)/(?P<keyspace>[A-Za-z][A-Za-z0-9_]{0,47})/?")
 
 
@@ -48,13 +60,23 @@ for _name in ("cassandra.cluster", "cassandra.connection", "cassandra.pool"):
     logging.getLogger(_name).addFilter(_Negotiation())
 
 
-class PartialWrite(StoreError):
-    """Some rows were not acknowledged; `failed` lists them (the rest are stored)."""
+TRIM_AFTER_ROWS = 10_000  # after a write this big, hand freed heap memory back to the system
 
-    def __init__(self, message: str, failed: list[Row], acknowledged: int) -> None:
-        super().__init__(message)
-        self.failed = failed
-        self.acknowledged = acknowledged
+
+def _trim() -> None:
+    """glibc keeps memory freed by the driver's I/O thread in that thread's arena: after a big write (the
+    catch-up after an outage) the process would stay hundreds of MB larger. malloc_trim gives it back."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
 
 
 def parse_url(url: str) -> tuple[list[str], int, str]:
@@ -74,14 +96,39 @@ def parse_url(url: str) -> tuple[list[str], int, str]:
     return hosts, port, m["keyspace"]
 
 
-def _retryable() -> tuple[type, ...]:
-    from cassandra import CoordinationFailure, OperationTimedOut, Unavailable, WriteTimeout
+def _kinds() -> dict[str, tuple[type, ...]]:
+    """What a failed request means. outage: nothing to gain from retrying at once (no host, the connection,
+    a client-side timeout): stop sending and let the caller back off. retry: a node was slow or too few
+    replicas were up: retry briefly. refused: the request is invalid for what it holds (but see _classify)."""
+    from cassandra import CoordinationFailure, InvalidRequest, OperationTimedOut, Unavailable, WriteTimeout
     from cassandra.cluster import NoHostAvailable
     from cassandra.connection import ConnectionException
     from cassandra.protocol import IsBootstrappingErrorMessage, OverloadedErrorMessage, ServerError
 
-    return (WriteTimeout, Unavailable, OperationTimedOut, CoordinationFailure, NoHostAvailable,
-            ConnectionException, OverloadedErrorMessage, IsBootstrappingErrorMessage, ServerError)
+    return {"outage": (NoHostAvailable, ConnectionException, OperationTimedOut),
+            "retry": (WriteTimeout, Unavailable, CoordinationFailure, OverloadedErrorMessage,
+                      IsBootstrappingErrorMessage, ServerError),
+            "refused": (InvalidRequest,)}
+
+
+# An InvalidRequest that is about the schema, not the row: every row would get it; kept, not refused.
+_SCHEMA_GONE = re.compile(r"unconfigured table|[Kk]eyspace .* does not exist|[Uu]ndefined column|"
+                          r"[Tt]able .* does not exist")
+BIND_ERRORS = (TypeError, ValueError, OverflowError)  # the driver cannot encode a value for the column
+
+
+class _Req:
+    """One request: rows of one account and table (one partition), as statement keys and parameters;
+    bound only when sent, so rows waiting through an outage hold no driver objects."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, *items: tuple[Row, str, tuple]) -> None:
+        self.items: list[tuple[Row, str, tuple]] = list(items)
+
+    @property
+    def rows(self) -> list[Row]:
+        return [r for r, _, _ in self.items]
 
 
 class CassandraStore:
@@ -91,7 +138,7 @@ class CassandraStore:
         from cassandra import ConsistencyLevel
         from cassandra.auth import PlainTextAuthProvider
         from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable
-        from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
+        from cassandra.policies import ConstantReconnectionPolicy, DCAwareRoundRobinPolicy, TokenAwarePolicy
 
         settings = settings or Settings()
         self.url = url
@@ -103,7 +150,8 @@ class CassandraStore:
             raise StoreError(str(e)) from None
         self.skipped: Counter = Counter()  # rows the layout has no column for, by service or kind
         self._prepared: dict[str, object] = {}
-        self._retry_on = _retryable()
+        self._kinds = _kinds()
+        self._retry_log = [float("-inf"), 0]  # (when last logged, retries since)
         profile = ExecutionProfile(
             load_balancing_policy=TokenAwarePolicy(
                 DCAwareRoundRobinPolicy(local_dc=settings.cassandra_datacenter or None)),
@@ -116,7 +164,9 @@ class CassandraStore:
         self.cluster = Cluster(
             hosts, port=port, execution_profiles={EXEC_PROFILE_DEFAULT: profile}, auth_provider=auth,
             ssl_context=_tls(settings), connect_timeout=settings.cassandra_connect_timeout,
-            control_connection_timeout=settings.cassandra_connect_timeout)
+            control_connection_timeout=settings.cassandra_connect_timeout,
+            # A node that comes back is noticed within about a second (the default waits up to 600 s).
+            reconnection_policy=ConstantReconnectionPolicy(RECONNECT_SECONDS, max_attempts=None))
         try:
             self.session = self.cluster.connect()
         except NoHostAvailable as e:
@@ -147,113 +197,192 @@ class CassandraStore:
         gc_was = gc.isenabled()
         gc.disable()  # the driver makes several objects per request: cyclic GC rescanning them cost 40 %
         try:
-            return self._write(rows)
+            acked, failed, refused, why = self._write(rows)
         except StoreError:
             raise
         except Exception as e:  # whatever the driver raises, the caller keeps every row and the daemon runs on
-            log.exception("%s: unexpected error while writing", self.url)
+            log.error("%s: unexpected error while writing: %s: %s", self.url, type(e).__name__, e)
             raise PartialWrite(f"{self.url}: write failed: {type(e).__name__}: {e}", rows, 0) from None
         finally:
             if gc_was:
                 gc.enable()
+            if len(rows) >= TRIM_AFTER_ROWS:
+                _trim()
+        if failed or refused:
+            parts = []
+            if failed:
+                parts.append(f"{len(failed)} of {len(rows)} row(s) not written ({why})")
+            if refused:
+                parts.append(f"{len(refused)} row(s) refused by the cluster (first: user {shown(refused[0][0].user)}: "
+                             f"{refused[0][1]})")
+            raise PartialWrite(f"{self.url}: " + "; ".join(parts), failed, acked, refused)
+        return acked
 
-    def _execute(self, requests: list) -> list[tuple[bool, object]]:
-        """Run the requests with at most cassandra_in_flight outstanding; (ok, result or error) each.
+    def _write(self, rows: list[Row]) -> tuple[int, list[Row], list[tuple[Row, str]], str]:
+        """(acknowledged, rows to retry, rows refused with the reason, why the rows to retry failed).
+
+        Only texts and rows leave this frame: no future, statement or driver exception."""
+        started = time.monotonic()
+        pending = self._requests(rows)
+        refused: list[tuple[Row, str]] = []
+        failed: list[Row] = []
+        acked, attempt, why = 0, 0, ""
+        errors: Counter = Counter()
+        while pending:
+            retry: list[_Req] = []
+            again: list[_Req] = []
+            for req, (kind, text) in zip(pending, self._execute(pending, refused), strict=True):
+                if kind == "ok":
+                    acked += len(req.items)
+                elif kind == "refused" and len(req.items) > 1:  # which of the batch's rows? each alone
+                    again += [_Req(item) for item in req.items]
+                elif kind == "refused":
+                    refused.append((req.items[0][0], text))
+                else:
+                    errors[text.split(":", 1)[0]] += 1
+                    why = why or text
+                    if kind == "retry":
+                        retry.append(req)
+                    else:  # an outage (or an error nothing here can fix): send nothing more in this write
+                        failed += req.rows
+            delay = min(0.2 * 2 ** attempt, 10.0)
+            if failed or (retry and (attempt >= self.settings.cassandra_retries or time.monotonic() - started
+                                     + delay >= self.settings.cassandra_request_timeout)):
+                failed += [r for req in retry + again for r in req.rows]  # the caller retries with its backoff
+                break
+            if retry:
+                self._log_retry(len(retry), errors, delay)
+                time.sleep(delay)
+                attempt += 1
+            pending = again + retry
+        if failed and errors:
+            why = f"{dict(errors)}; first: {why}"
+        return acked, failed, refused, why
+
+    def _log_retry(self, n: int, errors: Counter, delay: float) -> None:
+        """A retry storm: said once, then at most once a minute with how many retries there were since."""
+        last, since = self._retry_log
+        now = time.monotonic()
+        if now - last >= RETRY_LOG_REPEAT:
+            log.warning("%s: %d write(s) failed (%s), retrying in %.1f s%s", self.url, n, dict(errors), delay,
+                        f" ({since} more retried since the last report)" if since else "")
+            self._retry_log[:] = [now, 0]
+        else:
+            self._retry_log[1] = since + n
+
+    def _execute(self, requests: list[_Req], refused: list[tuple[Row, str]]) -> list[tuple[str, str]]:
+        """Send the requests with at most cassandra_in_flight outstanding; (kind, error text) each, kind one of
+        ok, refused, retry, outage, error. Rows whose values cannot be bound go to `refused` (and out of
+        their request). After the first outage error nothing more is sent: the rest get that error.
 
         Not the driver's execute_concurrent: when every request fails at once (no host up), its callbacks
         start the next request inside the previous one's callback and the stack overflows."""
-        results: list = [None] * len(requests)
+        results: list = [("ok", "")] * len(requests)
         slots = threading.BoundedSemaphore(self.settings.cassandra_in_flight)
         lock, all_done = threading.Lock(), threading.Event()
         left = [len(requests)]
+        stop: list = [None]
 
-        def finish(i: int, ok: bool, res: object) -> None:
-            results[i] = (ok, res)
+        def finish(i: int, e: BaseException | None) -> None:
+            if e is not None:
+                try:
+                    results[i] = self._classify(e)
+                except Exception:  # noqa: BLE001 - never leave write() waiting for a count that stopped
+                    results[i] = ("error", f"{type(e).__name__}: {e}")
+                if results[i][0] == "outage" and stop[0] is None:
+                    stop[0] = results[i]
             slots.release()
             with lock:
                 left[0] -= 1
                 if left[0] == 0:
                     all_done.set()
 
-        for i, (_, st, params) in enumerate(requests):
+        for i, req in enumerate(requests):
+            if i % YOUNG_GC_EVERY == YOUNG_GC_EVERY - 1:
+                # The driver's per-request reference cycles would pile up while write() holds GC off (1.3 GB
+                # for 500,000 rows): collect the young generations, not the old one (what made GC cost 40 %).
+                gc.collect(1 if i % (10 * YOUNG_GC_EVERY) == 10 * YOUNG_GC_EVERY - 1 else 0)
             slots.acquire()
-            try:
-                future = self.session.execute_async(st, params)
-            except Exception as e:
-                finish(i, False, e)
+            if stop[0] is not None:
+                results[i] = stop[0]
+                finish(i, None)
                 continue
-            future.add_callbacks(callback=lambda r, i=i: finish(i, True, r),
-                                 errback=lambda e, i=i: finish(i, False, e))
+            try:
+                st = self._bind(req, refused)
+                if st is None:  # every row of it refused
+                    finish(i, None)
+                    continue
+                future = self.session.execute_async(st, None)
+            except Exception as e:
+                finish(i, e)
+                continue
+            future.add_callbacks(callback=lambda _, i=i: finish(i, None), errback=lambda e, i=i: finish(i, e))
+            del st, future
         if requests:
             all_done.wait()
         return results
 
-    def _write(self, rows: list[Row]) -> int:
-        requests, refused = self._requests(rows)
-        acked, attempt = 0, 0
-        while requests:
-            results = self._execute(requests)
-            failed = [(req, res) for req, (ok, res) in zip(requests, results, strict=True) if not ok]
-            acked += sum(len(req[0]) for req in requests) - sum(len(req[0]) for req, _ in failed)
-            if not failed:
-                break
-            errors = Counter(type(res).__name__ for _, res in failed)
-            final = [res for _, res in failed if not isinstance(res, self._retry_on)]
-            if final or attempt >= self.settings.cassandra_retries:
-                lost = [r for req, _ in failed for r in req[0]]
-                first = (final or [failed[0][1]])[0]
-                raise PartialWrite(f"{self.url}: {len(lost)} of {len(rows)} row(s) not written after "
-                                   f"{attempt} retries ({dict(errors)}; first: {first})", lost, acked)
-            delay = min(0.2 * 2 ** attempt, 10.0)
-            log.warning("%s: %d write(s) failed (%s), retrying in %.1f s", self.url, len(failed), dict(errors),
-                        delay)
-            time.sleep(delay)
-            attempt += 1
-            requests = [req for req, _ in failed]
-        if refused:
-            raise PartialWrite(f"{self.url}: {len(refused)} of {len(rows)} row(s) cannot be written to this table "
-                               f"(first: {refused[0][0]}: {refused[0][1]})", [r for r, _ in refused], acked)
-        return acked
+    def _classify(self, e: BaseException) -> tuple[str, str]:
+        """(kind, text) of a failed request, with what to do about it when the operator can fix it."""
+        text = f"{type(e).__name__}: {e}"
+        for kind, types in self._kinds.items():
+            if isinstance(e, types):
+                if kind == "refused" and _SCHEMA_GONE.search(str(e)):
+                    return "error", text + " (does the schema exist? see 'harvester schema --apply')"
+                if "Cannot achieve consistency level" in text or type(e).__name__ == "Unavailable":
+                    return kind, text + " -- " + self._replication_hint()
+                return kind, text
+        return "error", text
 
-    def _requests(self, rows: list[Row]) -> tuple[list[tuple[list[Row], object, None]], list[tuple[Row, Exception]]]:
+    def _replication_hint(self) -> str:
+        """What to do when writes find too few replicas: the keyspace's replication vs the nodes up."""
+        ks = self.cluster.metadata.keyspaces.get(self.keyspace)
+        have = ks.replication_strategy.export_for_schema() if ks is not None else "?"
+        return (f"keyspace {self.keyspace} has replication {have}, while the cluster's nodes up are "
+                f"{_nodes_up(self.cluster)}: with cassandra_consistency = {self.settings.cassandra_consistency} "
+                f"a write needs a quorum of each row's replicas up. Fix: ALTER KEYSPACE {cql.q(self.keyspace)} "
+                f"WITH replication = {derive_replication(self.cluster)} (then run nodetool repair), "
+                "or set cassandra_consistency = LOCAL_ONE")
+
+    def _requests(self, rows: list[Row]) -> list[_Req]:
         """One request per partition and table: an account's rows of one table go in one unlogged
         single-partition batch (each statement keeps its own USING TIMESTAMP). Rows arrive sorted by
-        account, so they are consecutive. Rows whose values the table's types refuse come back apart."""
-        from cassandra.query import BatchStatement, BatchType
-
-        out: list[tuple[list[Row], object, None]] = []
-        refused: list[tuple[Row, Exception]] = []
-        group: list[tuple[Row, str, object]] = []
-
-        def close() -> None:
-            if len(group) == 1:
-                r, _, bound = group[0]
-                out.append(([r], bound, None))
-            elif group:
-                batch = BatchStatement(batch_type=BatchType.UNLOGGED)
-                for _, _, bound in group:
-                    batch.add(bound)
-                batch.is_idempotent = True
-                out.append(([g[0] for g in group], batch, None))
-            group.clear()
-
+        account, so they are consecutive."""
+        out: list[_Req] = []
+        req: _Req | None = None
         for r in rows:
             p = self.layout.params(r)
             if p is None:
                 self.skipped[r.service if r.kind == "login" else r.kind] += 1
                 continue
             key, params = p
+            if req is None or req.items[0][0].user != r.user or (
+                    self.layout.table_of(key) != self.layout.table_of(req.items[0][1])):
+                req = _Req()
+                out.append(req)
+            req.items.append((r, key, params))
+        return out
+
+    def _bind(self, req: _Req, refused: list[tuple[Row, str]]):
+        """The request's statement (one bound statement, or an unlogged batch); rows whose values the
+        column types cannot take move from the request to `refused`. None when none is left."""
+        from cassandra.query import BatchStatement, BatchType
+
+        bound = []
+        for item in list(req.items):
+            r, key, params = item
             try:
-                bound = self._statement(key).bind(params)
-            except (TypeError, ValueError, OverflowError) as e:
-                refused.append((r, e))
-                continue
-            if group and (group[0][0].user != r.user or self.layout.table_of(key) != self.layout.table_of(
-                    group[0][1])):
-                close()
-            group.append((r, key, bound))
-        close()
-        return out, refused
+                bound.append(self._statement(key).bind(params))
+            except BIND_ERRORS as e:
+                refused.append((r, f"{type(e).__name__}: {e}"))
+                req.items.remove(item)
+        if len(bound) <= 1:
+            return bound[0] if bound else None
+        batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+        for b in bound:
+            batch.add(b)
+        batch.is_idempotent = True
+        return batch
 
     # -- reads -------------------------------------------------------------------
     def lookup(self, user: str) -> list[Row]:
@@ -270,11 +399,44 @@ class CassandraStore:
         except (RequestExecutionException, DriverException) as e:
             raise StoreError(f"{self.url}: read failed: {e}") from None
 
+    def forget(self, user: str, service: str | None = None) -> list[Forgotten]:
+        """Delete the rows USING TIMESTAMP their cells' newest write time (see cql's forget_plan)."""
+        def run() -> list[Forgotten]:
+            plan = self.layout.forget_plan(self.session, user, service)
+            for _, stmt, params, _, _ in plan:
+                self.session.execute(stmt, params)
+            return [Forgotten(row, ts, table) for row, _, _, ts, table in plan]
+
+        return self._read(run)
+
     # -- schema ------------------------------------------------------------------
+    def replication(self) -> tuple[str, str]:
+        """The keyspace replication `apply_schema` creates, and where it comes from."""
+        if self.settings.cassandra_replication:
+            return self.settings.cassandra_replication, "cassandra_replication"
+        return derive_replication(self.cluster), f"derived from the cluster's nodes ({_nodes_up(self.cluster)})"
+
+    def replication_problem(self) -> str | None:
+        """Why writes at the configured consistency cannot succeed with the keyspace's replication and the
+        nodes the cluster has (a keyspace made for three nodes on a one-node cluster), or None."""
+        ks = self.cluster.metadata.keyspaces.get(self.keyspace)
+        if ks is None or self.settings.cassandra_consistency not in ("QUORUM", "LOCAL_QUORUM", "EACH_QUORUM"):
+            return None
+        opts = ast.literal_eval(ks.replication_strategy.export_for_schema())
+        nodes = _nodes_by_dc(self.cluster)
+        if "SimpleStrategy" in opts.get("class", ""):
+            need = {"all data centres": (_rf(opts.get("replication_factor", 1)), sum(nodes.values()))}
+        else:
+            need = {dc: (_rf(v), nodes.get(dc, 0)) for dc, v in opts.items()
+                    if dc not in ("class", "replication_factor")}
+        if any(rf // 2 + 1 > n for rf, n in need.values()):
+            return self._replication_hint()
+        return None
+
     def apply_schema(self) -> list[str]:
         """Create the keyspace and tables that are missing; returns the statements run."""
         done = []
-        for stmt in schema(self.settings, self.url)[:-1]:
+        for stmt in schema(self.settings, self.url, self.replication()[0])[:-1]:
             try:
                 self.session.execute(stmt, timeout=60)
             except Exception as e:
@@ -286,16 +448,52 @@ class CassandraStore:
         self.cluster.shutdown()
 
 
-def schema(settings: Settings, url: str) -> list[str]:
-    """CREATE KEYSPACE, CREATE TABLE(s), and last the lookup query a support tool runs."""
+def schema(settings: Settings, url: str, replication: str | None = None) -> list[str]:
+    """CREATE KEYSPACE, CREATE TABLE(s), and last the lookup query a support tool runs.
+
+    The replication: cassandra_replication, else `replication` (derived from the cluster), else, when
+    printed without a cluster to look at, three replicas per data centre (with a note saying so)."""
     _, _, keyspace = parse_url(url)
     try:
         lay = cql.layout(settings, keyspace)
     except ValueError as e:
         raise StoreError(str(e)) from None
-    ks = (f"CREATE KEYSPACE IF NOT EXISTS {cql.q(keyspace)}\n"
-          f"    WITH replication = {settings.cassandra_replication} AND durable_writes = true")
+    repl = settings.cassandra_replication or replication
+    note = "" if repl else ("-- replication: 'harvester schema --apply' derives it from the cluster (per data centre "
+                            "min(3, its nodes));\n-- set cassandra_replication to choose it yourself\n")
+    ks = (f"{note}CREATE KEYSPACE IF NOT EXISTS {cql.q(keyspace)}\n"
+          f"    WITH replication = {repl or DEFAULT_REPLICATION} AND durable_writes = true")
     return [ks, *lay.schema(), lay.lookup_cql()]
+
+
+DEFAULT_REPLICATION = "{'class': 'NetworkTopologyStrategy', 'replication_factor': 3}"
+
+
+def _nodes_by_dc(cluster) -> dict[str, int]:
+    nodes: Counter = Counter()
+    for h in cluster.metadata.all_hosts():
+        nodes[h.datacenter or "datacenter1"] += 1
+    return dict(nodes)
+
+
+def _nodes_up(cluster) -> str:
+    up: Counter = Counter(h.datacenter or "datacenter1" for h in cluster.metadata.all_hosts() if h.is_up)
+    return ", ".join(f"{dc}: {up[dc]} of {n} up" for dc, n in sorted(_nodes_by_dc(cluster).items())) or "none known"
+
+
+def derive_replication(cluster) -> str:
+    """NetworkTopologyStrategy with min(3, nodes there) replicas per data centre: quorum writes then work
+    on a one- or two-node cluster as on a large one."""
+    dcs = _nodes_by_dc(cluster)
+    if not dcs:
+        return DEFAULT_REPLICATION
+    return "{'class': 'NetworkTopologyStrategy', " + ", ".join(
+        f"'{dc}': {min(3, n)}" for dc, n in sorted(dcs.items())) + "}"
+
+
+def _rf(v) -> int:
+    """A replication factor as the driver shows it ('3', or '3/1' with transient replicas)."""
+    return int(str(v).split("/")[0])
 
 
 def _password(settings: Settings) -> str:

@@ -42,6 +42,7 @@ class PerService:
     keyspace: str
     table: str = "last_login"
     name: str = "per_service"
+    event_ttl: int = 0  # seconds a last_event row lives after its write (0: for good)
 
     def schema(self) -> list[str]:
         ks, t = q(self.keyspace), q(self.table)
@@ -69,7 +70,7 @@ class PerService:
             "login": f"INSERT INTO {ks}.{q(self.table)} (userid, service, last_access, last_ip, node) "
                      "VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?",
             "event": f"INSERT INTO {ks}.last_event (userid, kind, service, time, ip, node, detail) "
-                     "VALUES (?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?",
+                     "VALUES (?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ? AND TTL ?",
         }
 
     def table_of(self, key: str) -> str:
@@ -80,7 +81,7 @@ class PerService:
         ms = r.time_us // 1000
         if r.kind == "login":
             return "login", (r.user, r.service, ms, r.ip, r.node, r.time_us)
-        return "event", (r.user, r.kind, r.service, ms, r.ip, r.node, r.detail, r.time_us)
+        return "event", (r.user, r.kind, r.service, ms, r.ip, r.node, r.detail, r.time_us, self.event_ttl)
 
     def lookup(self, session, user: str) -> list[Row]:
         rows = [Row(user, svc, "login", *_instant(at, wt), ip, node)
@@ -95,6 +96,36 @@ class PerService:
                f"FROM {q(self.keyspace)}.{q(self.table)}")
         for user, svc, at, ip, node, wt in session.execute(cql):
             yield Row(user, svc, "login", *_instant(at, wt), ip, node)
+
+    def forget_plan(self, session, user: str, service: str | None) -> list[tuple[Row, str, tuple, int, str]]:
+        """(row, DELETE, its parameters, the tombstone's timestamp, keyspace.table) for what `forget` removes:
+        one service's login row, or (no service) every login and last_event row of `user`. Each row is deleted
+        USING TIMESTAMP its newest cell's write time: a plain DELETE (now) cannot remove a cell written in the
+        future, and a row written at a normal time gets a normal tombstone (hiding no later login)."""
+        ks, t = q(self.keyspace), q(self.table)
+        sel = (f"SELECT service, last_access, last_ip, node, WRITETIME(last_access), WRITETIME(last_ip), "
+               f"WRITETIME(node) FROM {ks}.{t} WHERE userid = %s")
+        args: tuple = (user,)
+        if service is not None:
+            sel, args = sel + " AND service = %s", (user, service)
+        out = []
+        for svc, at, ip, node, *wts in session.execute(sel, args):
+            ts = _newest(wts)
+            if ts is not None:
+                out.append((Row(user, svc, "login", *_instant(at, wts[0]), ip, node),
+                            f"DELETE FROM {ks}.{t} USING TIMESTAMP %s WHERE userid = %s AND service = %s",
+                            (ts, user, svc), ts, f"{ks}.{t}"))
+        if service is None:
+            for kind, svc, at, ip, node, detail, *wts in session.execute(
+                    f"SELECT kind, service, time, ip, node, detail, WRITETIME(time), WRITETIME(service), "
+                    f"WRITETIME(ip), WRITETIME(node), WRITETIME(detail) FROM {ks}.last_event WHERE userid = %s",
+                    (user,)):
+                ts = _newest(wts)
+                if ts is not None:
+                    out.append((Row(user, svc, kind, *_instant(at, wts[0]), ip, node, detail),
+                                f"DELETE FROM {ks}.last_event USING TIMESTAMP %s WHERE userid = %s AND kind = %s",
+                                (ts, user, kind), ts, f"{ks}.last_event"))
+        return out
 
     def _prepared(self, session, which: str):
         cql = self.lookup_cql() if which == "lookup" else (
@@ -172,6 +203,26 @@ class Wide:
                     yield Row(user, svc, "login", *_instant(at, wt), ip, None)
 
 
+    def forget_plan(self, session, user: str, service: str | None) -> list[tuple[Row, str, tuple, int, str]]:
+        """As PerService.forget_plan, per service column pair (a pinned column does not pin the others)."""
+        out = []
+        for svc, cs in self.columns.items():
+            if service is not None and svc != service:
+                continue
+            sel = ", ".join(f"{q(c)}, WRITETIME({q(c)})" for c in cs)
+            row = session.execute(f"SELECT {sel} FROM {q(self.keyspace)}.{q(self.table)} "
+                                  f"WHERE {q(self.user_column)} = %s", (user,)).one()
+            if row is None or row[0] is None:
+                continue
+            ts = _newest(row[1::2])
+            ip = row[2] if len(cs) > 1 else None
+            out.append((Row(user, svc, "login", *_instant(row[0], row[1]), None if ip is None else str(ip), None),
+                        f"DELETE {', '.join(q(c) for c in cs)} FROM {q(self.keyspace)}.{q(self.table)} "
+                        f"USING TIMESTAMP %s WHERE {q(self.user_column)} = %s", (ts, user), ts,
+                        f"{q(self.keyspace)}.{q(self.table)}"))
+        return out
+
+
 Layout = PerService | Wide
 
 
@@ -179,7 +230,7 @@ def layout(settings: Settings, keyspace: str) -> Layout:
     """The layout the settings choose (cassandra_layout, _table, _user_column, _columns)."""
     kind = settings.cassandra_layout
     if kind == "per_service":
-        return PerService(keyspace, settings.cassandra_table or "last_login")
+        return PerService(keyspace, settings.cassandra_table or "last_login", event_ttl=settings.event_ttl_days * 86400)
     columns = settings.cassandra_columns or (PER_USER_COLUMNS if kind == "per_user" else {})
     if kind == "custom" and not (settings.cassandra_table and settings.cassandra_columns):
         raise ValueError("cassandra_layout = custom needs cassandra_table and cassandra_columns "
@@ -197,6 +248,11 @@ def _instant(at, writetime: int | None) -> tuple[int, int]:
     us = writetime if writetime is not None and writetime // 1000 == ms else ms * 1000
     digits = 0 if us % 1_000_000 == 0 else 3 if us % 1000 == 0 else 6
     return us, digits
+
+
+def _newest(writetimes) -> int | None:
+    """The newest of a row's cells' write times (None: no cell with a value)."""
+    return max((w for w in writetimes if w is not None), default=None)
 
 
 def _inet(ip: str | None) -> str | None:

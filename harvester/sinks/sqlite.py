@@ -13,7 +13,8 @@ from pathlib import Path
 
 from harvester import native
 from harvester.coalesce import Coalescer, Row
-from harvester.sinks.base import StoreError, write_taken
+from harvester.config import Settings
+from harvester.sinks.base import Forgotten, StoreError, write_taken
 from harvester.timeparse import rfc3339
 
 SCHEMA = """
@@ -48,14 +49,25 @@ ON CONFLICT (user, service) DO UPDATE SET
 WHERE excluded.last_login_us >= last_login.last_login_us
 """
 
-UPSERT_EVENT = """
-INSERT INTO last_event (user, kind, service, time, time_us, ip, node, detail)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+_EVENT_UPDATE = """
 ON CONFLICT (user, kind) DO UPDATE SET
     service = excluded.service, time = excluded.time, time_us = excluded.time_us,
     ip = excluded.ip, node = excluded.node, detail = excluded.detail
 WHERE excluded.time_us >= last_event.time_us
 """
+
+# event_rows = "all": every account named in a failure gets a row (a password spray: one per made-up name).
+UPSERT_EVENT = """
+INSERT INTO last_event (user, kind, service, time, time_us, ip, node, detail)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)""" + _EVENT_UPDATE
+
+# event_rows = "known" (the default): only accounts with a stored login. Run after the batch's logins in
+# the same transaction, so an account's first login and a failure in one batch both land.
+UPSERT_KNOWN_EVENT = """
+INSERT INTO last_event (user, kind, service, time, time_us, ip, node, detail)
+SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 WHERE EXISTS (SELECT 1 FROM last_login WHERE user = ?1)""" + _EVENT_UPDATE
+
+BUSY_SECONDS = 2.0  # wait this long for another process's lock, then fail (the daemon retries with backoff)
 
 def params(rows: list[Row]) -> tuple[list[tuple], list[tuple]]:
     """Rows as the parameters of UPSERT_LOGIN and UPSERT_EVENT (times as RFC 3339 text)."""
@@ -89,16 +101,17 @@ def path_from_url(url: str) -> Path:
 class SqliteStore:
     """Last-login rows in a local SQLite file (WAL, one writer)."""
 
-    def __init__(self, url: str, *, create: bool = True) -> None:
+    def __init__(self, url: str, *, create: bool = True, settings: Settings | None = None) -> None:
         self.url = url
         self.path = path_from_url(url)
+        self.upsert_event = UPSERT_KNOWN_EVENT if (settings or Settings()).event_rows == "known" else UPSERT_EVENT
         if not create and not self.path.exists():
             raise StoreError(f"{self.path}: no such store (run 'harvester backfill' first, or pass --store)")
         try:
             if create:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-            # The daemon writes from its writer thread (one at a time) and reads nothing meanwhile.
-            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            # check_same_thread=False: opened here, written from the daemon's writer thread (one at a time).
+            self.db = sqlite3.connect(self.path, timeout=BUSY_SECONDS, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             # FULL: each commit syncs the WAL. With NORMAL a commit can roll back after a power cut,
             # while the daemon's checkpoint (synced) already says its lines were stored.
@@ -121,11 +134,11 @@ class SqliteStore:
             return write_taken(sink, self)
         try:
             if self._writer is None:
-                self._writer = fs.SqliteWriter(str(self.path), UPSERT_LOGIN, UPSERT_EVENT)
+                self._writer = fs.SqliteWriter(str(self.path), UPSERT_LOGIN, self.upsert_event)
             written, bad = self._writer.write(sink.logins, sink.others, [r[0] for r in sink.runs],
                                               [r[1] for r in sink.runs])
         except RuntimeError as e:
-            raise StoreError(f"{self.path}: write failed: {e}") from None
+            raise StoreError(self._failure(e)) from None
         sink.runs = []
         sink.note_bad_users(bad)
         return written
@@ -137,13 +150,39 @@ class SqliteStore:
         try:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.executemany(UPSERT_LOGIN, logins)
-            self.db.executemany(UPSERT_EVENT, events)
+            self.db.executemany(self.upsert_event, events)
             self.db.execute("COMMIT")
         except sqlite3.Error as e:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
-            raise StoreError(f"{self.path}: write failed: {e}") from None
+            raise StoreError(self._failure(e)) from None
         return len(logins) + len(events)
+
+    def _failure(self, e: Exception) -> str:
+        """A failed write, for the operator: a lock held elsewhere is named as such (it is retried)."""
+        text = str(e)
+        if "locked" in text or "busy" in text:
+            return (f"{self.path}: write failed: {text}: another process holds a lock on the database (a support "
+                    f"tool's open transaction, e.g. BEGIN EXCLUSIVE?); waited {BUSY_SECONDS:.0f} s, retried later")
+        return f"{self.path}: write failed: {text}"
+
+    def forget(self, user: str, service: str | None = None) -> list[Forgotten]:
+        """Delete one service's login row, or every login and last_event row of `user`."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            gone = [r for r in self.lookup(user) if (r.kind == "login" and service in (None, r.service))
+                    or (r.kind != "login" and service is None)]
+            if service is None:
+                self.db.execute("DELETE FROM last_login WHERE user = ?", (user,))
+                self.db.execute("DELETE FROM last_event WHERE user = ?", (user,))
+            else:
+                self.db.execute("DELETE FROM last_login WHERE user = ? AND service = ?", (user, service))
+            self.db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise StoreError(self._failure(e)) from None
+        return [Forgotten(r) for r in gone]
 
     def lookup(self, user: str) -> list[Row]:
         rows = [Row(user, s, "login", t, _digits(text), ip, node)

@@ -17,7 +17,7 @@ use std::time::Duration;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
-use rusqlite::{ffi, Connection, TransactionBehavior};
+use rusqlite::{ffi, Connection};
 
 use crate::{rfc3339, rfc3339_into};
 use crate::table::{split, Entry, Reader, Table};
@@ -26,8 +26,13 @@ fn err(e: rusqlite::Error) -> PyErr {
     PyRuntimeError::new_err(e.to_string())
 }
 
-/// One connection that applies both tables in one transaction.
-// Not `unsendable`: the daemon makes it in its writer thread and may drop it in the main one.
+/// How long a write waits for another process's lock (a support tool's open transaction) before it
+/// fails with "database is locked": short, so the caller retries with its own backoff and can stop.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One connection that applies both tables in one transaction. Usable from any one thread at a time
+/// (the daemon's writer thread): the connection sits behind a mutex, and the lock wait and the commit's
+/// sync run without the GIL, so the rest of the process goes on meanwhile.
 #[pyclass(module = "harvester._fastscan")]
 pub struct SqliteWriter {
     db: Mutex<Connection>,
@@ -119,7 +124,7 @@ impl SqliteWriter {
     #[new]
     fn new(path: &str, login_sql: String, event_sql: String) -> PyResult<Self> {
         let db = Connection::open(path).map_err(err)?;
-        db.busy_timeout(Duration::from_secs(30)).map_err(err)?;
+        db.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
         // As the Python connection (sinks/sqlite.py): a commit is on disk before the caller goes on.
         db.execute_batch("PRAGMA synchronous=FULL; PRAGMA cache_size=-65536;").map_err(err)?;
         drop(Raw::new(&db, &login_sql)?); // fail here, at open, on a statement that cannot work
@@ -149,10 +154,13 @@ impl SqliteWriter {
         let mut buf = [0u8; 32];
         {
             let (l, o) = (logins.borrow(), others.borrow());
-            let mut db = self.db.lock().map_err(|_| PyRuntimeError::new_err("SQLite writer poisoned"))?;
-            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
-            {
-                let st = Raw::new(&tx, &self.login_sql)?;
+            let guard = self.db.lock().map_err(|_| PyRuntimeError::new_err("SQLite writer poisoned"))?;
+            let db: &Connection = &guard;
+            // Taking the write lock may wait for another process (up to BUSY_TIMEOUT): without the GIL.
+            let conn = SendConn(db);
+            py.allow_threads(move || conn.batch("BEGIN IMMEDIATE")).map_err(err)?;
+            let body = (|| -> PyResult<()> {
+                let st = Raw::new(db, &self.login_sql)?;
                 written += merged(py, cursors(&l, login_runs.as_deref()), &bad, |v| {
                     st.text(1, Some(v.user))?;
                     st.text(2, Some(v.service))?;
@@ -162,7 +170,7 @@ impl SqliteWriter {
                     st.text(6, v.node.map(utf8).as_deref())?;
                     st.run()
                 })?;
-                let st = Raw::new(&tx, &self.event_sql)?;
+                let st = Raw::new(db, &self.event_sql)?;
                 written += merged(py, cursors(&o, other_runs.as_deref()), &bad, |v| {
                     st.text(1, Some(v.user))?;
                     st.text(2, Some(&utf8(v.second)))?;
@@ -174,12 +182,34 @@ impl SqliteWriter {
                     st.text(8, v.detail)?;
                     st.run()
                 })?;
+                // The commit syncs the WAL (synchronous=FULL): without the GIL too.
+                py.allow_threads(move || conn.batch("COMMIT")).map_err(err)
+            })();
+            if let Err(e) = body {
+                if !db.is_autocommit() {
+                    let _ = db.execute_batch("ROLLBACK");
+                }
+                return Err(e);
             }
-            tx.commit().map_err(err)?;
         }
         logins.borrow_mut().clear();
         others.borrow_mut().clear();
         Ok((written, bad))
+    }
+}
+
+/// A connection borrowed across `allow_threads`: only the statement given runs on it there, while the
+/// caller holds the writer's mutex, so no other thread touches the connection meanwhile.
+#[derive(Clone, Copy)]
+struct SendConn<'a>(&'a Connection);
+
+// SAFETY: see SendConn; rusqlite's Connection is Send, it is only not Sync (its statement cache), and
+// the cache is not used by execute_batch.
+unsafe impl Send for SendConn<'_> {}
+
+impl SendConn<'_> {
+    fn batch(self, sql: &str) -> rusqlite::Result<()> {
+        self.0.execute_batch(sql)
     }
 }
 
