@@ -177,7 +177,7 @@ OPTIONS: tuple[Option, ...] = (
            "write to the store when this many distinct rows are waiting (bounds memory)", "N"),
     Option("max_line_bytes", _opt_int(1024, 1 << 30), 1 << 20,
            "longer lines are counted and skipped", "BYTES"),
-    Option("max_user_bytes", _opt_int(1, 65_000), MAX_USER_BYTES,
+    Option("max_user_bytes", _opt_int(1, 1 << 20), MAX_USER_BYTES,
            "lines with a longer user name are counted and skipped (no store keeps such names)", "BYTES"),
     Option("future_tolerance_s", _opt_int(0, 366 * 86_400), FUTURE_TOLERANCE_S,
            "lines dated more than this after their file's last write (or now, when followed live) are "
