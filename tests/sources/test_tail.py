@@ -77,7 +77,7 @@ def test_rename_and_create_drains_the_old_file_including_late_writes(tmp_path):
         old.write(b"b\n")  # written to the renamed file after the rotation
     got = lines(f)
     assert sorted(got) == [b"b", b"c"]
-    assert len(f.old) == 0 and f.cur is not None
+    assert len(f.queue) == 0 and f.cur is not None
 
 
 def test_a_rotated_file_compressed_and_deleted_is_still_read_to_its_end(tmp_path):
