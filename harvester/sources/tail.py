@@ -43,6 +43,7 @@ from harvester.sources.archive import ArchiveError, drop_long_lines, line_blocks
 log = logging.getLogger(__name__)
 READ_BYTES = 4 << 20  # one read of a plain file
 POLL_BYTES = 16 << 20  # at most this much per poll (then backlog() says there is more): bounds memory
+ARCHIVE_CHUNK = 64 << 10  # compressed bytes inflated at a time: 0.5 MB of log text, 64 MB at gzip's worst ratio
 DRAIN_GRACE = 5.0  # seconds a rotated file must stay unchanged before it is finished
 REPEAT = 60.0  # an unreadable path is reported once, then this often
 MISSING_GRACE = 10.0  # a path missing this long is reported (a rotation leaves it missing for a moment)
@@ -385,7 +386,7 @@ class Follower:
         def chunks() -> Iterator[bytes]:
             nonlocal total
             left = skip
-            for chunk in raw_chunks(a.path, position=a.progress):
+            for chunk in raw_chunks(a.path, ARCHIVE_CHUNK, a.progress):
                 if left >= len(chunk):
                     left -= len(chunk)
                     continue
@@ -396,7 +397,7 @@ class Follower:
         prev: tuple[int, bytes] | None = None
         try:
             # one block ahead: a block's end is where the next starts (long lines cut out make it shorter)
-            for start, data in line_blocks(chunks(), max_line=self.max_line,
+            for start, data in line_blocks(chunks(), max_line=self.max_line, block=archive.BLOCK,
                                            on_long_line=lambda at: self.on_long_line(skip + at)):
                 if prev is not None:
                     yield prev[0], prev[1], skip + start
