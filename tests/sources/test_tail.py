@@ -358,3 +358,20 @@ def test_backlog_says_when_more_is_readable_than_one_poll_gave(tmp_path, monkeyp
     append(log, "partial")
     f.poll()
     assert not f.backlog()  # a partial line is not a backlog
+
+
+def test_a_path_missing_for_long_is_said_once_then_once_a_minute_and_read_when_back(tmp_path, caplog,
+                                                                                       monkeypatch):
+    monkeypatch.setattr(tail, "MISSING_GRACE", 0.0)
+    log = tmp_path / "maillog"
+    append(log, "a\n")
+    f = follow(log)
+    assert lines(f) == [b"a"]
+    os.unlink(log)  # deleted, not re-created
+    for _ in range(50):
+        assert lines(f) == []
+    said = [r for r in caplog.records if "cannot read it" in r.getMessage()]
+    assert len(said) == 1
+    append(log, "b\n")
+    assert lines(f) == [b"b"]
+    assert "readable again" in caplog.text
