@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from harvester import metrics, native, patterns
-from harvester.checkpoint import Checkpoints, State, StateInUse, lock_state_dir
+from harvester.checkpoint import Checkpoints, Position, State, StateInUse, lock_state_dir
 from harvester.coalesce import Coalescer, SetAside
 from harvester.config import Settings, state_dir
 from harvester.parse import Networks, Parser
@@ -212,6 +212,7 @@ class Daemon:
         self.reloading = False
         self.read_at: list[float] = []  # monotonic read times of the blocks in self.sink
         self.dirty = True  # offsets moved since the last checkpoint handed to the writer (at start: maybe)
+        self.cut_positions: dict[str, list[Position]] = {}  # what that checkpoint says
         self.lock_fd = -1
         self._observer = None
         self.rawlog_trees: list[rawlog.Tree] = []
@@ -338,6 +339,8 @@ class Daemon:
                         self._read_rawlogs()
                         self.last_rawlog_scan = started
                 now = time.monotonic()
+                if not self.dirty and self._positions() != self.cut_positions:
+                    self.dirty = True  # a rotated file was finished (and leaves the checkpoint) with nothing read
                 due = now - last_cut >= interval or len(self.sink) >= self.settings.flush_events
                 if due and self.writer.idle() and (len(self.sink) or self.dirty):
                     self._cut()
@@ -361,6 +364,9 @@ class Daemon:
             notify("STOPPING=1")
             self._shutdown()
         return 0
+
+    def _positions(self) -> dict[str, list[Position]]:
+        return {p: s.follower.positions() for p, s in self.sources.items()}
 
     def _waiting(self) -> int:
         """Rows read and not yet acknowledged: what memory holds for the store."""
@@ -465,7 +471,8 @@ class Daemon:
 
     def _cut(self) -> None:
         """Hand what was gathered, with the checkpoint it makes true, to the writer; gather anew."""
-        state = State({p: s.follower.positions() for p, s in self.sources.items()},
+        self.cut_positions = self._positions()
+        state = State(dict(self.cut_positions),
                       {p: _sessions(s.parser) for p, s in self.sources.items()},
                       {str(t.root): t.mark for t in self.rawlog_trees})
         self.writer.submit(Batch(self.sink, state, self.read_at))

@@ -45,9 +45,25 @@ class Writer:
 
 
 def start(tmp: Path, store: str, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "harvester", "run", "--store", store, "--state-dir",
+    """`harvester run` on tmp/log/maillog, returned once it follows the file: its first checkpoint after the
+    start is saved (it saves one at once, store or no store), so a rotation a test makes next happens to a
+    followed file, as in production, not before the daemon looked."""
+    checkpoint = tmp / "state" / "checkpoints.json"
+    before = _mtime_ns(checkpoint)
+    proc = subprocess.Popen([sys.executable, "-m", "harvester", "run", "--store", store, "--state-dir",
                              str(tmp / "state"), "--metrics-listen", "", "--start-at", "beginning", *COMMON,
                              *extra, str(tmp / "log" / "maillog")], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while _mtime_ns(checkpoint) == before and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return proc
+
+
+def _mtime_ns(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return 0
 
 
 def stop(proc: subprocess.Popen) -> str:

@@ -177,7 +177,7 @@ def line_blocks(chunks: Iterable[bytes], *, max_line: int, on_long_line: Callabl
             data = b"".join(pending)
             cut = data.rfind(b"\n") + 1
             if cut:
-                yield start, _drop_long_lines(data[:cut], start, max_line, on_long_line)
+                yield start, drop_long_lines(data[:cut], start, max_line, on_long_line)
             raise
         piece_at = pos
         pos += len(piece)
@@ -209,7 +209,7 @@ def line_blocks(chunks: Iterable[bytes], *, max_line: int, on_long_line: Callabl
             else:
                 pending = [data]
             continue
-        yield start, _drop_long_lines(data[:cut], start, max_line, on_long_line)
+        yield start, drop_long_lines(data[:cut], start, max_line, on_long_line)
         rest = data[cut:]
         start += cut
         pending = [rest] if rest else []
@@ -217,11 +217,12 @@ def line_blocks(chunks: Iterable[bytes], *, max_line: int, on_long_line: Callabl
     if pending:
         data = b"".join(pending)
         if data:
-            yield start, _drop_long_lines(data, start, max_line, on_long_line)
+            yield start, drop_long_lines(data, start, max_line, on_long_line)
 
 
-def _drop_long_lines(block: bytes, start: int, max_line: int, report: Callable[[int], None]) -> bytes:
-    """Cut out lines longer than `max_line` from a block of complete lines (found at `start`)."""
+def drop_long_lines(block: bytes, start: int, max_line: int, report: Callable[[int], None]) -> bytes:
+    """Cut out lines longer than `max_line` from a block of complete lines (found at file offset `start`),
+    reporting each one's offset: the one long-line policy of backfill and the live follower."""
     kept = _kept_lines(block, 0, len(block), start, max_line, report)
     return block if kept is None else b"".join(kept)
 

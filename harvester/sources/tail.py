@@ -1,35 +1,53 @@
 """Follow one log path through logrotate: rename+create, copytruncate, delaycompress and compress.
 
+The files of a path are read strictly in order, each to its (current) end
+before the next: the rest of a rotated file, then each newer rotated file,
+then the live one. One parser sees them as one stream, so an LMTP session
+that opens at the end of one file is known when its deliveries are read at
+the start of the next.
+
 The current file is kept open, so after a rename (and even after logrotate
 compressed and deleted it) its last lines are still read from the open
 descriptor: the old file is drained until it has been quiet for a grace
 period, because the writer (rsyslog) may append to it until it reopens.
-After a restart, a checkpointed file that is no longer at the path is looked
-for among its rotated siblings (plain or compressed) by its fingerprint.
-Copytruncate shows as a file shorter than, or starting differently from,
-what was read: the unread rest is then taken from the copy.
+After a restart, each checkpointed file is looked for at the path and among
+its rotated siblings, by inode or by the fingerprint of its first bytes
+(a copytruncate copy has a new inode; a compressed one is matched by its
+decompressed text). Copytruncate while running shows as a file shorter than,
+or starting differently from, what was read: the unread rest is then taken
+from the copy, before the truncated file.
 
-Only complete lines are handed out; a partial last line waits for its newline,
-unless its file is finished (drained after a rotation).
+Compressed files are streamed in blocks of a few MiB; their position is the
+number of decompressed bytes read. Only complete lines are handed out; a
+partial last line waits for its newline, unless its file is finished. Lines
+longer than max_line are cut out and reported, as backfill does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import logging
 import os
+import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from harvester.checkpoint import HEAD_BYTES, FileId, Position, head_of, identify, still_same
-from harvester.sources.archive import ArchiveError, raw_chunks, rotation_key
+from harvester.sources import archive
+from harvester.sources.archive import ArchiveError, drop_long_lines, line_blocks, raw_chunks, rotation_key, sniff
 
 log = logging.getLogger(__name__)
-READ_BYTES = 4 << 20  # per file and poll: bounds memory and keeps other files served
+READ_BYTES = 4 << 20  # one read of a plain file
+POLL_BYTES = 16 << 20  # at most this much per poll (then backlog() says there is more): bounds memory
+ARCHIVE_CHUNK = 64 << 10  # compressed bytes inflated at a time: 0.5 MB of log text, 64 MB at gzip's worst ratio
 DRAIN_GRACE = 5.0  # seconds a rotated file must stay unchanged before it is finished
+REPEAT = 60.0  # an unreadable path is reported once, then this often
+MISSING_GRACE = 10.0  # a path missing this long is reported (a rotation leaves it missing for a moment)
+FINISHED_KEPT = 8  # finished files remembered, in case one comes back at the path (a botched swap undone)
 
 
 @dataclass
@@ -44,155 +62,188 @@ class Block:
 
 @dataclass
 class _Open:
+    """A plain file, read through its descriptor."""
+
     fd: int
     id: FileId
     offset: int
-    quiet_since: float | None = None  # draining: since when the file has not grown
+    quiet_since: float | None = None  # draining (a rotated file): since when it has not grown
     skipping: bool = False  # inside a line longer than max_line
     seen_size: int = -1  # draining: the size when last looked at
 
 
 @dataclass
+class _Archive:
+    """A compressed rotated file, streamed once through; `offset` counts decompressed bytes."""
+
+    path: Path
+    id: FileId  # dev/ino of the archive, fingerprint of its decompressed first bytes
+    offset: int
+    blocks: Iterator[tuple[int, bytes, int]] | None = None
+    progress: archive.Position = field(default_factory=archive.Position)
+
+
+@dataclass
+class _Sibling:
+    """A rotated file of the path as found at a restart or copytruncate."""
+
+    path: Path
+    st: os.stat_result
+    compressed: bool
+    first: bytes  # its first HEAD_BYTES bytes (decompressed)
+
+    def starts_like(self, fid: FileId) -> bool:
+        return 0 < fid.n <= len(self.first) and head_of(self.first[:fid.n])[0] == fid.head
+
+
+@dataclass
 class Follower:
-    """One followed path (its current file, and the one it replaced while that is drained)."""
+    """One followed path: its current file, and before it the files still to be read, in order."""
 
     path: Path
     max_line: int = 1 << 20
     on_long_line: Callable[[int], None] = lambda at: None
     on_rotation: Callable[[str], None] = lambda kind: None
     cur: _Open | None = None
-    old: list[_Open] = field(default_factory=list)
-    pending: list[Block] = field(default_factory=list)  # read from siblings at a restart or copytruncate
-    more: bool = False  # the last poll left readable bytes behind
+    queue: list[_Open | _Archive] = field(default_factory=list)  # read before cur, first to last
+    finished: list[Position] = field(default_factory=list)  # files drained and closed, newest last
+    more: bool = False  # the last poll stopped at its byte budget
+    unreadable_since: float | None = None
+    said_at: float | None = None
 
     # -- start ---------------------------------------------------------------------
     def start(self, positions: list[Position], start_at: str) -> str:
         """Resume from checkpointed positions, else start at the end (or beginning) of the file.
 
+        The oldest checkpointed file still found is read from its offset, then every newer rotated
+        file (from its checkpointed offset if it has one, else whole), then the live file.
         Returns how it started, for the log."""
-        fd = self._open(self.path)
+        fd = self._open_path()
         here = identify(fd) if fd is not None else None
-        how = []
+        chain = _rotated(self.path)
+        found: dict[int, Position] = {}  # index in chain (len(chain): the live file) -> position
         for pos in positions:
-            if here is not None and _matches(pos.id, here, fd):
-                self.cur = _Open(fd, here, pos.offset)
-                how.append(f"from its checkpoint at byte {pos.offset:,}")
-                continue
-            found = self._resume_elsewhere(pos)
-            if found is not None:
-                how.append(f"the rest of the rotated {found.name} from byte {pos.offset:,}")
-                newer = self._newer_than(found)
-                for sib in newer:
-                    self._whole(sib)
-                if newer:
-                    how.append("all of " + ", ".join(p.name for p in newer) + " (rotated while stopped)")
-        if fd is not None and self.cur is None:
-            size = os.fstat(fd).st_size
-            # The file at the path is not a checkpointed one: after a restart across a rotation it is new
-            # (read all of it); with no checkpoint at all, `start_at` decides.
-            offset = 0 if positions or start_at == "beginning" else size
+            at = self._locate(pos, chain, fd, here)
+            if at is None:
+                log.warning("%s: the file checkpointed at byte %d is gone (not at the path nor among its rotated "
+                            "siblings); its unread rest, if any, is lost", self.path, pos.offset)
+            elif at not in found:
+                found[at] = pos
+        how = []
+        if found:
+            first = min(found)
+            for i in range(first, len(chain)):
+                sib, pos = chain[i], found.get(i)
+                if self._enqueue(sib, pos.offset if pos else 0):
+                    how.append(f"the rest of the rotated {sib.path.name} from byte {pos.offset:,}" if pos
+                               else f"all of {sib.path.name} (rotated while stopped)")
+        if fd is not None:
+            if len(chain) in found:
+                offset = found[len(chain)].offset
+                how.append(f"from its checkpoint at byte {offset:,}")
+            else:
+                # The file at the path is not a checkpointed one: after a restart across a rotation it is
+                # new (read all of it); with no checkpoint at all, `start_at` decides.
+                offset = 0 if positions or start_at == "beginning" else os.fstat(fd).st_size
+                how.append("the new file from its beginning" if positions else f"from the {start_at}")
             self.cur = _Open(fd, here, offset)
-            how.append("the new file from its beginning" if positions else f"from the {start_at}")
         return "; ".join(how) or "once it appears"
 
-    def _resume_elsewhere(self, pos: Position) -> Path | None:
-        """A checkpointed file that moved: find it among the rotated siblings and read its rest."""
-        for sib in _siblings(self.path):
-            try:
-                st = os.stat(sib)
-            except OSError:
-                continue
-            if pos.id.same_inode(st):
-                fd = self._open(sib)
-                if fd is not None and still_same(pos.id, fd):
-                    self.old.append(_Open(fd, pos.id, pos.offset, quiet_since=time.monotonic()))
-                    return sib
-                if fd is not None:
-                    os.close(fd)
-        for sib in _siblings(self.path):
-            if sib.suffix in (".gz", ".bz2", ".xz", ".zst") and self._from_archive(sib, pos):
-                return sib
-        log.warning("%s: the file checkpointed at byte %d is gone (not among its rotated siblings); "
-                    "its unread rest, if any, is lost", self.path, pos.offset)
+    def _locate(self, pos: Position, chain: list[_Sibling], fd: int | None, here: FileId | None) -> int | None:
+        """Which file of the chain (len(chain): the live one) `pos` was taken from: by inode and first bytes
+        (an empty file's by inode alone), else by first bytes (a copy, a compressed file)."""
+        fid = pos.id
+        if here is not None and fid.dev == here.dev and fid.ino == here.ino and still_same(fid, fd):
+            return len(chain)
+        for i, sib in enumerate(chain):
+            if not sib.compressed and fid.same_inode(sib.st) and (fid.n == 0 or sib.starts_like(fid)):
+                return i
+        for i in range(len(chain) - 1, -1, -1):  # newest first: a copy is usually the newest rotated file
+            if chain[i].starts_like(fid):
+                return i
         return None
 
-    def _newer_than(self, found: Path) -> list[Path]:
-        """Rotated siblings newer than `found`: files born and rotated while the daemon was stopped."""
-        ordered = sorted(_siblings(self.path), key=rotation_key)
-        return ordered[ordered.index(found) + 1:] if found in ordered else []
-
-    def _whole(self, sib: Path) -> None:
-        """Read a whole rotated file (plain: drained from its descriptor; compressed: through the archive)."""
-        if sib.suffix in (".gz", ".bz2", ".xz", ".zst"):
-            try:
-                data = b"".join(raw_chunks(sib))
-            except ArchiveError as e:
-                log.error("%s: %s; the lines before the damage are not read either", sib, e)
-                return
-            self.pending.append(Block(data, 0, FileId(0, 0, *head_of(data)), len(data)))
-            return
-        fd = self._open(sib)
-        if fd is not None:
-            self.old.append(_Open(fd, identify(fd), 0, quiet_since=time.monotonic()))
-
-    def _from_archive(self, sib: Path, pos: Position) -> bool:
-        """Read the rest of a checkpointed file that logrotate compressed before we finished it."""
-        try:
-            chunks = raw_chunks(sib)
-            data = b""
-            for chunk in chunks:
-                data += chunk
-                if len(data) >= pos.id.n:
-                    break
-            if head_of(data[: pos.id.n])[0] != pos.id.head:
-                return False
-            rest = bytearray(data)
-            for chunk in chunks:
-                rest += chunk
-        except ArchiveError as e:
-            log.error("%s: %s; cannot take the unread lines from it", sib, e)
+    def _enqueue(self, sib: _Sibling, offset: int) -> bool:
+        """Queue a rotated file to be read from `offset` (decompressed bytes for a compressed one)."""
+        if sib.compressed:
+            fid = FileId(sib.st.st_dev, sib.st.st_ino, *head_of(sib.first))
+            self.queue.append(_Archive(sib.path, fid, offset))
+            return True
+        fd = self._open(sib.path)
+        if fd is None:
             return False
-        tail = bytes(rest[pos.offset:])
-        if tail:
-            self.pending.append(Block(tail, pos.offset, pos.id, pos.offset + len(tail)))
+        st = os.fstat(fd)
+        # A file rotated long enough ago is finished as soon as it has been read (no grace to wait).
+        age = max(time.time() - st.st_mtime, 0.0)
+        self.queue.append(_Open(fd, identify(fd), offset, quiet_since=time.monotonic() - age, seen_size=st.st_size))
         return True
 
     # -- reading ---------------------------------------------------------------------
     def poll(self) -> list[Block]:
-        """New complete lines: first those of finished or rotated files, then the current file's."""
+        """New complete lines, in order: the queued files' (each to its current end first), then the current
+        file's; at most about POLL_BYTES (backlog() then says more is readable)."""
         self._check_rotation()
+        out: list[Block] = []
+        budget = POLL_BYTES
         self.more = False
-        out, self.pending = self.pending, []
-        for o in list(self.old):
-            out += self._read(o, final=False)
-            if self._quiet(o):
-                out += self._read(o, final=True)
-                os.close(o.fd)
-                self.old.remove(o)
+        for item in list(self.queue):
+            if isinstance(item, _Archive):
+                got, at_end = self._read_archive(item, budget)
+            else:
+                got, at_end = self._read(item, budget, final=False)
+                if at_end and self._quiet(item):
+                    more, _ = self._read(item, 1 << 62, final=True)
+                    got += more
+                    self._finish(item)
+            out += got
+            budget -= sum(b.end - b.offset for b in got)
+            if not at_end:
+                self.more = True
+                return out
+            if isinstance(item, _Archive):
+                self._finish(item)
         if self.cur is not None:
-            out += self._read(self.cur, final=False)
+            got, at_end = self._read(self.cur, budget, final=False)
+            out += got
+            self.more = not at_end
         return out
 
     def backlog(self) -> bool:
-        """Whether the last poll stopped at READ_BYTES with more already readable (catching up)."""
-        return self.more
+        """Whether more is already readable than the last poll handed out (catching up: do not sleep)."""
+        return self.more or any(isinstance(item, _Archive) for item in self.queue)
 
     def positions(self) -> list[Position]:
-        """Where each open file was read to: the rotated one being drained first."""
-        return [Position(o.id, o.offset) for o in [*self.old, *([self.cur] if self.cur else [])]]
+        """Where each file still to be read was read to, in reading order: queued ones, then the current one
+        (an empty file too: its identity lets a restart find it after a rotation)."""
+        return [Position(o.id, o.offset) for o in [*self.queue, *([self.cur] if self.cur else [])]]
 
     def lag_bytes(self) -> int:
         total = 0
-        for o in [*self.old, *([self.cur] if self.cur else [])]:
+        for o in [*self.queue, *([self.cur] if self.cur else [])]:
             with contextlib.suppress(OSError):
-                total += max(os.fstat(o.fd).st_size - o.offset, 0)
+                if isinstance(o, _Archive):  # compressed bytes not read yet
+                    total += max(o.path.stat().st_size - o.progress.read, 0)
+                else:
+                    total += max(os.fstat(o.fd).st_size - o.offset, 0)
         return total
 
     def close(self) -> None:
-        for o in [*self.old, *([self.cur] if self.cur else [])]:
-            with contextlib.suppress(OSError):
-                os.close(o.fd)
-        self.old, self.cur = [], None
+        for o in [*self.queue, *([self.cur] if self.cur else [])]:
+            self._close(o)
+        self.queue, self.cur = [], None
+
+    def _close(self, o: _Open | _Archive) -> None:
+        if isinstance(o, _Archive):
+            if o.blocks is not None:
+                o.blocks.close()  # closes the archive's file
+            return
+        with contextlib.suppress(OSError):
+            os.close(o.fd)
+
+    def _finish(self, o: _Open | _Archive) -> None:
+        self._close(o)
+        self.queue.remove(o)
+        self.finished = [*self.finished, Position(o.id, o.offset)][-FINISHED_KEPT:]
 
     def _check_rotation(self) -> None:
         cur = self.cur
@@ -203,22 +254,19 @@ class Follower:
             # (compressed by logrotate), nothing will write to it again: drain it and wait for a new one.
             if cur is not None and os.fstat(cur.fd).st_nlink == 0:
                 self.on_rotation("rename")
-                cur.quiet_since = time.monotonic()
-                self.old.append(cur)
-                self.cur = None
+                self._retire(cur)
+            if self.cur is None:
+                self._open_new()
             return
         if cur is None:
-            fd = self._open(self.path)
-            if fd is not None:
-                self.cur = _Open(fd, identify(fd), 0)
+            self._open_new()
             return
         if not cur.id.same_inode(st):
-            # rename+create: finish the old file (the writer may still append until it reopens)
+            # rename+create (or something else put at the path): finish the old file (the writer may still
+            # append until it reopens), then the new one
             self.on_rotation("rename")
-            cur.quiet_since = time.monotonic()
-            self.old.append(cur)
-            fd = self._open(self.path)
-            self.cur = _Open(fd, identify(fd), 0) if fd is not None else None
+            self._retire(cur)
+            self._open_new()
             return
         size = os.fstat(cur.fd).st_size
         if size < cur.offset or (cur.id.n and not still_same(cur.id, cur.fd)):
@@ -233,56 +281,134 @@ class Follower:
             if grown.head != cur.id.head and still_same(cur.id, cur.fd):
                 cur.id = grown
 
+    def _retire(self, cur: _Open) -> None:
+        cur.quiet_since, cur.seen_size = time.monotonic(), -1
+        self.queue.append(cur)
+        self.cur = None
+
+    def _open_new(self) -> None:
+        """Open the file now at the path as the current one. If it is a file already read (a rotated file
+        put back), go on from where it was read to."""
+        fd = self._open_path()
+        if fd is None:
+            return
+        here = identify(fd)
+        for o in self.queue:
+            if isinstance(o, _Open) and o.id.dev == here.dev and o.id.ino == here.ino and still_same(o.id, o.fd):
+                os.close(fd)
+                self.queue.remove(o)
+                o.quiet_since = None
+                self.cur = o
+                return
+        offset = 0
+        for pos in self.finished:
+            if pos.id.dev == here.dev and pos.id.ino == here.ino and still_same(pos.id, fd):
+                offset = pos.offset
+        self.cur = _Open(fd, here, offset)
+
     def _from_copy(self, cur: _Open) -> None:
-        for sib in _siblings(self.path):
-            try:
-                if sib.suffix in (".gz", ".bz2", ".xz", ".zst"):
-                    if self._from_archive(sib, Position(cur.id, cur.offset)):
-                        return
-                    continue
-                with open(sib, "rb") as f:
-                    if head_of(f.read(cur.id.n))[0] != cur.id.head:
-                        continue
-                    f.seek(cur.offset)
-                    rest = f.read()
-            except OSError:
+        """Queue the unread rest of a copytruncated file from its copy (plain or compressed)."""
+        if cur.offset == 0:
+            return
+        for sib in reversed(_rotated(self.path)):
+            if cur.id.same_inode(sib.st) or not sib.starts_like(cur.id):
                 continue
-            if rest:  # a copy is finished: its last partial line is a line too
-                self.pending.append(Block(rest, cur.offset, cur.id, cur.offset + len(rest)))
+            if sib.compressed:
+                self._enqueue(sib, cur.offset)
+                return
+            fd = self._open(sib.path)
+            if fd is None:
+                continue
+            # a copy is finished at once: its last partial line is a line too
+            self.queue.append(_Open(fd, identify(fd), cur.offset, quiet_since=time.monotonic() - DRAIN_GRACE,
+                                    seen_size=os.fstat(fd).st_size))
             return
         if os.fstat(cur.fd).st_size < cur.offset:
             log.warning("%s: truncated at byte %d and no rotated copy starts like it; lines after that "
                         "offset written before the truncation are lost", self.path, cur.offset)
 
-    def _read(self, o: _Open, *, final: bool) -> list[Block]:
-        """Complete lines of `o` from its offset (all of it, a last partial line too, when `final`)."""
-        data = os.pread(o.fd, READ_BYTES, o.offset)
-        if not data:
-            return []
-        self.more = self.more or len(data) == READ_BYTES
-        if o.quiet_since is not None:
-            o.quiet_since = time.monotonic()
-        start = o.offset
-        if o.skipping:
-            nl = data.find(b"\n")
-            if nl < 0:
-                o.offset += len(data)
-                return []
-            o.offset += nl + 1
-            o.skipping = False
-            data = data[nl + 1:]
+    def _read(self, o: _Open, budget: int, *, final: bool) -> tuple[list[Block], bool]:
+        """Complete lines of `o` from its offset, about `budget` bytes at most (all of it, a last partial line
+        too, when `final`); and whether its current end was reached."""
+        out: list[Block] = []
+        size = max(READ_BYTES, self.max_line + 1)  # a full read without a newline is a line too long
+        while budget > 0:
+            data = os.pread(o.fd, size, o.offset)
+            eof = len(data) < size
+            if o.skipping:
+                nl = data.find(b"\n")
+                o.offset += len(data) if nl < 0 else nl + 1
+                o.skipping = nl < 0
+                if nl < 0:
+                    if eof:
+                        return out, True
+                    continue
+                data = data[nl + 1:]
             start = o.offset
-        cut = data.rfind(b"\n") + 1
-        if final and len(data) < READ_BYTES:
-            cut = len(data)  # a finished file's last line has no newline: still a line
-        if cut == 0:
-            if len(data) > self.max_line:
-                self.on_long_line(o.offset)
+            cut = len(data) if final and eof else data.rfind(b"\n") + 1
+            if cut == 0:
+                if len(data) <= self.max_line:
+                    return out, True  # nothing, or a partial line that waits for its newline
+                self.on_long_line(start)
                 o.offset += len(data)
                 o.skipping = True
-            return []
-        o.offset = start + cut
-        return [Block(data[:cut], start, o.id, o.offset)]
+                continue
+            o.offset = start + cut
+            kept = drop_long_lines(data[:cut], start, self.max_line, self.on_long_line)
+            if kept:
+                out.append(Block(kept, start, o.id, o.offset))
+            budget -= cut
+            if eof:
+                return out, True
+        return out, False
+
+    def _read_archive(self, a: _Archive, budget: int) -> tuple[list[Block], bool]:
+        """The next blocks of a compressed file, about `budget` bytes; and whether it was read to its end."""
+        if a.blocks is None:
+            a.blocks = self._archive_blocks(a)
+        out: list[Block] = []
+        while budget > 0:
+            try:
+                start, data, end = next(a.blocks)
+            except StopIteration:
+                return out, True
+            a.offset = end
+            if data:
+                out.append(Block(data, start, a.id, end))
+            budget -= end - start
+        return out, False
+
+    def _archive_blocks(self, a: _Archive) -> Iterator[tuple[int, bytes, int]]:
+        """(offset, lines, end) of a compressed file from decompressed byte `a.offset` (a line start)."""
+        skip = a.offset
+        total = skip
+
+        def chunks() -> Iterator[bytes]:
+            nonlocal total
+            left = skip
+            for chunk in raw_chunks(a.path, ARCHIVE_CHUNK, a.progress):
+                if left >= len(chunk):
+                    left -= len(chunk)
+                    continue
+                chunk, left = chunk[left:], 0
+                total += len(chunk)
+                yield chunk
+
+        prev: tuple[int, bytes] | None = None
+        try:
+            # one block ahead: a block's end is where the next starts (long lines cut out make it shorter)
+            for start, data in line_blocks(chunks(), max_line=self.max_line, block=archive.BLOCK,
+                                           on_long_line=lambda at: self.on_long_line(skip + at)):
+                if prev is not None:
+                    yield prev[0], prev[1], skip + start
+                prev = (skip + start, data)
+        except ArchiveError as e:
+            log.error("%s: %s; the lines after the damage are not read", a.path, e)
+            if prev is not None:
+                yield prev[0], prev[1], prev[0] + len(prev[1])
+            return
+        if prev is not None:
+            yield prev[0], prev[1], total
 
     def _quiet(self, o: _Open) -> bool:
         """Whether a rotated file has stopped growing for the grace period (then it is finished)."""
@@ -290,33 +416,102 @@ class Follower:
             size = os.fstat(o.fd).st_size
         except OSError:
             return True
-        if size != o.seen_size:
-            o.seen_size, o.quiet_since = size, time.monotonic()
-            return DRAIN_GRACE <= 0 and size <= o.offset + READ_BYTES
-        return o.quiet_since is not None and time.monotonic() - o.quiet_since >= DRAIN_GRACE
+        now = time.monotonic()
+        if size != o.seen_size or o.quiet_since is None:
+            o.seen_size, o.quiet_since = size, now
+        return now - o.quiet_since >= DRAIN_GRACE
+
+    # -- opening -------------------------------------------------------------------------
+    def _open_path(self) -> int | None:
+        """The followed path opened, if it is a readable regular file; else say why (once, then every minute)."""
+        try:
+            fd = _open_regular(self.path)
+        except OSError as e:
+            self._unreadable(e)
+            return None
+        if self.unreadable_since is not None and self.said_at is not None:
+            log.warning("%s: readable again", self.path)
+        self.unreadable_since = self.said_at = None
+        return fd
+
+    def _unreadable(self, e: OSError) -> None:
+        now = time.monotonic()
+        if self.unreadable_since is None:
+            self.unreadable_since = now
+        missing = e.errno == errno.ENOENT
+        if missing and now - self.unreadable_since < MISSING_GRACE:
+            return
+        if self.said_at is None or now - self.said_at >= REPEAT:
+            for_how_long = "" if self.said_at is None else f" (for {now - self.unreadable_since:.0f} s)"
+            log.error("%s: cannot read it: %s%s; lines are read again once a regular file is there", self.path,
+                      e.strerror or e, for_how_long)
+            self.said_at = now
 
     def _open(self, path: Path) -> int | None:
         try:
-            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            return _open_regular(path)
         except FileNotFoundError:
             return None
         except OSError as e:
-            log.error("%s: cannot open: %s", path, e.strerror)
+            log.error("%s: cannot open: %s", path, e.strerror or e)
             return None
 
 
-def _matches(fid: FileId, here: FileId, fd: int) -> bool:
-    return fid.dev == here.dev and fid.ino == here.ino and still_same(fid, fd)
-
-
-def _siblings(path: Path) -> list[Path]:
-    """Rotated names of `path` (mail.log.1, mail.log.2.gz, mail.log-20251122.gz), newest first."""
-    names = glob.glob(glob.escape(str(path)) + ".*") + glob.glob(glob.escape(str(path)) + "-*")
-    return sorted((Path(n) for n in names), key=lambda p: -_mtime(p))
-
-
-def _mtime(p: Path) -> float:
+def _open_regular(path: Path) -> int:
+    """A descriptor of `path` if it is a regular file. O_NONBLOCK: opening a FIFO must not wait for a writer;
+    anything but a regular file is closed again and refused (OSError)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
-        return p.stat().st_mtime
+        mode = os.fstat(fd).st_mode
     except OSError:
-        return 0.0
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise OSError(errno.EISDIR if stat.S_ISDIR(mode) else errno.EINVAL, f"it is {kind}, not a regular file")
+    return fd
+
+
+def _rotated(path: Path) -> list[_Sibling]:
+    """The rotated files of `path` (maillog.1, maillog.2.gz, maillog-20251122.gz), oldest first, with their
+    first bytes; of a file and its compressed twin (logrotate compressing it right now) only the plain one."""
+    names = glob.glob(glob.escape(str(path)) + ".*") + glob.glob(glob.escape(str(path)) + "-*")
+    out: dict[str, _Sibling] = {}
+    for name in sorted(names, key=lambda n: (archive.strip_compression(n), n != archive.strip_compression(n))):
+        p = Path(name)
+        key = rotation_key(p)
+        if key[1] != path.name or key[2] == 2 or archive.strip_compression(name) in out:
+            continue
+        sib = _peek(p)
+        if sib is not None:
+            out[archive.strip_compression(name)] = sib
+    return sorted(out.values(), key=lambda s: rotation_key(s.path))
+
+
+def _peek(p: Path) -> _Sibling | None:
+    """A rotated file's stat and first bytes (decompressed), or None if it cannot be read."""
+    try:
+        st = os.stat(p)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        with open(p, "rb") as f:
+            head = f.read(HEAD_BYTES)
+    except OSError:
+        return None
+    if sniff(head).new is None:
+        return _Sibling(p, st, False, head)
+    first = b""
+    chunks = raw_chunks(p, chunk=16 << 10)
+    try:
+        for chunk in chunks:
+            first += chunk
+            if len(first) >= HEAD_BYTES:
+                break
+    except ArchiveError as e:
+        if not first:
+            log.error("%s: %s", p, e)
+            return None
+    finally:
+        chunks.close()
+    return _Sibling(p, st, True, first[:HEAD_BYTES])

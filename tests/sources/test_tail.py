@@ -77,7 +77,7 @@ def test_rename_and_create_drains_the_old_file_including_late_writes(tmp_path):
         old.write(b"b\n")  # written to the renamed file after the rotation
     got = lines(f)
     assert sorted(got) == [b"b", b"c"]
-    assert len(f.old) == 0 and f.cur is not None
+    assert len(f.queue) == 0 and f.cur is not None
 
 
 def test_a_rotated_file_compressed_and_deleted_is_still_read_to_its_end(tmp_path):
@@ -184,3 +184,194 @@ def test_restart_after_two_rotations_reads_the_file_born_and_rotated_while_stopp
     how = g.start(saved, "end")
     assert lines(g) == [b"b", b"c", b"d"]
     assert "maillog.2.gz" in how and "maillog.1 (rotated while stopped)" in how
+
+
+def blocks_in_order(f: Follower, polls: int = 50) -> list[bytes]:
+    """Every line handed out over several polls, in the order the parser would see them."""
+    got = []
+    for _ in range(polls):
+        got += lines(f)
+        if not f.backlog():
+            break
+    return got
+
+
+def test_copytruncate_while_stopped_reads_the_unread_tail_from_the_plain_copy(tmp_path):
+    log = tmp_path / "maillog"
+    append(log, "a\nb\n")
+    saved = stopped_at(log, 2)  # "b" not acknowledged
+    shutil.copy(log, tmp_path / "maillog.1")  # logrotate copytruncate, plain copy (a new inode)
+    os.truncate(log, 0)
+    append(log, "c\n")
+    g = Follower(log)
+    how = g.start(saved, "end")
+    assert lines(g) == [b"b", b"c"]
+    assert "maillog.1 from byte 2" in how
+
+
+def test_two_rename_rotations_while_stopped_read_each_file_whole_and_in_order(tmp_path, monkeypatch):
+    """Small reads: the checkpointed file's rest, then maillog.1, then the live file, never interleaved,
+    and no file twice although the checkpoint names two of them."""
+    monkeypatch.setattr(tail, "READ_BYTES", 64)
+    monkeypatch.setattr(tail, "POLL_BYTES", 150)
+    log = tmp_path / "maillog"
+    first = [f"first {i:03}\n" for i in range(40)]
+    append(log, *first)
+    f = follow(log, max_line=60)
+    blocks_in_order(f)
+    first_id = f.positions()[0].id
+    os.rename(log, tmp_path / "maillog.1")
+    append(log, "second 000\n")
+    f.poll()  # the rotation is seen: the old file is drained, the new one current
+    # what a checkpoint taken while the first file was drained says: 12 lines of it acknowledged, then the
+    # second file, read to its first line
+    saved = [Position(first_id, 12 * 10), *f.positions()]
+    f.close()
+    second = [f"second {i:03}\n" for i in range(1, 40)]
+    append(log, *second)
+    os.rename(tmp_path / "maillog.1", tmp_path / "maillog.2")
+    gzip_to(tmp_path / "maillog.2", tmp_path / "maillog.2.gz")
+    os.unlink(tmp_path / "maillog.2")
+    os.rename(log, tmp_path / "maillog.1")
+    append(log, "third\n")
+    g = Follower(log, max_line=60)
+    g.start(saved, "end")
+    want = [x.encode().rstrip() for x in [*first[12:], *second, "third\n"]]
+    assert blocks_in_order(g) == want
+
+
+def test_a_rotated_file_is_read_to_its_current_end_before_the_new_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(tail, "READ_BYTES", 64)
+    monkeypatch.setattr(tail, "POLL_BYTES", 100)
+    monkeypatch.setattr(tail, "DRAIN_GRACE", 3600.0)  # the old file is not finished: only read to its end
+    log = tmp_path / "maillog"
+    append(log, "start\n")
+    f = follow(log, max_line=60)
+    lines(f)
+    old = [f"old {i:03}\n" for i in range(30)]
+    append(log, *old)
+    os.rename(log, tmp_path / "maillog.1")
+    append(log, "new\n")
+    assert blocks_in_order(f) == [x.encode().rstrip() for x in [*old, "new\n"]]
+    assert len(f.queue) == 1  # still drained: the writer may append until it reopens
+    append(tmp_path / "maillog.1", "late\n")
+    assert lines(f) == [b"late"]
+
+
+def test_a_compressed_archive_is_streamed_in_bounded_blocks_and_resumed_mid_way(tmp_path, monkeypatch):
+    from harvester.sources import archive
+
+    monkeypatch.setattr(archive, "BLOCK", 4096)
+    monkeypatch.setattr(tail, "ARCHIVE_CHUNK", 512)
+    monkeypatch.setattr(tail, "POLL_BYTES", 8192)
+    log = tmp_path / "maillog"
+    text = [f"line {i:06} {'x' * 40}\n".encode() for i in range(5000)]  # 250 KB
+    log.write_bytes(b"".join(text[:1]))
+    saved = stopped_at(log, 0)
+    log.write_bytes(b"".join(text))
+    gzip_to(log, tmp_path / "maillog.1.gz")
+    os.unlink(log)
+    append(log, "live\n")
+    g = follow(log, saved, "end")
+    got: list[bytes] = []
+    for _ in range(5):
+        polled = g.poll()
+        assert sum(len(b.data) for b in polled) <= 8192 + 2 * 4096
+        got += [x for b in polled for x in b.data.splitlines(keepends=True)]
+        assert g.backlog()
+    mid = g.positions()
+    g.close()
+    assert mid[0].offset == sum(map(len, got))  # decompressed bytes, at a line boundary
+    h = follow(log, mid, "end")
+    got += [x + b"\n" for x in blocks_in_order(h, polls=1000)]
+    assert got == [*text, b"live\n"]
+    assert not h.backlog()
+
+
+def test_a_line_longer_than_max_line_but_within_one_read_is_skipped_and_reported(tmp_path):
+    log = tmp_path / "maillog"
+    append(log, "a\n", "L" * 3000 + "\n", "b\n")
+    seen = []
+    f = follow(log, max_line=1024, on_long_line=seen.append)
+    assert lines(f) == [b"a", b"b"]
+    assert seen == [2]
+
+
+def test_an_empty_file_at_stop_is_found_after_a_rotation_by_its_inode(tmp_path):
+    log = tmp_path / "maillog"
+    log.touch()
+    f = follow(log)
+    f.poll()
+    saved = f.positions()
+    f.close()
+    assert len(saved) == 1 and saved[0].id.n == 0 and saved[0].offset == 0
+    append(log, "written while stopped\n")
+    os.rename(log, tmp_path / "maillog.1")
+    append(log, "new\n")
+    g = follow(log, saved, "end")
+    assert lines(g) == [b"written while stopped", b"new"]
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_fifo_or_directory_at_the_path_is_refused_without_leaks_and_the_file_is_read_again(tmp_path, caplog):
+    log = tmp_path / "maillog"
+    append(log, "a\n")
+    f = follow(log)
+    assert lines(f) == [b"a"]
+    with open(log, "ab") as writer:  # rsyslog keeps writing to the file it has open
+        os.rename(log, tmp_path / "maillog.keep")
+        os.mkfifo(log)
+        f.poll()
+        fds = open_fds()
+        for _ in range(20):
+            f.poll()
+        assert open_fds() == fds
+        os.unlink(log)
+        os.mkdir(log)
+        writer.write(b"b\n")
+        got = [x for _ in range(20) for x in lines(f)]
+        assert open_fds() == fds
+        os.rmdir(log)
+        os.rename(tmp_path / "maillog.keep", log)
+        writer.write(b"c\n")
+    got += lines(f) + lines(f)
+    assert got == [b"b", b"c"]  # nothing lost, nothing twice
+    errors = [r for r in caplog.records if "cannot read it" in r.getMessage()]
+    assert len(errors) == 1 and "FIFO" in errors[0].getMessage()
+    append(log, "d\n")
+    assert lines(f) == [b"d"]
+
+
+def test_backlog_says_when_more_is_readable_than_one_poll_gave(tmp_path, monkeypatch):
+    monkeypatch.setattr(tail, "READ_BYTES", 64)
+    monkeypatch.setattr(tail, "POLL_BYTES", 128)
+    log = tmp_path / "maillog"
+    append(log, *[f"line {i:03}\n" for i in range(100)])
+    f = follow(log, max_line=60)
+    got = lines(f)
+    assert f.backlog() and len(got) < 100
+    got += blocks_in_order(f, polls=100)
+    assert len(got) == 100 and not f.backlog()
+    append(log, "partial")
+    f.poll()
+    assert not f.backlog()  # a partial line is not a backlog
+
+
+def test_a_path_missing_for_long_is_said_once_then_once_a_minute_and_read_when_back(tmp_path, caplog,
+                                                                                       monkeypatch):
+    monkeypatch.setattr(tail, "MISSING_GRACE", 0.0)
+    log = tmp_path / "maillog"
+    append(log, "a\n")
+    f = follow(log)
+    assert lines(f) == [b"a"]
+    os.unlink(log)  # deleted, not re-created
+    for _ in range(50):
+        assert lines(f) == []
+    said = [r for r in caplog.records if "cannot read it" in r.getMessage()]
+    assert len(said) == 1
+    append(log, "b\n")
+    assert lines(f) == [b"b"]
+    assert "readable again" in caplog.text
