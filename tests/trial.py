@@ -4,7 +4,7 @@ is killed with -9 at random moments, sometimes with rotations while it is down. 
 compared with a one-shot backfill of every line written: keys missing, keys with a stale time, keys with
 the right time but a wrong IP (an LMTP session whose address was lost).
 
-    python -m tests.trial [--kills 22] [--rotations 25] [--rate 3000] [--seed 1]
+    python -m tests.trial [--kills 22] [--rotations 25] [--rate 3000] [--seed 1] [--keep DIR]
 
 tests/reliability/test_trial.py runs a small fixed-seed trial; the closing figures come from this command.
 """
@@ -16,13 +16,20 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 from tests import corpus
 from tests.daemon_kit import Writer, logrotate, reference, rows, start
 
-KINDS = ("create", "copytruncate", "create\n    compress", "create\n    compress\n    delaycompress")
+# Rotation kinds by the names they leave: logrotate only shifts names of its configured form, so a site's
+# config picks one family (switching from plain to compressed names mid-way would make logrotate rename
+# the live file over an older maillog.1, a loss of its own). Within a family every kind mixes.
+FAMILIES = {
+    "plain": ("create", "copytruncate"),
+    "compress": ("create\n    compress", "copytruncate\n    compress"),
+    "delaycompress": ("create\n    compress\n    delaycompress", "copytruncate\n    compress\n    delaycompress"),
+}
 
 
 @dataclass
@@ -36,14 +43,19 @@ class Outcome:
     while_stopped: int
     lines: int
 
+    def __add__(self, other: Outcome) -> Outcome:
+        return Outcome(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
     def __str__(self) -> str:
         return (f"{self.kills} kill -9, {self.rotations} rotations ({self.while_stopped} while stopped), "
                 f"{self.lines:,} lines: {self.missing} keys missing, {self.stale} stale, {self.wrong_ip} wrong IP "
                 f"of {self.keys:,}")
 
 
-def run_trial(tmp: Path, *, kills: int, rotations: int, rate: int, seed: int, lines: int) -> Outcome:
+def run_trial(tmp: Path, *, kills: int, rotations: int, rate: int, seed: int, lines: int,
+              family: str = "plain") -> Outcome:
     rng = random.Random(seed)
+    kinds = FAMILIES[family]
     src = tmp / "corpus"
     corpus.write_maillog(src, lines=lines, users=max(lines // 25, 200), tz="UTC", seed=seed)
     log_lines = src.read_bytes().splitlines(keepends=True)
@@ -64,18 +76,18 @@ def run_trial(tmp: Path, *, kills: int, rotations: int, rate: int, seed: int, li
         for step in steps:
             _write_at(w, per_step, rate, rng)
             if step == "rotate":
-                logrotate(tmp, rng.choice(KINDS))
+                logrotate(tmp, rng.choice(kinds))
                 w.write(rng.randrange(0, 40))  # the writer has not reopened yet
                 w.reopen()
                 done_rot += 1
                 continue
             time.sleep(rng.uniform(0, 0.6))  # mid-flush or between flushes
             proc.kill()
-            proc.wait()
+            _keep_log(tmp, proc, done_kills)
             done_kills += 1
             for _ in range(rng.choice((0, 0, 1, 2))):  # rotated while the daemon is down
                 w.write(rng.randrange(1, per_step // 4 + 2))
-                logrotate(tmp, rng.choice(KINDS))
+                logrotate(tmp, rng.choice(kinds))
                 w.write(rng.randrange(0, 40))
                 w.reopen()
                 done_rot += 1
@@ -91,7 +103,7 @@ def run_trial(tmp: Path, *, kills: int, rotations: int, rate: int, seed: int, li
     finally:
         w.close()
         proc.kill()
-        proc.wait()
+        _keep_log(tmp, proc, done_kills)
     stored = {(u, s): (t, ip) for u, s, t, ip, _ in got}
     missing = stale = wrong_ip = 0
     for u, s, t, ip, _ in want:
@@ -103,6 +115,17 @@ def run_trial(tmp: Path, *, kills: int, rotations: int, rate: int, seed: int, li
         elif have[0] == t and have[1] != ip:
             wrong_ip += 1
     return Outcome(len(want), missing, stale, wrong_ip, done_kills, done_rot, stopped_rot, w.next)
+
+
+def _share(n: int, i: int) -> int:
+    """Family i's part of n."""
+    return n // len(FAMILIES) + (1 if i < n % len(FAMILIES) else 0)
+
+
+def _keep_log(tmp: Path, proc, n: int) -> None:
+    """A killed daemon's log, kept beside the trial's files (daemon-N.log) for a failure's post-mortem."""
+    _, err = proc.communicate()
+    (tmp / f"daemon-{n}.log").write_text(err or "")
 
 
 def _write_at(w: Writer, n: int, rate: int, rng: random.Random) -> None:
@@ -123,11 +146,19 @@ def main() -> int:
     ap.add_argument("--rate", type=int, default=3000, help="lines per second written")
     ap.add_argument("--lines", type=int, default=240_000)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--keep", metavar="DIR", help="run in DIR and keep its files (logs, store, daemon logs)")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="harvester-trial-") as d:
-        out = run_trial(Path(d), kills=args.kills, rotations=args.rotations, rate=args.rate, seed=args.seed,
-                        lines=args.lines)
-    print(out)
+    total = None
+    for i, family in enumerate(FAMILIES):  # the kills and rotations shared out over the three families
+        with tempfile.TemporaryDirectory(prefix="harvester-trial-") as d:
+            where = Path(args.keep) / family if args.keep else Path(d)
+            where.mkdir(parents=True, exist_ok=True)
+            out = run_trial(where, kills=_share(args.kills, i), rotations=_share(args.rotations, i),
+                            rate=args.rate, seed=args.seed + i, lines=_share(args.lines, i), family=family)
+        print(f"{family:14s} {out}", flush=True)
+        total = out if total is None else total + out
+    out = total
+    print(f"{'all':14s} {out}")
     return 0 if out.missing == out.stale == out.wrong_ip == 0 else 1
 
 

@@ -3,10 +3,13 @@ daemon is down, must end with the store a backfill of every line gives (tests/tr
 
 from __future__ import annotations
 
-from tests.trial import run_trial
+import pytest
+
+from tests.trial import FAMILIES, run_trial
 
 
-def test_kill_9_and_rotations_of_every_kind_while_running_and_stopped_lose_pin_and_null_nothing(tmp_path):
-    out = run_trial(tmp_path, kills=6, rotations=8, rate=3000, seed=7, lines=24_000)
-    assert out.kills == 6 and out.rotations >= 8
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_kill_9_and_rotations_while_running_and_stopped_lose_pin_and_null_nothing(tmp_path, family):
+    out = run_trial(tmp_path, kills=4, rotations=6, rate=3000, seed=7, lines=16_000, family=family)
+    assert out.kills == 4 and out.rotations >= 6
     assert (out.missing, out.stale, out.wrong_ip) == (0, 0, 0), str(out)
