@@ -92,6 +92,7 @@ def run_trial(tmp: Path, *, kills: int, rotations: int, rate: int, seed: int, li
                 w.reopen()
                 done_rot += 1
                 stopped_rot += 1
+            _keep_checkpoint(tmp, done_kills)
             proc = start(tmp, store)
         w.write(len(log_lines))
         want = reference(tmp, log_lines[:w.next])
@@ -120,6 +121,15 @@ def run_trial(tmp: Path, *, kills: int, rotations: int, rate: int, seed: int, li
 def _share(n: int, i: int) -> int:
     """Family i's part of n."""
     return n // len(FAMILIES) + (1 if i < n % len(FAMILIES) else 0)
+
+
+def _keep_checkpoint(tmp: Path, n: int) -> None:
+    """The checkpoint restart n begins from, and the files it will look at (for a failure's post-mortem)."""
+    state = tmp / "state" / "checkpoints.json"
+    if state.exists():
+        (tmp / f"checkpoint-{n}.json").write_bytes(state.read_bytes())
+    listing = [f"{p.name} {p.stat().st_ino} {p.stat().st_size}" for p in sorted((tmp / "log").iterdir())]
+    (tmp / f"files-{n}.txt").write_text("\n".join(listing) + "\n")
 
 
 def _keep_log(tmp: Path, proc, n: int) -> None:
