@@ -149,13 +149,14 @@ class Coalescer:
         # Other processes' tables (Table.dumps of logins, of others; their entry count), oldest
         # first, applied after the tables' own entries: the SQLite writer merges them as it writes.
         self.runs: list[tuple[bytes, bytes, int]] = []
+        self.pending: list[Row] = []  # taken, not accepted by the store: written first at the next take
 
     def __len__(self) -> int:
-        return len(self.logins) + len(self.others) + sum(n for _, _, n in self.runs)
+        return len(self.logins) + len(self.others) + sum(n for _, _, n in self.runs) + len(self.pending)
 
     def newest(self) -> int:
-        """The newest event time gathered in the tables (0 when empty)."""
-        return max(self.logins.newest(), self.others.newest())
+        """The newest event time gathered (0 when empty)."""
+        return max(self.logins.newest(), self.others.newest(), max((r.time_us for r in self.pending), default=0))
 
     def add_run(self, logins: bytes, others: bytes, entries: int) -> None:
         """Keep another process's tables (dumps) to apply after everything gathered so far."""
@@ -169,13 +170,17 @@ class Coalescer:
         self.runs = []
 
     def take(self) -> list[Row]:
-        """Decode what was gathered into rows in key order and start empty (the caller writes them)."""
+        """Decode what was gathered into rows in key order and start empty (the caller writes them).
+
+        Rows put back by an earlier failed write come first: of two rows of one key in one write the
+        later wins, and what the tables gathered since is newer."""
         self.absorb_runs()
         out, bad = self.logins.take(Row, "login")
         self.note_bad_users(bad)
         rows, bad = self.others.take(Row, None)
         self.note_bad_users(bad)
-        return out + rows
+        pending, self.pending = self.pending, []
+        return pending + out + rows if pending else out + rows
 
     def note_bad_users(self, names: list[bytes]) -> None:
         """Count rows set aside because their user name is not UTF-8 (reason "utf8"); the stores'
@@ -192,11 +197,12 @@ class Coalescer:
         return self.set_aside.samples.get(reason)
 
     def put_back(self, rows: list[Row]) -> None:
-        """Return rows that `take` gave out and the store did not accept (newer ones stay)."""
-        for r in rows:
-            table, second = (self.logins, r.service) if r.kind == "login" else (self.others, r.kind)
-            ip = None if r.ip is None else r.ip.encode("utf-8")
-            table.put(r.user.encode("utf-8"), second, r.time_us, r.digits, ip, r.node, r.service, r.detail)
+        """Keep rows that `take` gave out and the store did not accept, as they are, for the next `take`.
+
+        Not back into the tables: a store that is down would have every retry decode, re-encode and
+        re-insert them, and each round left native heap behind (40 MB per retry of 100,000 rows, in the
+        daemon's writer thread)."""
+        self.pending = rows if not self.pending else self.pending + rows
 
     def events(self) -> list[Event]:
         """The traced events, decoded (invalid UTF-8 shown with replacement characters)."""

@@ -14,6 +14,7 @@ writer retries the same batch with backoff until the store takes it.
 
 from __future__ import annotations
 
+import gc
 import glob
 import logging
 import os
@@ -159,6 +160,14 @@ class Writer(threading.Thread):
                 if not isinstance(e, StoreError):
                     log.exception("unexpected error while writing to %s", self.store.url)
                 self._failed(e, len(batch.sink))
+                failed = True
+            else:
+                failed = False
+            if failed:
+                # A failed write leaves reference cycles (the traceback's frames hold the rows and the
+                # driver's objects) that only a full collection frees: without it, each retry of a big
+                # batch kept ~20 MB until the next full GC, which a large heap makes rare.
+                gc.collect()
                 return False
             metrics.WRITE_SECONDS.observe(time.monotonic() - t)
             metrics.ROWS_WRITTEN.inc(written)

@@ -78,28 +78,33 @@ def flush(sink: Coalescer, store: Store) -> int:
     return own(sink) if own is not None else write_taken(sink, store)
 
 
-def write_taken(sink: Coalescer, store: Store) -> int:
-    """`sink.take()` into `store.write`, putting back the rows still to retry when the write fails.
+WRITE_ROWS = 20_000  # rows handed to one store.write: what a store builds per write stays this small
 
-    Rows the store refused (PartialWrite.refused) are logged, counted and dropped: one poison row must
-    not stall every later write. When nothing is left to retry, the acknowledged count is returned."""
+
+def write_taken(sink: Coalescer, store: Store) -> int:
+    """`sink.take()` into `store.write`, WRITE_ROWS at a time, putting back the rows still to retry (and every
+    later slice) when a write fails.
+
+    Slices bound what a store makes per row (Cassandra's requests) whatever waited, and against a store
+    that is down a retry fails on its first slice. Rows the store refused (PartialWrite.refused) are
+    logged, counted and dropped: one poison row must not stall every later write. When nothing is left to
+    retry, the acknowledged count is returned."""
     rows = sink.take()
-    if not rows:
-        return 0
-    try:
-        return store.write(rows)
-    except PartialWrite as e:
-        sink.put_back(e.failed)
-        set_aside(store.url, e.refused)
-        if e.failed:
+    done = 0
+    for at in range(0, len(rows), WRITE_ROWS):
+        part = rows[at:at + WRITE_ROWS]
+        try:
+            done += store.write(part)
+        except PartialWrite as e:
+            set_aside(store.url, e.refused)
+            if e.failed:
+                sink.put_back(e.failed + rows[at + WRITE_ROWS:])
+                raise
+            done += e.acknowledged
+        except Exception:  # StoreError, or a bug or an unexpected library error: it must not cost the rows
+            sink.put_back(rows[at:])
             raise
-        return e.acknowledged
-    except StoreError:
-        sink.put_back(rows)
-        raise
-    except Exception:  # a bug or an unexpected library error must not cost the rows either
-        sink.put_back(rows)
-        raise
+    return done
 
 
 _last_named: dict[str, float] = {}  # store URL -> when it last named a refused row

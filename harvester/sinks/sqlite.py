@@ -130,7 +130,8 @@ class SqliteStore:
         written; anything else goes through `write`.
         """
         fs = native.fastscan
-        if fs is None or not isinstance(sink.logins, fs.Table) or not isinstance(sink.others, fs.Table):
+        if (fs is None or not isinstance(sink.logins, fs.Table) or not isinstance(sink.others, fs.Table)
+                or sink.pending):  # rows an earlier failed write put back are rows, not table entries
             return write_taken(sink, self)
         try:
             if self._writer is None:
