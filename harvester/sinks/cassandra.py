@@ -25,6 +25,7 @@ import re
 import ssl
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -188,6 +189,7 @@ class CassandraStore:
             try:
                 st = self.session.prepare(self.layout.statements()[key])
             except InvalidRequest as e:
+                _drop_traceback(e)
                 raise StoreError(f"{self.url}: {e} (does the schema exist? see 'harvester schema --apply')") from None
             st.is_idempotent = True
             self._prepared[key] = st
@@ -201,6 +203,7 @@ class CassandraStore:
         except StoreError:
             raise
         except Exception as e:  # whatever the driver raises, the caller keeps every row and the daemon runs on
+            _drop_traceback(e)
             log.error("%s: unexpected error while writing: %s: %s", self.url, type(e).__name__, e)
             raise PartialWrite(f"{self.url}: write failed: {type(e).__name__}: {e}", rows, 0) from None
         finally:
@@ -224,6 +227,9 @@ class CassandraStore:
         Only texts and rows leave this frame: no future, statement or driver exception."""
         started = time.monotonic()
         pending = self._requests(rows)
+        why = self._prepare({key for req in pending for _, key, _ in req.items})
+        if why:  # nothing can be sent: every row is retried by the caller, no request was made
+            return 0, [r for req in pending for r in req.rows], [], why
         refused: list[tuple[Row, str]] = []
         failed: list[Row] = []
         acked, attempt, why = 0, 0, ""
@@ -258,6 +264,30 @@ class CassandraStore:
         if failed and errors:
             why = f"{dict(errors)}; first: {why}"
         return acked, failed, refused, why
+
+    def _prepare(self, keys: set[str]) -> str:
+        """Prepare the statements this write needs that are not prepared yet, once, before any request is
+        sent: "" when they are ready, else why not (no node up, or the prepare failed), and the write sends
+        nothing. The driver keeps a failed prepare's future (with its exception) in its timer queue long
+        after the prepare returned: a per-request prepare raised in _bind left each retry's frames, and the
+        20,000 requests in them, reachable from there (7 MB per retry while the cluster was down)."""
+        missing = sorted(k for k in keys if k not in self._prepared)
+        if not missing:
+            return ""
+        if not any(h.is_up for h in self.cluster.metadata.all_hosts()):  # known down: do not even ask the driver
+            return "NoHostAvailable: no Cassandra node is up"
+        for key in missing:
+            try:
+                self._statement(key)
+            except StoreError:
+                raise
+            except Exception as e:  # noqa: BLE001 - an outage or a driver error: classified, said, retried later
+                _drop_traceback(e)
+                try:
+                    return self._classify(e)[1]
+                except Exception:  # noqa: BLE001 - the rows must come back whatever the classification does
+                    return f"{type(e).__name__}: {e}"
+        return ""
 
     def _log_retry(self, n: int, errors: Counter, delay: float) -> None:
         """A retry storm: said once, then at most once a minute with how many retries there were since."""
@@ -314,6 +344,7 @@ class CassandraStore:
                     continue
                 future = self.session.execute_async(st, None)
             except Exception as e:
+                _drop_traceback(e)
                 finish(i, e)
                 continue
             future.add_callbacks(callback=lambda _, i=i: finish(i, None), errback=lambda e, i=i: finish(i, e))
@@ -489,6 +520,24 @@ def derive_replication(cluster) -> str:
         return DEFAULT_REPLICATION
     return "{'class': 'NetworkTopologyStrategy', " + ", ".join(
         f"'{dc}': {min(3, n)}" for dc, n in sorted(dcs.items())) + "}"
+
+
+def _drop_traceback(e: BaseException) -> None:
+    """Cut a driver exception (and those it names or chains) from the frames it was raised through: the driver
+    may keep it (a failed future lingers in its timer queue), and its traceback's frames, with their callers
+    (f_back), would keep a write's rows and requests alive with it."""
+    seen: set[int] = set()
+    todo = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen or not isinstance(x, BaseException):
+            continue
+        seen.add(id(x))
+        if x.__traceback__ is not None:
+            traceback.clear_frames(x.__traceback__)
+            x.__traceback__ = None
+        errors = getattr(x, "errors", None)  # NoHostAvailable: host -> the exception it got there
+        todo += [x.__cause__, x.__context__, *(errors.values() if isinstance(errors, dict) else ())]
 
 
 def _rf(v) -> int:
