@@ -14,7 +14,6 @@ writer retries the same batch with backoff until the store takes it.
 
 from __future__ import annotations
 
-import gc
 import glob
 import logging
 import os
@@ -103,15 +102,16 @@ class Writer(threading.Thread):
         self.last_outage_log = 0.0
         self.backoff = 0.0
         self.newest_us = 0
+        self.writing = 0  # rows of the write under way (taken out of the batch's tables while it runs)
 
     # -- the loop thread's side -------------------------------------------------------
     def idle(self) -> bool:
         return self.batch is None
 
     def in_flight(self) -> int:
-        """Rows handed over and not yet acknowledged."""
+        """Rows handed over and not yet acknowledged (also while a write has taken them out of the batch)."""
         batch = self.batch
-        return len(batch.sink) if batch is not None else 0
+        return max(len(batch.sink), self.writing) if batch is not None else 0
 
     def submit(self, batch: Batch) -> None:
         with self.cond:
@@ -154,21 +154,16 @@ class Writer(threading.Thread):
         if waiting:
             newest = batch.sink.newest()
             t = time.monotonic()
+            self.writing = waiting
             try:
                 written = flush(batch.sink, self.store)
             except Exception as e:  # StoreError, or anything unexpected: the rows stay, the daemon goes on
                 if not isinstance(e, StoreError):
                     log.exception("unexpected error while writing to %s", self.store.url)
                 self._failed(e, len(batch.sink))
-                failed = True
-            else:
-                failed = False
-            if failed:
-                # A failed write leaves reference cycles (the traceback's frames hold the rows and the
-                # driver's objects) that only a full collection frees: without it, each retry of a big
-                # batch kept ~20 MB until the next full GC, which a large heap makes rare.
-                gc.collect()
                 return False
+            finally:
+                self.writing = 0
             metrics.WRITE_SECONDS.observe(time.monotonic() - t)
             metrics.ROWS_WRITTEN.inc(written)
             self.newest_us = max(self.newest_us, newest)
