@@ -81,6 +81,26 @@ class PrivateNode:
         self.contact = proc.stdout.strip()
         return self.contact
 
+    def outage_store(self, t0: int, **settings: object):
+        """(store, coalescer): a store on this node (keyspace `outage`, replication 1) that took one row, then
+        the node stopped: where the outage scenarios begin."""
+        from harvester.coalesce import Coalescer
+        from harvester.config import Settings
+        from harvester.sinks.base import flush
+        from harvester.sinks.cassandra import CassandraStore
+
+        s = Settings()
+        s.set("cassandra_replication", "{'class': 'SimpleStrategy', 'replication_factor': 1}", "test")
+        for key, value in settings.items():
+            s.set(key, value, "test")
+        store = CassandraStore(f"cassandra://{self.contact}/outage", s)
+        store.apply_schema()
+        sink = Coalescer()
+        sink.logins.put(b"jane", "imap", t0, 0, b"192.0.2.1", b"mx1", "imap")
+        assert flush(sink, store) == 1
+        self.stop()
+        return store, sink
+
     def stop(self, check: bool = True) -> None:
         import subprocess
 

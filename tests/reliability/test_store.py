@@ -20,10 +20,8 @@ from prometheus_client import REGISTRY
 
 from harvester import native
 from harvester.coalesce import Coalescer, Row
-from harvester.config import Settings
 from harvester.sinks import PartialWrite, open_store
 from harvester.sinks.base import flush, shown
-from harvester.sinks.cassandra import CassandraStore
 from tests import daemon_kit
 from tests.conftest import ROOT, PrivateNode, run_cli
 from tests.sinks.test_cassandra import fresh, settings_for
@@ -272,17 +270,9 @@ def _rss_kib() -> int:
 def test_a_cassandra_outage_keeps_no_driver_objects_writes_return_at_once_and_recovery_takes_seconds(tmp_path,
                                                                                                      capsys):
     node = PrivateNode(tmp_path / "node")
-    contact = node.start()
+    node.start()
     try:
-        s = Settings()
-        s.set("cassandra_request_timeout", 5, "test")
-        s.set("cassandra_replication", "{'class': 'SimpleStrategy', 'replication_factor': 1}", "test")
-        store = CassandraStore(f"cassandra://{contact}/outage", s)
-        store.apply_schema()
-        sink = Coalescer()
-        sink.logins.put(b"jane", "imap", T0, 0, b"192.0.2.1", b"mx1", "imap")
-        assert flush(sink, store) == 1
-        node.stop()
+        store, sink = node.outage_store(T0, cassandra_request_timeout=5)
         for i in range(20_000):
             sink.logins.put(f"u{i}".encode(), "pop3", T0 + i, 0, b"192.0.2.2", b"mx1", "pop3")
         gc.collect()

@@ -254,22 +254,12 @@ def test_a_store_outage_is_retried_and_what_was_not_acknowledged_stays_queued(tm
     """A node of its own goes down between two flushes: the second flush fails with every row still queued
     (no host: not retried inside the write, the daemon retries flushes with its own backoff); once the node
     is back the same flush stores them all."""
-    from harvester.coalesce import Coalescer
     from harvester.sinks.base import PartialWrite, flush
 
     node = PrivateNode(tmp_path / "node")
-    contact = node.start()
+    node.start()
     try:
-        s = Settings()
-        s.set("cassandra_replication", "{'class': 'SimpleStrategy', 'replication_factor': 1}", "test")
-        s.set("cassandra_retries", 2, "test")
-        s.set("cassandra_request_timeout", 2, "test")
-        store = CassandraStore(f"cassandra://{contact}/outage", s)
-        store.apply_schema()
-        sink = Coalescer()
-        sink.logins.put(b"jane", "imap", T0, 0, b"192.0.2.1", b"mx1", "imap")
-        assert flush(sink, store) == 1
-        node.stop()
+        store, sink = node.outage_store(T0, cassandra_retries=2, cassandra_request_timeout=2)
         for i in range(50):
             sink.logins.put(f"u{i}".encode(), "pop3", T0 + i, 0, b"192.0.2.2", b"mx1", "pop3")
         with pytest.raises(PartialWrite) as e:
