@@ -251,7 +251,7 @@ class Daemon:
             f.on_long_line = lambda at, s=src: s.parser.problem("long_line", at, b"(not shown)")
             positions = state.positions.get(path, []) if state else []  # a new path has none
             if state and path in state.sessions:
-                _restore_sessions(src.parser, state.sessions[path])
+                src.parser.restore_sessions(state.sessions[path])
             how = f.start(positions, start_at)
             self.sources[path] = src
             log.info("following %s: %s", path, how)
@@ -402,9 +402,8 @@ class Daemon:
             style = p.pack.prefixes[src.prefix].style
             p.begin(src.path, src.prefix, Clock(style, resolve_timezone(self.settings.timezone),
                                                 year=self.settings.year, tolerance=self.settings.future_tolerance_s))
-        elif p._clock is not None and not self.settings.year and int(time.time()) // 60 != src.ref_minute:
-            # a live file's lines are never later than now: the year of "Dec 31" lines read on Jan 1
-            p._clock.set_reference(time.time())
+        elif not self.settings.year and int(time.time()) // 60 != src.ref_minute:
+            p.follow_now()  # the year of "Dec 31" lines read on Jan 1
             src.ref_minute = int(time.time()) // 60
         p.feed(b.data, self.sink, b.offset)
         self.read_at.append(time.monotonic())
@@ -477,7 +476,7 @@ class Daemon:
         """Hand what was gathered, with the checkpoint it makes true, to the writer; gather anew."""
         self.cut_positions = self._positions()
         state = State(dict(self.cut_positions),
-                      {p: _sessions(s.parser) for p, s in self.sources.items()},
+                      {p: s.parser.sessions(SESSIONS_KEPT) for p, s in self.sources.items()},
                       {str(t.root): t.mark for t in self.rawlog_trees})
         self.writer.submit(Batch(self.sink, state, self.read_at))
         self.sink, self.read_at, self.dirty = Coalescer(set_aside=self.set_aside), [], False
@@ -511,8 +510,7 @@ class Daemon:
             self.settings = new
             for src in self.sources.values():
                 parser = self._parser()
-                parser._lmtp, parser._login_ip, parser.stats = src.parser._lmtp, src.parser._login_ip, \
-                    src.parser.stats
+                parser.adopt(src.parser)
                 src.parser, src.prefix = parser, None
             self._add_sources(None, "beginning")
             log.info("reloaded configuration and pattern packs")
@@ -552,18 +550,3 @@ def _watchdog_interval() -> float:
     if not usec or (pid and pid != str(os.getpid())):
         return 0.0
     return int(usec) / 2e6
-
-
-def _sessions(parser: Parser) -> dict:
-    """The parser's open LMTP sessions and POP3 login IPs, JSON-friendly, for the checkpoint."""
-    lmtp = {pid.hex(): (None if v[0] is None else v[0].hex()) for pid, v in parser._lmtp.open().items()}
-    recent = list(parser._login_ip.items())[-SESSIONS_KEPT:]  # the newest: POP3 sessions last minutes
-    login = [[svc, pid.hex(), None if ip is None else ip.hex()] for (svc, pid), ip in recent]
-    return {"lmtp": lmtp, "login_ip": login}
-
-
-def _restore_sessions(parser: Parser, d: dict) -> None:
-    for pid, ip in d.get("lmtp", {}).items():
-        parser._lmtp.start(bytes.fromhex(pid), None if ip is None else bytes.fromhex(ip))
-    for svc, pid, ip in d.get("login_ip", []):
-        parser._login_ip[(svc, bytes.fromhex(pid))] = None if ip is None else bytes.fromhex(ip)

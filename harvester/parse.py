@@ -193,6 +193,29 @@ class Parser:
         """Also remember IMAP and POP3 logins' addresses by mail-process pid (rawlog sessions join them)."""
         self._join_services |= {"imap", "pop3", "webmail"}
 
+    def sessions(self, login_ips: int) -> dict:
+        """Open LMTP sessions and the newest `login_ips` login addresses by pid, JSON-friendly (a checkpoint's)."""
+        lmtp = {pid.hex(): (None if v[0] is None else v[0].hex()) for pid, v in self._lmtp.open().items()}
+        recent = list(self._login_ip.items())[-login_ips:]
+        login = [[svc, pid.hex(), None if ip is None else ip.hex()] for (svc, pid), ip in recent]
+        return {"lmtp": lmtp, "login_ip": login}
+
+    def restore_sessions(self, d: dict) -> None:
+        """Take back what `sessions` gave (a restart from a checkpoint)."""
+        for pid, ip in d.get("lmtp", {}).items():
+            self._lmtp.start(bytes.fromhex(pid), None if ip is None else bytes.fromhex(ip))
+        for svc, pid, ip in d.get("login_ip", []):
+            self._login_ip[(svc, bytes.fromhex(pid))] = None if ip is None else bytes.fromhex(ip)
+
+    def adopt(self, old: Parser) -> None:
+        """Carry another parser's session state and figures over (a reload replaces the parser, not the stream)."""
+        self._lmtp, self._login_ip, self.stats = old._lmtp, old._login_ip, old.stats
+
+    def follow_now(self) -> None:
+        """A live file's lines are never later than now: move the year-inference reference to now."""
+        if self._clock is not None:
+            self._clock.set_reference(time.time())
+
     def count_skipped(self, block: bytes) -> None:
         """Count lines read but not parsed (before a file's first Dovecot line decided its prefix)."""
         self.stats.lines += block.count(b"\n") + (0 if not block or block.endswith(b"\n") else 1)
