@@ -346,6 +346,10 @@ class Daemon:
                 if not self.dirty and self._positions() != self.cut_positions:
                     self.dirty = True  # a rotated file was finished (and leaves the checkpoint) with nothing read
                 due = now - last_cut >= interval or len(self.sink) >= self.settings.flush_events
+                if behind and len(self.sink) < self.settings.max_waiting_rows // 2:
+                    # Catching up: one large batch rather than many small ones, each rewriting the keys of
+                    # the one before (a 2M-line backlog wrote 4x the rows of its backfill, 2.9x the time).
+                    due = False
                 if due and self.writer.idle() and (len(self.sink) or self.dirty):
                     self._cut()
                     last_cut = now
