@@ -8,13 +8,14 @@ cannot exist in one and be missing from the other.
 from __future__ import annotations
 
 import argparse
+import copy
 import ipaddress
 import os
 import re
 import socket
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +99,8 @@ def _seconds(v: Any) -> float:
 def _columns(v: Any) -> dict[str, list[str]]:
     """service -> [time column, IP column]: a TOML table, or imap=last_login_imap:remote_ip_imap,pop3=..."""
     if isinstance(v, str):
-        v = dict(part.split("=", 1) if "=" in part else (part, "") for part in v.split(",") if part.strip())
-        v = {k.strip(): [c.strip() for c in cols.split(":")] for k, cols in v.items()}
+        pairs = (part.split("=", 1) if "=" in part else [part, ""] for part in v.split(",") if part.strip())
+        v = {k.strip(): [c.strip() for c in cols.split(":")] for k, cols in pairs}
     if not isinstance(v, dict):
         raise TypeError("expected a table such as {imap = [\"last_login_imap\", \"remote_ip_imap\"]}")
     out = {}
@@ -150,133 +151,144 @@ class Option:
     metavar: str = "VALUE"
 
 
-OPTIONS: tuple[Option, ...] = (
-    Option("store", _store, None,
-           "where rows go: sqlite:///relative.db, sqlite:////absolute.db, or "
-           "cassandra://host1,host2[:port]/keyspace (default: "
-           "$STATE_DIRECTORY or ~/.local/state/harvester/harvester.db)", "URL"),
-    Option("timezone", _timezone, None,
-           "zone of year-less and offset-less log timestamps (IANA name, UTC or +02:00; "
-           "default: this system's zone)", "TZ"),
-    Option("year", _opt_int(1970, 9999), None,
-           "year of 'Nov 22 01:52:03' timestamps (default: from each file's modification time)", "YYYY"),
-    Option("webmail_networks", _cidrs, [],
-           "client networks of your webmail servers: IMAP logins from there count as service "
-           "'webmail' (comma-separated CIDRs)", "CIDR[,CIDR...]"),
-    Option("node", _str, "",
-           "name recorded for lines without a host name (Dovecot's own log files; default: this host)", "NAME"),
-    Option("pattern_pack", _str, "dovecot", "pattern pack: a name or a .toml file", "NAME|FILE"),
-    Option("patterns_dir", _paths, ["/etc/harvester/patterns"],
-           "directories with packs of your own, searched before the built-in ones", "DIR"),
-    Option("prefix", _str, "auto",
-           "line prefix of the pack to use (auto: detect per file from its first lines)", "NAME"),
-    Option("workers", _opt_int(0, 256), 1,
-           "processes a backfill parses with (1: the main one, with a helper that reads and decompresses; "
-           "0: one per usable core)", "N"),
-    Option("flush_rows", _opt_int(1, 10_000_000), 500_000,
-           "write to the store when this many distinct rows are waiting (bounds memory)", "N"),
-    Option("max_line_bytes", _opt_int(1024, 1 << 30), 1 << 20,
-           "longer lines are counted and skipped", "BYTES"),
-    Option("max_user_bytes", _opt_int(1, 1 << 20), MAX_USER_BYTES,
-           "lines with a longer user name are counted and skipped (no store keeps such names)", "BYTES"),
-    Option("future_tolerance_s", _opt_int(0, 366 * 86_400), FUTURE_TOLERANCE_S,
-           "lines dated more than this after their file's last write (or now, when followed live) are "
-           "counted and skipped: a future time would win over every real login", "SECONDS"),
-    Option("log_level", _choice("debug", "info", "warning", "error"), "info", "logging threshold", "LEVEL"),
-    Option("log_format", _choice("text", "json"), "text", "log lines for people (text) or for a log pipeline (json)",
-           "FORMAT"),
-    Option("rawlog", _paths, [],
-           "Dovecot rawlog roots to read sessions from: a rawlog_dir with a directory per user (%%u), or a "
-           "tree of home directories holding dovecot.rawlog/ (the rawlog binary)", "DIR"),
-    Option("rawlog_user_regex", _str, "",
-           "take the user from a session directory's path with this regex's (?P<user>...) group (default: "
-           "the directory's name, or the home directory's for dovecot.rawlog/)", "REGEX"),
-    # The live daemon (harvester run)
-    Option("follow", _paths, [], "run: files (or globs) to follow; the command line's PATHs are added", "PATH"),
-    Option("state_dir", _str, "",
-           "run: where checkpoints live (default: $STATE_DIRECTORY, else ~/.local/state/harvester)", "DIR"),
-    Option("metrics_listen", _listen, "127.0.0.1:9854",
-           "run: ADDR:PORT of the Prometheus /metrics endpoint (empty: none)", "ADDR:PORT"),
-    Option("start_at", _choice("end", "beginning"), "end",
-           "run: where to start in a file that has no checkpoint yet", "end|beginning"),
-    Option("flush_interval_ms", _opt_int(10, 600_000), 500,
-           "run: write coalesced rows at least this often (a login is stored within about this + the read)",
-           "MS"),
-    Option("flush_events", _opt_int(1, 10_000_000), 20_000, "run: or as soon as this many rows wait", "N"),
-    Option("max_waiting_rows", _opt_int(1000, 100_000_000), 500_000,
-           "run: stop reading while this many rows wait for a store that is slow or down (bounds memory)", "N"),
-    Option("poll_interval_ms", _opt_int(10, 60_000), 1000,
-           "run: look at the files at least this often (file change notifications wake it earlier)", "MS"),
-    # Cassandra (cassandra:// stores only)
-    Option("cassandra_layout", _choice("per_service", "per_user", "custom"), "per_service",
-           "table shape: per_service (one row per account and service: last_login), per_user (one row per "
-           "account, a column per service: dovecot_stats), custom (your table, see cassandra_columns)", "LAYOUT"),
-    Option("cassandra_table", _ident, "",
-           "table name (default: last_login for per_service, dovecot_stats for per_user)", "NAME"),
-    Option("cassandra_user_column", _ident, "",
-           "per_user/custom: the account column (default: user)", "NAME"),
-    Option("cassandra_columns", _columns, {},
-           "per_user/custom: service -> time column and IP column, e.g. "
-           "imap=last_login_imap:remote_ip_imap,pop3=last_login_pop3:remote_ip_pop3 (services without one "
-           "are skipped and counted)", "MAP"),
-    Option("cassandra_datacenter", _str, "",
-           "local datacenter for routing (default: the first contact point's)", "DC"),
-    Option("cassandra_consistency", _choice(*_CONSISTENCY), "LOCAL_QUORUM", "write consistency level", "LEVEL"),
-    Option("cassandra_username", _str, "", "user name (PasswordAuthenticator)", "NAME"),
-    Option("cassandra_password_file", _str, "",
-           "file holding the password (its first line); never give a password on the command line", "FILE"),
-    Option("cassandra_tls_ca", _str, "", "CA certificate file: connect with TLS and verify the nodes", "FILE"),
-    Option("cassandra_tls_cert", _str, "", "client certificate file (TLS client authentication)", "FILE"),
-    Option("cassandra_tls_key", _str, "", "client certificate's key file", "FILE"),
-    Option("cassandra_connect_timeout", _seconds, 10.0, "seconds to wait for a connection", "SECONDS"),
-    Option("cassandra_request_timeout", _seconds, 10.0, "seconds to wait for one write or read", "SECONDS"),
-    Option("cassandra_in_flight", _opt_int(1, 10_000), 256, "writes in flight at once from one process", "N"),
-    Option("cassandra_retries", _opt_int(0, 100), 5,
-           "retries of a write that timed out or found too few replicas (backoff 0.2 s doubling, at most "
-           "10 s)", "N"),
-    Option("cassandra_replication", _str, "",
-           "keyspace replication for 'harvester schema --apply' (default: derived from the cluster: "
-           "NetworkTopologyStrategy, per data centre min(3, its nodes))", "CQL_MAP"),
-    # Both stores
-    Option("event_rows", _choice("known", "all"), "known",
-           "which accounts get last_event rows (failed logins, POP3 deletions): known (only accounts with a "
-           "stored login, so a password spray of made-up names adds no rows; SQLite only, Cassandra cannot "
-           "check without a read: see event_ttl_days) or all", "known|all"),
-    Option("event_ttl_days", _opt_int(0, 7300), 30,
-           "Cassandra: last_event rows expire this many days after they are written (bounds a password "
-           "spray's rows; 0: never)", "DAYS"),
-)
-BY_KEY = {o.key: o for o in OPTIONS}
-_LISTS = ("patterns_dir", "follow", "rawlog")  # flags that may be given more than once
-CASSANDRA_KEYS = tuple(o.key for o in OPTIONS if o.key.startswith("cassandra_"))
+def option(check: Callable[[Any], Any], default: Any, help: str, metavar: str = "VALUE") -> Any:
+    """A setting: a field of Settings with its check, help and metavar (OPTIONS is derived from these)."""
+    meta = {"check": check, "help": help, "metavar": metavar}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class Settings:
-    """The merged settings: defaults < config file < command line."""
+    """The merged settings, typed: defaults < config file < command line. Each field is one setting,
+    declared once; the config file's keys and the command line's flags are derived from these fields."""
 
-    values: dict[str, Any] = field(default_factory=lambda: {o.key: o.default for o in OPTIONS})
-    source: dict[str, str] = field(default_factory=dict)  # key -> where it was set
-
-    def __getattr__(self, key: str) -> Any:
-        try:
-            return self.values[key]
-        except KeyError:
-            raise AttributeError(key) from None
+    store: str | None = option(_store, None,
+        "where rows go: sqlite:///relative.db, sqlite:////absolute.db, or "
+        "cassandra://host1,host2[:port]/keyspace (default: "
+        "$STATE_DIRECTORY or ~/.local/state/harvester/harvester.db)", "URL")
+    timezone: str | None = option(_timezone, None,
+        "zone of year-less and offset-less log timestamps (IANA name, UTC or +02:00; "
+        "default: this system's zone)", "TZ")
+    year: int | None = option(_opt_int(1970, 9999), None,
+        "year of 'Nov 22 01:52:03' timestamps (default: from each file's modification time)", "YYYY")
+    webmail_networks: list[str] = option(_cidrs, [],
+        "client networks of your webmail servers: IMAP logins from there count as service "
+        "'webmail' (comma-separated CIDRs)", "CIDR[,CIDR...]")
+    node: str = option(_str, "",
+        "name recorded for lines without a host name (Dovecot's own log files; default: this host)", "NAME")
+    pattern_pack: str = option(_str, "dovecot", "pattern pack: a name or a .toml file", "NAME|FILE")
+    patterns_dir: list[str] = option(_paths, ["/etc/harvester/patterns"],
+        "directories with packs of your own, searched before the built-in ones", "DIR")
+    prefix: str = option(_str, "auto",
+        "line prefix of the pack to use (auto: detect per file from its first lines)", "NAME")
+    workers: int = option(_opt_int(0, 256), 1,
+        "processes a backfill parses with (1: the main one, with a helper that reads and decompresses; "
+        "0: one per usable core)", "N")
+    flush_rows: int = option(_opt_int(1, 10_000_000), 500_000,
+        "write to the store when this many distinct rows are waiting (bounds memory)", "N")
+    max_line_bytes: int = option(_opt_int(1024, 1 << 30), 1 << 20,
+        "longer lines are counted and skipped", "BYTES")
+    max_user_bytes: int = option(_opt_int(1, 1 << 20), MAX_USER_BYTES,
+        "lines with a longer user name are counted and skipped (no store keeps such names)", "BYTES")
+    future_tolerance_s: int = option(_opt_int(0, 366 * 86_400), FUTURE_TOLERANCE_S,
+        "lines dated more than this after their file's last write (or now, when followed live) are "
+        "counted and skipped: a future time would win over every real login", "SECONDS")
+    log_level: str = option(_choice("debug", "info", "warning", "error"), "info", "logging threshold", "LEVEL")
+    log_format: str = option(_choice("text", "json"), "text",
+        "log lines for people (text) or for a log pipeline (json)", "FORMAT")
+    rawlog: list[str] = option(_paths, [],
+        "Dovecot rawlog roots to read sessions from: a rawlog_dir with a directory per user (%%u), or a "
+        "tree of home directories holding dovecot.rawlog/ (the rawlog binary)", "DIR")
+    rawlog_user_regex: str = option(_str, "",
+        "take the user from a session directory's path with this regex's (?P<user>...) group (default: "
+        "the directory's name, or the home directory's for dovecot.rawlog/)", "REGEX")
+    # The live daemon (harvester run)
+    follow: list[str] = option(_paths, [],
+        "run: files (or globs) to follow; the command line's PATHs are added", "PATH")
+    state_dir: str = option(_str, "",
+        "run: where checkpoints live (default: $STATE_DIRECTORY, else ~/.local/state/harvester)", "DIR")
+    metrics_listen: str = option(_listen, "127.0.0.1:9854",
+        "run: ADDR:PORT of the Prometheus /metrics endpoint (empty: none)", "ADDR:PORT")
+    start_at: str = option(_choice("end", "beginning"), "end",
+        "run: where to start in a file that has no checkpoint yet", "end|beginning")
+    flush_interval_ms: int = option(_opt_int(10, 600_000), 500,
+        "run: write coalesced rows at least this often (a login is stored within about this + the read)",
+        "MS")
+    flush_events: int = option(_opt_int(1, 10_000_000), 20_000, "run: or as soon as this many rows wait", "N")
+    max_waiting_rows: int = option(_opt_int(1000, 100_000_000), 500_000,
+        "run: stop reading while this many rows wait for a store that is slow or down (bounds memory)", "N")
+    poll_interval_ms: int = option(_opt_int(10, 60_000), 1000,
+        "run: look at the files at least this often (file change notifications wake it earlier)", "MS")
+    # Cassandra (cassandra:// stores only)
+    cassandra_layout: str = option(_choice("per_service", "per_user", "custom"), "per_service",
+        "table shape: per_service (one row per account and service: last_login), per_user (one row per "
+        "account, a column per service: dovecot_stats), custom (your table, see cassandra_columns)", "LAYOUT")
+    cassandra_table: str = option(_ident, "",
+        "table name (default: last_login for per_service, dovecot_stats for per_user)", "NAME")
+    cassandra_user_column: str = option(_ident, "",
+        "per_user/custom: the account column (default: user)", "NAME")
+    cassandra_columns: dict[str, list[str]] = option(_columns, {},
+        "per_user/custom: service -> time column and IP column, e.g. "
+        "imap=last_login_imap:remote_ip_imap,pop3=last_login_pop3:remote_ip_pop3 (services without one "
+        "are skipped and counted)", "MAP")
+    cassandra_datacenter: str = option(_str, "",
+        "local datacenter for routing (default: the first contact point's)", "DC")
+    cassandra_consistency: str = option(_choice(*_CONSISTENCY), "LOCAL_QUORUM", "write consistency level", "LEVEL")
+    cassandra_username: str = option(_str, "", "user name (PasswordAuthenticator)", "NAME")
+    cassandra_password_file: str = option(_str, "",
+        "file holding the password (its first line); never give a password on the command line", "FILE")
+    cassandra_tls_ca: str = option(_str, "", "CA certificate file: connect with TLS and verify the nodes", "FILE")
+    cassandra_tls_cert: str = option(_str, "", "client certificate file (TLS client authentication)", "FILE")
+    cassandra_tls_key: str = option(_str, "", "client certificate's key file", "FILE")
+    cassandra_connect_timeout: float = option(_seconds, 10.0, "seconds to wait for a connection", "SECONDS")
+    cassandra_request_timeout: float = option(_seconds, 10.0, "seconds to wait for one write or read", "SECONDS")
+    cassandra_in_flight: int = option(_opt_int(1, 10_000), 256, "writes in flight at once from one process", "N")
+    cassandra_retries: int = option(_opt_int(0, 100), 5,
+        "retries of a write that timed out or found too few replicas (backoff 0.2 s doubling, at most "
+        "10 s)", "N")
+    cassandra_replication: str = option(_str, "",
+        "keyspace replication for 'harvester schema --apply' (default: derived from the cluster: "
+        "NetworkTopologyStrategy, per data centre min(3, its nodes))", "CQL_MAP")
+    # Both stores
+    event_rows: str = option(_choice("known", "all"), "known",
+        "which accounts get last_event rows (failed logins, POP3 deletions): known (only accounts with a "
+        "stored login, so a password spray of made-up names adds no rows; SQLite only, Cassandra cannot "
+        "check without a read: see event_ttl_days) or all", "known|all")
+    event_ttl_days: int = option(_opt_int(0, 7300), 30,
+        "Cassandra: last_event rows expire this many days after they are written (bounds a password "
+        "spray's rows; 0: never)", "DAYS")
+    source: dict[str, str] = field(default_factory=dict, repr=False)  # key -> where it was set (not a setting)
 
     @property
     def node_name(self) -> str:
-        return self.values["node"] or socket.gethostname().split(".")[0]
+        return self.node or socket.gethostname().split(".")[0]
 
     def set(self, key: str, value: Any, where: str) -> None:
         opt = BY_KEY.get(key)
         if opt is None:
             raise ConfigError(f"{where}: unknown setting {key!r} (known: {', '.join(BY_KEY)})")
         try:
-            self.values[key] = opt.check(value)
+            setattr(self, key, opt.check(value))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{where}: bad value for {key!r}: {e}") from None
         self.source[key] = where
+
+
+def _options() -> tuple[Option, ...]:
+    out = []
+    for f in fields(Settings):
+        if "check" in f.metadata:
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            out.append(Option(f.name, f.metadata["check"], default, f.metadata["help"], f.metadata["metavar"]))
+    return tuple(out)
+
+
+OPTIONS: tuple[Option, ...] = _options()
+BY_KEY = {o.key: o for o in OPTIONS}
+_LISTS = ("patterns_dir", "follow", "rawlog")  # flags that may be given more than once
+CASSANDRA_KEYS = tuple(o.key for o in OPTIONS if o.key.startswith("cassandra_"))
 
 
 def config_path(explicit: str | None) -> Path | None:
