@@ -399,8 +399,7 @@ class Parser:
                 if ip is None and self.orphans is not None and (service, pid) not in self._login_ip \
                         and service in self._join_services and user:
                     counts[kind, service] = counts.get((kind, service), 0) + 1
-                    detail = " ".join(f"{k}={m.group(i).decode('utf-8', 'replace')}" for k, i in extras)
-                    self.orphans.append((kind, service, user, t, digits, node, pid, detail or None))
+                    self.orphans.append((kind, service, user, t, digits, node, pid, _detail(m, extras) or None))
                     return
             table = sink.others
             second = kind
@@ -410,7 +409,7 @@ class Parser:
             return
         detail = None
         if extras and (table is sink.others or trace is not None):  # a login row keeps no detail
-            detail = " ".join(f"{k}={(m.group(i) or b'').decode('utf-8', 'replace')}" for k, i in extras)
+            detail = _detail(m, extras)
         table.put(user, second, t, digits, ip, node, service, detail if table is sink.others else None)
         if trace is not None:
             trace.append((kind, service, user, t, digits, ip, node, detail))
@@ -466,3 +465,9 @@ def drop_oldest(d: dict) -> None:
     """Bound session state: forget the older half (dicts keep insertion order)."""
     for k in list(islice(d, len(d) // 2)):
         del d[k]
+
+
+def _detail(m: re.Match[bytes], extras: list[tuple[str, int]]) -> str:
+    """A pack's other named groups as "name=value ..." (an optional group that did not take part: empty).
+    The one place both the row's detail and a segment's orphan events are made from."""
+    return " ".join(f"{k}={(m.group(i) or b'').decode('utf-8', 'replace')}" for k, i in extras)

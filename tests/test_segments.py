@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import random
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +69,40 @@ def test_rotated_files_become_one_run_of_consecutive_lines_per_worker(tmp_path, 
             if f.compressed:
                 assert mine == [(0, None)]
         assert [s.path for s in flat] == sorted([s.path for s in flat], key=[f.path for f in files].index)
+
+
+def test_an_operator_pack_with_an_optional_group_on_a_pid_joined_event_backfills_alike_with_two_workers(
+        tmp_path, monkeypatch, capsys):
+    """A POP3 deletion whose login is in the other worker's segment, in a pack whose deletion regex has an
+    optional group that did not take part: the workers' join must give the sequential run's rows (it
+    crashed with AttributeError, decoding the missing group)."""
+    import sqlite3
+
+    from harvester import patterns
+    from tests.conftest import run_cli
+
+    builtin = (Path(patterns.__file__).parent.parent / "patterns" / "dovecot.toml").read_text()
+    old = r"del=(?P<deleted>[1-9]\d*)/(?P<messages>\d+)'"
+    assert old in builtin
+    pack = tmp_path / "mine.toml"
+    pack.write_text(builtin.replace(old, old[:-1] + r"(?:, quota=(?P<quota>\d+)|)'"))
+    log = tmp_path / "maillog"
+    filler = b"".join(b"Nov 22 10:00:%02d mx1 postfix/smtpd[77]: connect from unknown[192.0.2.9] %05d\n" % (i % 60, i)
+                      for i in range(400))
+    log.write_bytes(
+        b"Nov 22 10:00:04 mx1 dovecot: pop3-login: Logged in: user=<u24>, method=PLAIN, rip=192.0.2.27, "
+        b"lip=10.0.0.1, mpid=4243, session=<g8+xydNg/5V/AAAT>\n" + filler
+        + b"Nov 22 10:09:05 mx1 dovecot: pop3(u24)<4243><g8+xydNg/5V/AAAT>: Disconnected: Logged out "
+        b"top=0/0, retr=3/900, del=3/3, size=900\n")
+    monkeypatch.setattr(segments, "MIN_SEGMENT", 1024)  # so that two workers cut this small file in two
+    assert len(segments.plan([source(log)], workers=2)) == 2
+    got = {}
+    for workers in ("1", "2"):
+        db = tmp_path / f"w{workers}.db"
+        assert run_cli("backfill", "--store", f"sqlite:///{db}", "--timezone", "UTC", "--year", "2026",
+                       "--pattern-pack", str(pack), "--workers", workers, str(log)) == 0
+        with sqlite3.connect(db) as c:
+            got[workers] = sorted(c.execute("SELECT * FROM last_event").fetchall()) + sorted(
+                c.execute("SELECT * FROM last_login").fetchall())
+    assert got["2"] == got["1"]
+    assert any("192.0.2.27" in row and any("quota=" in str(v) for v in row) for row in got["2"])
