@@ -1,9 +1,9 @@
 """`harvester test-patterns FILE`: what a pattern pack makes of a log, line by line.
 
 Like fail2ban-regex for its filters: it is the tool an operator runs after
-changing login_log_format, before trusting the numbers. It reads the whole
-file through the same compiled regex the backfill uses, then classifies every
-line (slow, on purpose: this is a diagnostic, not the hot path).
+changing login_log_format, before trusting the numbers. It classifies every
+line with the pack's joined regex (slow, on purpose: a diagnostic), counts the rows
+with the engine the backfill uses, and says so when the two engines disagree.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from harvester import patterns
+from harvester import native, patterns
 from harvester.backfill import make_parser
 from harvester.coalesce import Coalescer
 from harvester.config import Settings
 from harvester.escape import for_terminal
+from harvester.parse import Parser
 from harvester.sources.archive import ArchiveError, raw_chunks
 from harvester.timeparse import Clock, resolve_timezone, rfc3339
 
@@ -103,19 +104,34 @@ def report(path: Path, settings: Settings, *, max_events: int = 20, out=None) ->
         for line in no_prefix:
             print("  " + for_terminal(line.decode("utf-8", "replace")[:200]), file=out)
 
-    sink = Coalescer(trace=True)
-    style = pack.prefixes[prefix].style
-    mtime = path.stat().st_mtime
-    parser.begin(str(path), prefix, Clock(style, resolve_timezone(settings.timezone), year=settings.year,
-                                          reference=mtime, tolerance=settings.future_tolerance_s))
-    parser.feed(data, sink)
-    parser.end()
-    events = sink.events()
-    print(f"\nevents:  {len(events):,} (showing {min(max_events, len(events))})", file=out)
+    # The rows come from the engine backfills and the daemon use (the native one when built); the event
+    # list from a traced run of Python's. Both must agree, or the pack means two things.
+    clock = Clock(pack.prefixes[prefix].style, resolve_timezone(settings.timezone), year=settings.year,
+                  reference=path.stat().st_mtime, tolerance=settings.future_tolerance_s)
+    rows = _parsed(make_parser(settings), path, prefix, clock, data, Coalescer()).take()
+    traced = _parsed(parser, path, prefix, clock, data, Coalescer(trace=True))
+    events = traced.events()
+    engine = "native (PCRE2 JIT), as backfill and run use" if native.enabled() else \
+        "Python's re (the native module is not built)"
+    print(f"\nengine:  {engine}", file=out)
+    print(f"events:  {len(events):,} (showing {min(max_events, len(events))})", file=out)
     for e in events[:max_events]:
         print(f"  {rfc3339(e.time_us, e.digits)}  {e.kind:11s} {for_terminal(e.service):11s} {e.user!r:32s} "
               f"{for_terminal(e.ip or '-'):20s} {for_terminal(e.detail or '')}".rstrip(), file=out)
-    rows = sink.take()
     print(f"rows:    {sum(1 for r in rows if r.kind == 'login')} last-login rows, "
           f"{sum(1 for r in rows if r.kind != 'login')} other-event rows would be stored", file=out)
+    differ = sorted(set(rows) ^ set(traced.take()))
+    if differ:
+        r = differ[0]
+        print(f"\nwarning: the native engine and Python's disagree on {len(differ)} row(s) of this pack (first: "
+              f"{r.kind} {for_terminal(r.service)} {r.user!r} {rfc3339(r.time_us, r.digits)}); keep its "
+              "regexes to the syntax both read alike (see the pack's header)", file=out)
+        return 1
     return 1 if counts["not understood"] else 0
+
+
+def _parsed(parser: Parser, path: Path, prefix: str, clock: Clock, data: bytes, sink: Coalescer) -> Coalescer:
+    parser.begin(str(path), prefix, clock)
+    parser.feed(data, sink)
+    parser.end()
+    return sink
