@@ -13,19 +13,22 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from harvester import patterns, segments
 from harvester.coalesce import Coalescer
 from harvester.config import Settings
 from harvester.parse import Networks, Parser
 from harvester.sinks.base import Store, flush
-from harvester.sources import rawlog
-from harvester.sources.archive import ArchiveError, expand, line_blocks, raw_chunks, texts
+from harvester.sources import archive, rawlog
+from harvester.sources.archive import ArchiveError, Text, expand, line_blocks, raw_chunks
 from harvester.timeparse import Clock, resolve_timezone
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 SNIFF_BYTES = 64 << 10
 
 
@@ -43,6 +46,8 @@ class Summary:
     seconds: float = 0.0
     rawlog_sessions: int = 0
     rawlog_without_ip: int = 0
+    store_url: str = ""
+    skipped: Counter = field(default_factory=Counter)  # rows the store's layout has no column for
 
     @property
     def failed_files(self) -> list[tuple[str, str]]:
@@ -58,8 +63,12 @@ def make_parser(settings: Settings) -> Parser:
     return parser
 
 
-def run(paths: list[str], settings: Settings, store: Store, *, progress: bool | None = None) -> Summary:
-    """Backfill `paths` (files or globs) into `store`; never raises for bad input."""
+def run(paths: list[str], settings: Settings, open_store: Callable[[], Store], *,
+        progress: bool | None = None) -> Summary:
+    """Backfill `paths` (files or globs) into the store `open_store` opens; never raises for bad input.
+
+    The store is opened once the helper processes (the compressed files' reader, the workers) are
+    forked: a fork copies the store driver's lock of a thread that does not exist in the child."""
     started = time.monotonic()
     summary = Summary()
     files, problems = expand(paths)
@@ -74,13 +83,12 @@ def run(paths: list[str], settings: Settings, store: Store, *, progress: bool | 
     workers = settings.workers or segments.default_workers()
     gc_was = gc.isenabled()
     gc.disable()  # the coalescing dicts hold many small tuples; cyclic GC would rescan them all
+    store: Store | None = None
     try:
         if workers > 1 and total >= segments.MIN_SEGMENT:
-            _in_parallel(files, parser, sink, settings, zone, store, summary, bar, workers)
+            store = _in_parallel(files, parser, sink, settings, zone, open_store, summary, bar, workers)
         else:
-            for path in files:
-                status = _one_file(path, parser, sink, settings, zone, store, summary, bar)
-                summary.files.append((str(path), status))
+            store = _in_sequence(files, parser, sink, settings, zone, open_store, summary, bar)
         for root in settings.rawlog:  # after the maillog: its Login lines give sessions their address
             n, no_ip = rawlog.harvest(rawlog.Tree(Path(root), zone, settings.rawlog_user_regex).sessions(), sink,
                                       parser, settings.node_name)
@@ -90,7 +98,11 @@ def run(paths: list[str], settings: Settings, store: Store, *, progress: bool | 
             if len(sink) >= settings.flush_rows:
                 summary.rows_written += flush(sink, store)
         summary.rows_written += flush(sink, store)
+        summary.store_url = store.url
+        summary.skipped = Counter(getattr(store, "skipped", None) or {})
     finally:
+        if store is not None:
+            store.close()
         if gc_was:
             gc.enable()
         if bar is not None:
@@ -103,8 +115,45 @@ def run(paths: list[str], settings: Settings, store: Store, *, progress: bool | 
     return summary
 
 
-def _one_file(path: Path, parser: Parser, sink: Coalescer, settings: Settings, zone, store: Store,
-              summary: Summary, bar) -> str:
+def _in_sequence(files: list[Path], parser: Parser, sink: Coalescer, settings: Settings, zone,
+                 open_store: Callable[[], Store], summary: Summary, bar) -> Store:
+    """One file after another through one parser; compressed ones inflated by one helper, forked first."""
+    kinds: list[bool | str] = []
+    for path in files:
+        try:
+            kinds.append(archive.compressed(path))
+        except ArchiveError as e:
+            kinds.append(str(e))
+    makes = [archive.inflated(p, settings.max_line_bytes) for p, k in zip(files, kinds, strict=True) if k is True]
+    reader = archive.ReadAhead(makes) if makes else None
+    try:
+        store = open_store()
+        n = 0
+        for path, kind in _closing_on_error(store, zip(files, kinds, strict=True)):
+            if isinstance(kind, str):
+                log.error("%s: %s, skipped", path, kind)
+                summary.files.append((str(path), kind))
+                continue
+
+            def long_line(at: int) -> None:
+                parser.problem("long_line", at, b"(not shown)")
+
+            if kind:
+                assert reader is not None
+                texts = reader.texts(n, long_line)
+                n += 1
+            else:
+                texts = archive.plain_texts(path, max_line=settings.max_line_bytes, on_long_line=long_line)
+            summary.files.append((str(path), _one_file(path, texts, parser, sink, settings, zone, store, summary,
+                                                       bar)))
+    finally:
+        if reader is not None:
+            reader.close()
+    return store
+
+
+def _one_file(path: Path, texts: Iterable[Text], parser: Parser, sink: Coalescer, settings: Settings, zone,
+              store: Store, summary: Summary, bar) -> str:
     try:
         mtime = path.stat().st_mtime
     except OSError as e:
@@ -115,11 +164,9 @@ def _one_file(path: Path, parser: Parser, sink: Coalescer, settings: Settings, z
     prefix = None
     head = b""
     parser.name(str(path))
-    max_line = settings.max_line_bytes
     try:
         # Each text carries how far the reader was when it was cut, so the bar follows the parser.
-        for text in texts(path, max_line=max_line,
-                          on_long_line=lambda at: parser.problem("long_line", at, b"(not shown)")):
+        for text in texts:
             if prefix is None:
                 # Decided by the first Dovecot line (a combined mail log may begin with other daemons'
                 # lines); texts before it hold no event under any prefix, so skipping them loses nothing.
@@ -151,9 +198,9 @@ def _one_file(path: Path, parser: Parser, sink: Coalescer, settings: Settings, z
     return status
 
 
-def _in_parallel(files: list[Path], parser: Parser, sink: Coalescer, settings: Settings, zone, store: Store,
-                 summary: Summary, bar, workers: int) -> None:
-    """Parse runs of the files in worker processes; stitch and write them in file order."""
+def _in_parallel(files: list[Path], parser: Parser, sink: Coalescer, settings: Settings, zone,
+                 open_store: Callable[[], Store], summary: Summary, bar, workers: int) -> Store:
+    """Parse runs of the files in worker processes (forked first); stitch and write them in file order."""
     sources: list[segments.Source] = []
     for path in files:
         try:
@@ -183,7 +230,8 @@ def _in_parallel(files: list[Path], parser: Parser, sink: Coalescer, settings: S
             segments.pool(len(jobs), parser.pack, parser.node, parser.webmail, zone, settings.year,
                           settings.max_line_bytes, spill, max_user=settings.max_user_bytes,
                           tolerance=settings.future_tolerance_s) as pool:
-        for result in pool.imap(segments.parse_job, jobs):
+        store = open_store()
+        for result in _closing_on_error(store, pool.imap(segments.parse_job, jobs)):
             stitcher.apply(result, sink)
             parser.stats.add(result.stats)
             for path, error, partial in result.errors:
@@ -197,6 +245,17 @@ def _in_parallel(files: list[Path], parser: Parser, sink: Coalescer, settings: S
                 bar.update(sum((seg.hi or sizes[seg.path]) - seg.lo for seg in result.job))
                 bar.set_postfix_str(Path(result.job[-1].path).name, refresh=False)
     summary.files.extend((f.path, status.get(f.path, "ok")) for f in sources)
+    return store
+
+
+def _closing_on_error(store: Store, items: Iterable[T]) -> Iterator[T]:
+    """`items`, closing `store` if they (or the loop over them) end in an exception: the caller only
+    gets the store to close when this returns."""
+    try:
+        yield from items
+    except BaseException:
+        store.close()
+        raise
 
 
 def _prefix_for(parser: Parser, settings: Settings, block: bytes) -> str | None:

@@ -209,12 +209,8 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
     if not args.paths and not settings.rawlog:
         print("harvester backfill: nothing to read: give log files (PATH|GLOB) or --rawlog DIR", file=sys.stderr)
         return 2
-    store = open_store(settings.store, settings=settings)
-    try:
-        summary = backfill.run(args.paths, settings, store, progress=args.progress)
-    finally:
-        store.close()
-    s = summary
+    s = backfill.run(args.paths, settings, lambda: open_store(settings.store, settings=settings),
+                     progress=args.progress)
     rate = s.lines / s.seconds if s.seconds > 0 else 0.0
     ok = sum(1 for _, st in s.files if st == "ok")
     out = sys.stderr
@@ -235,11 +231,10 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
               file=out)
     bad = ", ".join(f"{k}: {v:,}" for k, v in sorted(s.bad.items()) if v)
     print(f"bad input skipped: {bad or 'none'}", file=out)
-    print(f"rows written: {s.rows_written:,} to {store.url}", file=out)
-    skipped = getattr(store, "skipped", None)
-    if skipped:
+    print(f"rows written: {s.rows_written:,} to {s.store_url}", file=out)
+    if s.skipped:
         print("rows not stored (the table layout has no column for them): "
-              + ", ".join(f"{k}: {v:,}" for k, v in sorted(skipped.items())), file=out)
+              + ", ".join(f"{k}: {v:,}" for k, v in sorted(s.skipped.items())), file=out)
     return 1 if s.failed_files else 0
 
 

@@ -294,3 +294,49 @@ def test_forget_in_the_per_user_layout_deletes_one_service_column_pair_at_its_wr
     finally:
         s.session.execute(f"DROP KEYSPACE {s.keyspace}")
         s.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_backfill_forks_its_helpers_before_the_cassandra_driver_starts_threads(cassandra, tmp_path, monkeypatch,
+                                                                                workers):
+    """A fork copies the locks the driver's threads hold, and none of those threads: a helper forked after
+    the store connected could hang on one. The compressed files' reader (workers=1) and the workers are
+    forked first; then the store connects; then the rows reach it."""
+    import gzip
+    import os
+    import threading
+    from pathlib import Path
+
+    from harvester import backfill, segments
+
+    golden = (Path(__file__).parent.parent / "golden" / "dovecot-2-4.log").read_bytes()
+    for name in ("maillog.2.gz", "maillog.1.gz"):
+        (tmp_path / name).write_bytes(gzip.compress(golden))
+    (tmp_path / "maillog").write_bytes(golden)
+    monkeypatch.setattr(segments, "MIN_SEGMENT", 64)
+    before = set(threading.enumerate())
+    at_fork: list[set] = []
+    fork = os.fork
+
+    def watched_fork() -> int:
+        at_fork.append(set(threading.enumerate()) - before)
+        return fork()
+
+    monkeypatch.setattr(os, "fork", watched_fork)
+    opened = []
+
+    def open_store():
+        opened.append(fresh(cassandra))
+        assert len(threading.enumerate()) > len(before), "the driver was expected to run threads"
+        return opened[0]
+
+    settings = settings_for(cassandra, workers=workers, timezone="UTC", year=2026)
+    summary = backfill.run([str(tmp_path / "maillog*")], settings, open_store, progress=False)
+    assert at_fork and all(not new for new in at_fork), at_fork
+    assert summary.rows_written and not summary.failed_files
+    store = CassandraStore(opened[0].url, settings)
+    try:
+        assert {(r.service, r.ip) for r in store.lookup("u24") if r.kind == "login"} == {
+            ("imap", "192.0.2.24"), ("pop3", "192.0.2.27")}
+    finally:
+        store.close()
