@@ -7,13 +7,14 @@ import csv
 import logging
 import sys
 import textwrap
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 from harvester import __version__, native, patterns
-from harvester.config import CASSANDRA_KEYS, ConfigError, Settings, add_flags, resolve
+from harvester.config import STORE_KEYS, ConfigError, Settings, add_flags, resolve
 from harvester.escape import for_csv, for_terminal, json_line, to_json
-from harvester.sinks import StoreError, open_store
+from harvester.sinks import StoreError, default_url, open_store, store_class
 from harvester.timeparse import TimeError, resolve_timezone, rfc3339
 
 log = logging.getLogger("harvester")
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lookup", help="show one account's last logins, newest first",
                        description="Every service's last login of one account (local and UTC time, IP), "
                                    "newest first, then its last failed login / POP3 deletion if any.")
-    add_flags(p, ("store", "timezone", "log_level", *CASSANDRA_KEYS))
+    add_flags(p, ("store", "timezone", "log_level", *STORE_KEYS))
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("user", metavar="USER")
 
@@ -85,14 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
             until Cassandra purges it (gc_grace_seconds after the delete, at a compaction); the command
             says when that is the case and what to run. The daemon re-stores an account at its next login
             in any case (unless the tombstone still hides it)."""))
-    add_flags(p, ("store", "log_level", *CASSANDRA_KEYS))
+    add_flags(p, ("store", "log_level", *STORE_KEYS))
     p.add_argument("user", metavar="USER")
     p.add_argument("service", metavar="SERVICE", nargs="?", help="imap, pop3, lmtp, submission, ... (default: all)")
 
     p = sub.add_parser("export", help="write every row as JSON lines or CSV",
                        description="Write every last-login row to stdout: user, service, last_login "
                                    "(RFC 3339 UTC), ip, node.")
-    add_flags(p, ("store", "log_level", *CASSANDRA_KEYS))
+    add_flags(p, ("store", "log_level", *STORE_KEYS))
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
 
     p = sub.add_parser(
@@ -132,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
             The layouts: per_service (default; one row per account and service), per_user (one row per
             account, a column per service, as in the Dovecot Pro guide's dovecot_stats) and custom (your own
             table: --cassandra-table, --cassandra-user-column, --cassandra-columns)."""))
-    add_flags(p, ("store", "log_level", *CASSANDRA_KEYS))
+    add_flags(p, ("store", "log_level", *STORE_KEYS))
     p.add_argument("--layout", dest="cassandra_layout", metavar="LAYOUT", default=None,
                    help="the same as --cassandra-layout: per_service, per_user or custom")
     p.add_argument("--apply", action="store_true", help="connect and create the keyspace/tables that are missing")
@@ -308,38 +309,21 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
-    url = settings.store
-    if url and url.startswith("cassandra:"):
-        from harvester.sinks.cassandra import schema
-
-        replication, problem = None, None
-        if args.apply:
-            store = open_store(url, settings=settings)
-            try:
-                replication, why = store.replication()
-                store.apply_schema()
-                problem = store.replication_problem()
-            finally:
-                store.close()
-            print(f"-- created what was missing in {url}; keyspace replication {replication} ({why})",
-                  file=sys.stderr)
-            if problem:
-                print(f"harvester: warning: the keyspace already existed and writes will fail: {problem}",
-                      file=sys.stderr)
-        statements = schema(settings, url, replication)
-        for stmt in statements[:-1]:
-            print(stmt + ";\n")
-        print("-- what a support tool runs to look one account up:")
-        print(statements[-1] + ";")
-        return 0
-    from harvester.sinks import sqlite
-
+    url = settings.store or default_url()
+    cls = store_class(url)
     if args.apply:
-        open_store(url, settings=settings).close()
-        print(f"-- created what was missing in {url or 'the default store'}", file=sys.stderr)
-    print(sqlite.SCHEMA.strip() + "\n")
+        store = open_store(url, settings=settings)
+        try:
+            statements, note = store.apply_schema()
+        finally:
+            store.close()
+        print(note, file=sys.stderr)
+    else:
+        statements = cls.schema(url, settings.store_options(cls.Options))
+    for stmt in statements[:-1]:
+        print(stmt + ";\n")
     print("-- what a support tool runs to look one account up:")
-    print(sqlite.LOOKUP_SQL.strip() + ";")
+    print(statements[-1] + ";")
     return 0
 
 
@@ -365,7 +349,7 @@ def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
             future.append(f)
     if future:
         tables = sorted({f.table for f in future if f.table})
-        print(FUTURE_TOMBSTONE.format(n=len(future), when=rfc3339(future[0].deleted_at_us, 6),
+        print(FUTURE_TOMBSTONE.format(n=len(future), when=rfc3339(future[0].deleted_at_us or 0, 6),
                                       purge="\n".join(PURGE.format(table=t) for t in tables)))
     return 0
 
@@ -418,8 +402,8 @@ def _local(time_us: int, digits: int, zone) -> str:
     return dt.strftime("%Y-%m-%d %H:%M:%S") + frac + " " + (dt.strftime("%Z") or dt.strftime("%z"))
 
 
-def _print_table(rows: list[tuple[str, ...]]) -> None:
-    rows = [tuple(for_terminal(c) for c in r) for r in rows]
+def _print_table(table: Sequence[tuple[str, ...]]) -> None:
+    rows = [tuple(for_terminal(c) for c in r) for r in table]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

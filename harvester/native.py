@@ -8,11 +8,14 @@ the two or to rule it out.
 
 from __future__ import annotations
 
+import importlib
 import os
+from typing import Any
 
 ENGINE = os.environ.get("HARVESTER_ENGINE", "auto")
+fastscan: Any  # the compiled module (its API: harvester/_fastscan.pyi), or None
 try:
-    from harvester import _fastscan as fastscan
+    fastscan = importlib.import_module("harvester._fastscan")
 except ImportError:  # built without cargo
     fastscan = None
 

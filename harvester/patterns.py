@@ -127,11 +127,11 @@ def _load(name_or_path: str, search_dirs: list[Path], seen: tuple[str, ...]) -> 
     watch = dict(base.watch) if base else {}
     for name, p in _table(data, "prefixes", src).items():
         prefixes[name] = _prefix(name, p, src)
-    for name, e in _table(data, "events", src).items():
-        if isinstance(e, dict) and e.get("disabled") is True:
+    for name, entry in _table(data, "events", src).items():
+        if isinstance(entry, dict) and entry.get("disabled") is True:
             events.pop(name, None)  # an operator may switch an inherited event off
             continue
-        events[name] = _event(name, e, src)
+        events[name] = _event(name, entry, src)
     for name, rx in _table(data, "watch", src).items():
         if not isinstance(rx, str):
             raise PackError(f"{src}: watch.{name} must be a regex string")

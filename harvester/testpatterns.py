@@ -43,6 +43,8 @@ def report(path: Path, settings: Settings, *, max_events: int = 20, out=None) ->
     if problem:
         print(f"warning: {problem}; reporting on what could be read", file=out)
     print(f"pack:    {pack.name} ({', '.join(pack.sources)})", file=out)
+    prefix: str | None
+    scores: dict[str, int]
     if settings.prefix != "auto":
         prefix, scores = settings.prefix, {}
     else:
@@ -66,7 +68,7 @@ def report(path: Path, settings: Settings, *, max_events: int = 20, out=None) ->
     per_pattern: Counter = Counter()
     unknown: list[bytes] = []
     no_prefix: list[bytes] = []
-    counts = Counter()
+    counts: Counter[str] = Counter()
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
@@ -74,7 +76,7 @@ def report(path: Path, settings: Settings, *, max_events: int = 20, out=None) ->
         text = b"\n" + line
         m = compiled.regex.match(text)
         if m is not None:
-            spec = compiled.specs[m.lastindex]
+            spec = compiled.specs[m.lastindex or 0]
             if spec.kind is None:
                 counts["not understood"] += 1
                 if len(unknown) < SAMPLES:
@@ -93,8 +95,8 @@ def report(path: Path, settings: Settings, *, max_events: int = 20, out=None) ->
     for k in ("matched", "not understood", "other lines with this prefix", "lines without this prefix"):
         print(f"  {k:30s} {counts[k]:>10,}", file=out)
     print("\npatterns (kind): lines matched", file=out)
-    for name, ev in pack.events.items():
-        print(f"  {name:28s} {ev.kind:14s} {per_pattern[name]:>10,}", file=out)
+    for name, pattern in pack.events.items():
+        print(f"  {name:28s} {pattern.kind:14s} {per_pattern[name]:>10,}", file=out)
     if unknown:
         print("\nlines that look like logins or deliveries but match no pattern (samples):", file=out)
         for line in unknown:
@@ -115,9 +117,10 @@ def report(path: Path, settings: Settings, *, max_events: int = 20, out=None) ->
         "Python's re (the native module is not built)"
     print(f"\nengine:  {engine}", file=out)
     print(f"events:  {len(events):,} (showing {min(max_events, len(events))})", file=out)
-    for e in events[:max_events]:
-        print(f"  {rfc3339(e.time_us, e.digits)}  {e.kind:11s} {for_terminal(e.service):11s} {e.user!r:32s} "
-              f"{for_terminal(e.ip or '-'):20s} {for_terminal(e.detail or '')}".rstrip(), file=out)
+    for event in events[:max_events]:
+        print(f"  {rfc3339(event.time_us, event.digits)}  {event.kind:11s} {for_terminal(event.service):11s} "
+              f"{event.user!r:32s} {for_terminal(event.ip or '-'):20s} {for_terminal(event.detail or '')}".rstrip(),
+              file=out)
     print(f"rows:    {sum(1 for r in rows if r.kind == 'login')} last-login rows, "
           f"{sum(1 for r in rows if r.kind != 'login')} other-event rows would be stored", file=out)
     differ = sorted(set(rows) ^ set(traced.take()))

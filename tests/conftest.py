@@ -93,7 +93,7 @@ class PrivateNode:
         s.set("cassandra_replication", "{'class': 'SimpleStrategy', 'replication_factor': 1}", "test")
         for key, value in settings.items():
             s.set(key, value, "test")
-        store = CassandraStore(f"cassandra://{self.contact}/outage", s)
+        store = CassandraStore(f"cassandra://{self.contact}/outage", options=s.store_options(CassandraStore.Options))
         store.apply_schema()
         sink = Coalescer()
         sink.logins.put(b"jane", "imap", t0, 0, b"192.0.2.1", b"mx1", "imap")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from typing import NamedTuple, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 from harvester import metrics
 from harvester.coalesce import Coalescer, Row
@@ -48,6 +48,16 @@ class Store(Protocol):
 
     url: str
 
+    def flush(self, sink: Coalescer) -> int:
+        """Write and empty what `sink` gathered (most stores: write_taken(sink, self)); on a StoreError
+        the sink keeps what was not acknowledged, for a retry."""
+        ...
+
+    def apply_schema(self) -> tuple[list[str], str]:
+        """Create what is missing; returns the schema as `schema` gives it, and a note for the operator
+        (what was created, how; a warning when writes are bound to fail)."""
+        ...
+
     def write(self, rows: list[Row]) -> int:
         """Apply rows (newest wins, equal time: this write wins); return how many were sent.
 
@@ -70,12 +80,36 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-def flush(sink: Coalescer, store: Store) -> int:
-    """Write and empty what `sink` gathered; on a StoreError the sink keeps it for a retry.
+class StoreOptions(Protocol):
+    """A store's Options class: option() fields; their keys in the config file begin with PREFIX."""
 
-    A store may offer its own `flush` (SQLite: straight from the native tables)."""
-    own = getattr(store, "flush", None)
-    return own(sink) if own is not None else write_taken(sink, store)
+    PREFIX: ClassVar[str]
+
+
+class StoreClass(Protocol):
+    """What the registry (sinks/__init__.py) knows of a store's class."""
+
+    @property
+    def Options(self) -> type[StoreOptions]:  # noqa: N802 - the class attribute's name
+        """A dataclass of options.option() fields: the store's own settings."""
+        ...
+
+    @property
+    def URL_HELP(self) -> str:  # noqa: N802
+        """The URL forms it opens, for error messages."""
+        ...
+
+    def __call__(self, url: str, options: Any, *, create: bool = True) -> Store: ...
+
+    def schema(self, url: str, options: Any) -> list[str]:
+        """The statements that create the store, and last the query a support tool runs to look one
+        account up (what `harvester schema` prints; no connection needed)."""
+        ...
+
+
+def flush(sink: Coalescer, store: Store) -> int:
+    """Write and empty what `sink` gathered; on a StoreError the sink keeps it for a retry."""
+    return store.flush(sink)
 
 
 WRITE_ROWS = 20_000  # rows handed to one store.write: what a store builds per write stays this small

@@ -28,12 +28,15 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from harvester.coalesce import Row
-from harvester.config import Settings
+from harvester import options as opt
+from harvester.coalesce import Coalescer, Row
+from harvester.options import option
 from harvester.sinks import cql
-from harvester.sinks.base import Forgotten, PartialWrite, StoreError, shown
+from harvester.sinks.base import Forgotten, PartialWrite, StoreError, shown, write_taken
 
 log = logging.getLogger(__name__)
 RETRY_LOG_REPEAT = 60.0  # a storm of retried writes is logged once, then at most this often
@@ -132,21 +135,65 @@ class _Req:
         return [r for r, _, _ in self.items]
 
 
+CONSISTENCY = ("ANY", "ONE", "TWO", "THREE", "QUORUM", "ALL", "LOCAL_QUORUM", "EACH_QUORUM", "LOCAL_ONE")
+
+
+@dataclass
+class CassandraOptions:
+    """The Cassandra store's settings: cassandra_<name> in the config file (event_ttl_days as it is)."""
+
+    PREFIX: ClassVar[str] = "cassandra_"
+    layout: str = option(opt.choice("per_service", "per_user", "custom"), "per_service",
+        "table shape: per_service (one row per account and service: last_login), per_user (one row per "
+        "account, a column per service: dovecot_stats), custom (your table, see cassandra_columns)", "LAYOUT")
+    table: str = option(opt.ident, "",
+        "table name (default: last_login for per_service, dovecot_stats for per_user)", "NAME")
+    user_column: str = option(opt.ident, "",
+        "per_user/custom: the account column (default: user)", "NAME")
+    columns: dict[str, list[str]] = option(opt.columns, {},
+        "per_user/custom: service -> time column and IP column, e.g. "
+        "imap=last_login_imap:remote_ip_imap,pop3=last_login_pop3:remote_ip_pop3 (services without one "
+        "are skipped and counted)", "MAP")
+    datacenter: str = option(opt.text, "",
+        "local datacenter for routing (default: the first contact point's)", "DC")
+    consistency: str = option(opt.choice(*CONSISTENCY), "LOCAL_QUORUM", "write consistency level", "LEVEL")
+    username: str = option(opt.text, "", "user name (PasswordAuthenticator)", "NAME")
+    password_file: str = option(opt.text, "",
+        "file holding the password (its first line); never give a password on the command line", "FILE")
+    tls_ca: str = option(opt.text, "", "CA certificate file: connect with TLS and verify the nodes", "FILE")
+    tls_cert: str = option(opt.text, "", "client certificate file (TLS client authentication)", "FILE")
+    tls_key: str = option(opt.text, "", "client certificate's key file", "FILE")
+    connect_timeout: float = option(opt.seconds, 10.0, "seconds to wait for a connection", "SECONDS")
+    request_timeout: float = option(opt.seconds, 10.0, "seconds to wait for one write or read", "SECONDS")
+    in_flight: int = option(opt.whole(1, 10_000), 256, "writes in flight at once from one process", "N")
+    retries: int = option(opt.whole(0, 100), 5,
+        "retries of a write that timed out or found too few replicas (backoff 0.2 s doubling, at most "
+        "10 s)", "N")
+    replication: str = option(opt.text, "",
+        "keyspace replication for 'harvester schema --apply' (default: derived from the cluster: "
+        "NetworkTopologyStrategy, per data centre min(3, its nodes))", "CQL_MAP")
+    event_ttl_days: int = option(opt.whole(0, 7300), 30,
+        "Cassandra: last_event rows expire this many days after they are written (bounds a password "
+        "spray's rows; 0: never)", "DAYS", key="event_ttl_days")
+
+
 class CassandraStore:
     """Last-login rows in a Cassandra keyspace, in the layout the settings choose."""
 
-    def __init__(self, url: str, settings: Settings | None = None) -> None:
+    Options = CassandraOptions
+    URL_HELP = "cassandra://host1,host2[:port]/keyspace"
+
+    def __init__(self, url: str, options: CassandraOptions | None = None, *, create: bool = True) -> None:
         from cassandra import ConsistencyLevel
         from cassandra.auth import PlainTextAuthProvider
         from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable
         from cassandra.policies import ConstantReconnectionPolicy, DCAwareRoundRobinPolicy, TokenAwarePolicy
 
-        settings = settings or Settings()
+        o = self.options = options or CassandraOptions()
         self.url = url
-        self.settings = settings
         hosts, port, self.keyspace = parse_url(url)
         try:
-            self.layout = cql.layout(settings, self.keyspace)
+            self.layout = cql.layout(o, self.keyspace)
         except ValueError as e:
             raise StoreError(str(e)) from None
         self.skipped: Counter = Counter()  # rows the layout has no column for, by service or kind
@@ -155,17 +202,17 @@ class CassandraStore:
         self._retry_log = [float("-inf"), 0]  # (when last logged, retries since)
         profile = ExecutionProfile(
             load_balancing_policy=TokenAwarePolicy(
-                DCAwareRoundRobinPolicy(local_dc=settings.cassandra_datacenter or None)),
-            consistency_level=getattr(ConsistencyLevel, settings.cassandra_consistency),
-            request_timeout=settings.cassandra_request_timeout,
+                DCAwareRoundRobinPolicy(local_dc=o.datacenter or None)),
+            consistency_level=getattr(ConsistencyLevel, o.consistency),
+            request_timeout=o.request_timeout,
         )
         auth = None
-        if settings.cassandra_username:
-            auth = PlainTextAuthProvider(settings.cassandra_username, _password(settings))
+        if o.username:
+            auth = PlainTextAuthProvider(o.username, _password(o))
         self.cluster = Cluster(
             hosts, port=port, execution_profiles={EXEC_PROFILE_DEFAULT: profile}, auth_provider=auth,
-            ssl_context=_tls(settings), connect_timeout=settings.cassandra_connect_timeout,
-            control_connection_timeout=settings.cassandra_connect_timeout,
+            ssl_context=_tls(o), connect_timeout=o.connect_timeout,
+            control_connection_timeout=o.connect_timeout,
             # A node that comes back is noticed within about a second (the default waits up to 600 s).
             reconnection_policy=ConstantReconnectionPolicy(RECONNECT_SECONDS, max_attempts=None))
         try:
@@ -173,7 +220,7 @@ class CassandraStore:
         except NoHostAvailable as e:
             self.cluster.shutdown()
             why = "; ".join(f"{h}: {err}" for h, err in e.errors.items()) or str(e)
-            if "reset by peer" in why and not settings.cassandra_tls_ca:
+            if "reset by peer" in why and not o.tls_ca:
                 why += " (a node that takes only TLS? set cassandra_tls_ca)"
             raise StoreError(f"cannot connect to Cassandra at {','.join(hosts)}:{port}: {why}") from None
         except Exception as e:  # the driver raises a handful of types for a refused TLS or auth handshake
@@ -252,8 +299,8 @@ class CassandraStore:
                     else:  # an outage (or an error nothing here can fix): send nothing more in this write
                         failed += req.rows
             delay = min(0.2 * 2 ** attempt, 10.0)
-            if failed or (retry and (attempt >= self.settings.cassandra_retries or time.monotonic() - started
-                                     + delay >= self.settings.cassandra_request_timeout)):
+            if failed or (retry and (attempt >= self.options.retries or time.monotonic() - started
+                                     + delay >= self.options.request_timeout)):
                 failed += [r for req in retry + again for r in req.rows]  # the caller retries with its backoff
                 break
             if retry:
@@ -308,7 +355,7 @@ class CassandraStore:
         Not the driver's execute_concurrent: when every request fails at once (no host up), its callbacks
         start the next request inside the previous one's callback and the stack overflows."""
         results: list = [("ok", "")] * len(requests)
-        slots = threading.BoundedSemaphore(self.settings.cassandra_in_flight)
+        slots = threading.BoundedSemaphore(self.options.in_flight)
         lock, all_done = threading.Lock(), threading.Event()
         left = [len(requests)]
         stop: list = [None]
@@ -370,7 +417,7 @@ class CassandraStore:
         ks = self.cluster.metadata.keyspaces.get(self.keyspace)
         have = ks.replication_strategy.export_for_schema() if ks is not None else "?"
         return (f"keyspace {self.keyspace} has replication {have}, while the cluster's nodes up are "
-                f"{_nodes_up(self.cluster)}: with cassandra_consistency = {self.settings.cassandra_consistency} "
+                f"{_nodes_up(self.cluster)}: with cassandra_consistency = {self.options.consistency} "
                 f"a write needs a quorum of each row's replicas up. Fix: ALTER KEYSPACE {cql.q(self.keyspace)} "
                 f"WITH replication = {derive_replication(self.cluster)} (then run nodetool repair), "
                 "or set cassandra_consistency = LOCAL_ONE")
@@ -443,15 +490,15 @@ class CassandraStore:
     # -- schema ------------------------------------------------------------------
     def replication(self) -> tuple[str, str]:
         """The keyspace replication `apply_schema` creates, and where it comes from."""
-        if self.settings.cassandra_replication:
-            return self.settings.cassandra_replication, "cassandra_replication"
+        if self.options.replication:
+            return self.options.replication, "cassandra_replication"
         return derive_replication(self.cluster), f"derived from the cluster's nodes ({_nodes_up(self.cluster)})"
 
     def replication_problem(self) -> str | None:
         """Why writes at the configured consistency cannot succeed with the keyspace's replication and the
         nodes the cluster has (a keyspace made for three nodes on a one-node cluster), or None."""
         ks = self.cluster.metadata.keyspaces.get(self.keyspace)
-        if ks is None or self.settings.cassandra_consistency not in ("QUORUM", "LOCAL_QUORUM", "EACH_QUORUM"):
+        if ks is None or self.options.consistency not in ("QUORUM", "LOCAL_QUORUM", "EACH_QUORUM"):
             return None
         opts = ast.literal_eval(ks.replication_strategy.export_for_schema())
         nodes = _nodes_by_dc(self.cluster)
@@ -464,32 +511,44 @@ class CassandraStore:
             return self._replication_hint()
         return None
 
-    def apply_schema(self) -> list[str]:
-        """Create the keyspace and tables that are missing; returns the statements run."""
-        done = []
-        for stmt in schema(self.settings, self.url, self.replication()[0])[:-1]:
+    @staticmethod
+    def schema(url: str, options: CassandraOptions) -> list[str]:
+        return schema(options, url)
+
+    def apply_schema(self) -> tuple[list[str], str]:
+        """Create the keyspace and tables that are missing; returns the schema with the replication used,
+        and a note saying which (a warning too, when an existing keyspace needs more nodes than there are)."""
+        replication, why = self.replication()
+        statements = schema(self.options, self.url, replication)
+        for stmt in statements[:-1]:
             try:
                 self.session.execute(stmt, timeout=60)
             except Exception as e:
                 raise StoreError(f"{self.url}: {e}\nwhile running:\n{stmt}") from None
-            done.append(stmt)
-        return done
+        note = f"-- created what was missing in {self.url}; keyspace replication {replication} ({why})"
+        problem = self.replication_problem()
+        if problem:
+            note += f"\nharvester: warning: the keyspace already existed and writes will fail: {problem}"
+        return statements, note
+
+    def flush(self, sink: Coalescer) -> int:
+        return write_taken(sink, self)
 
     def close(self) -> None:
         self.cluster.shutdown()
 
 
-def schema(settings: Settings, url: str, replication: str | None = None) -> list[str]:
+def schema(o: CassandraOptions, url: str, replication: str | None = None) -> list[str]:
     """CREATE KEYSPACE, CREATE TABLE(s), and last the lookup query a support tool runs.
 
     The replication: cassandra_replication, else `replication` (derived from the cluster), else, when
     printed without a cluster to look at, three replicas per data centre (with a note saying so)."""
     _, _, keyspace = parse_url(url)
     try:
-        lay = cql.layout(settings, keyspace)
+        lay = cql.layout(o, keyspace)
     except ValueError as e:
         raise StoreError(str(e)) from None
-    repl = settings.cassandra_replication or replication
+    repl = o.replication or replication
     note = "" if repl else ("-- replication: 'harvester schema --apply' derives it from the cluster (per data centre "
                             "min(3, its nodes));\n-- set cassandra_replication to choose it yourself\n")
     ks = (f"{note}CREATE KEYSPACE IF NOT EXISTS {cql.q(keyspace)}\n"
@@ -527,7 +586,7 @@ def _drop_traceback(e: BaseException) -> None:
     may keep it (a failed future lingers in its timer queue), and its traceback's frames, with their callers
     (f_back), would keep a write's rows and requests alive with it."""
     seen: set[int] = set()
-    todo = [e]
+    todo: list[BaseException | None] = [e]
     while todo:
         x = todo.pop()
         if x is None or id(x) in seen or not isinstance(x, BaseException):
@@ -545,8 +604,8 @@ def _rf(v) -> int:
     return int(str(v).split("/")[0])
 
 
-def _password(settings: Settings) -> str:
-    path = settings.cassandra_password_file
+def _password(o: CassandraOptions) -> str:
+    path = o.password_file
     if not path:
         raise StoreError("cassandra_username is set but cassandra_password_file is not "
                          "(the password is read from a file, never given on the command line)")
@@ -560,25 +619,25 @@ def _password(settings: Settings) -> str:
     return lines[0]
 
 
-def _tls(settings: Settings) -> ssl.SSLContext | None:
-    if settings.cassandra_tls_key and not settings.cassandra_tls_cert:
+def _tls(o: CassandraOptions) -> ssl.SSLContext | None:
+    if o.tls_key and not o.tls_cert:
         raise StoreError("cassandra_tls_key is set but cassandra_tls_cert is not")
-    if not (settings.cassandra_tls_ca or settings.cassandra_tls_cert):
+    if not (o.tls_ca or o.tls_cert):
         return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False  # contact points are usually addresses; the chain is still verified
     try:
-        if settings.cassandra_tls_ca:
-            ctx.load_verify_locations(settings.cassandra_tls_ca)
+        if o.tls_ca:
+            ctx.load_verify_locations(o.tls_ca)
         else:
             ctx.load_default_certs()
-        if settings.cassandra_tls_cert:
+        if o.tls_cert:
             def encrypted() -> str:  # else OpenSSL would prompt on the terminal (or fail obscurely without one)
-                raise StoreError(f"cassandra_tls_key {settings.cassandra_tls_key or settings.cassandra_tls_cert}: "
+                raise StoreError(f"cassandra_tls_key {o.tls_key or o.tls_cert}: "
                                  "the key is encrypted; harvester needs an unencrypted key "
                                  "(openssl pkey -in KEY -out PLAIN_KEY)")
 
-            ctx.load_cert_chain(settings.cassandra_tls_cert, settings.cassandra_tls_key or None, password=encrypted)
+            ctx.load_cert_chain(o.tls_cert, o.tls_key or None, password=encrypted)
     except (OSError, ssl.SSLError) as e:
         raise StoreError(f"Cassandra TLS files: {e}") from None
     return ctx

@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from harvester.coalesce import Row
-from harvester.config import Settings
+
+if TYPE_CHECKING:
+    from harvester.sinks.cassandra import CassandraOptions
+
+# One deletion `forget` runs: (the row, CQL, its parameters, the USING TIMESTAMP, keyspace.table).
+ForgetStep = tuple[Row, str, tuple, "int | None", str]
 
 # The Dovecot Pro guide's dovecot_stats table has these three.
 PER_USER_COLUMNS = {s: [f"last_login_{s}", f"remote_ip_{s}"] for s in ("imap", "pop3", "lmtp")}
@@ -97,7 +103,7 @@ class PerService:
         for user, svc, at, ip, node, wt in session.execute(cql):
             yield Row(user, svc, "login", *_instant(at, wt), ip, node)
 
-    def forget_plan(self, session, user: str, service: str | None) -> list[tuple[Row, str, tuple, int, str]]:
+    def forget_plan(self, session, user: str, service: str | None) -> list[ForgetStep]:
         """(row, DELETE, its parameters, the tombstone's timestamp, keyspace.table) for what `forget` removes:
         one service's login row, or (no service) every login and last_event row of `user`. Each row is deleted
         USING TIMESTAMP its newest cell's write time: a plain DELETE (now) cannot remove a cell written in the
@@ -108,7 +114,7 @@ class PerService:
         args: tuple = (user,)
         if service is not None:
             sel, args = sel + " AND service = %s", (user, service)
-        out = []
+        out: list[ForgetStep] = []
         for svc, at, ip, node, *wts in session.execute(sel, args):
             ts = _newest(wts)
             if ts is not None:
@@ -203,9 +209,9 @@ class Wide:
                     yield Row(user, svc, "login", *_instant(at, wt), ip, None)
 
 
-    def forget_plan(self, session, user: str, service: str | None) -> list[tuple[Row, str, tuple, int, str]]:
+    def forget_plan(self, session, user: str, service: str | None) -> list[ForgetStep]:
         """As PerService.forget_plan, per service column pair (a pinned column does not pin the others)."""
-        out = []
+        out: list[ForgetStep] = []
         for svc, cs in self.columns.items():
             if service is not None and svc != service:
                 continue
@@ -226,16 +232,16 @@ class Wide:
 Layout = PerService | Wide
 
 
-def layout(settings: Settings, keyspace: str) -> Layout:
-    """The layout the settings choose (cassandra_layout, _table, _user_column, _columns)."""
-    kind = settings.cassandra_layout
+def layout(o: CassandraOptions, keyspace: str) -> Layout:
+    """The layout the options choose (cassandra_layout, _table, _user_column, _columns)."""
+    kind = o.layout
     if kind == "per_service":
-        return PerService(keyspace, settings.cassandra_table or "last_login", event_ttl=settings.event_ttl_days * 86400)
-    columns = settings.cassandra_columns or (PER_USER_COLUMNS if kind == "per_user" else {})
-    if kind == "custom" and not (settings.cassandra_table and settings.cassandra_columns):
+        return PerService(keyspace, o.table or "last_login", event_ttl=o.event_ttl_days * 86400)
+    columns = o.columns or (PER_USER_COLUMNS if kind == "per_user" else {})
+    if kind == "custom" and not (o.table and o.columns):
         raise ValueError("cassandra_layout = custom needs cassandra_table and cassandra_columns "
                          "(and usually cassandra_user_column)")
-    return Wide(keyspace, settings.cassandra_table or "dovecot_stats", settings.cassandra_user_column or "user",
+    return Wide(keyspace, o.table or "dovecot_stats", o.user_column or "user",
                 columns, kind)
 
 

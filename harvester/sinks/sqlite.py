@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from harvester import native
 from harvester.coalesce import Coalescer, Row
-from harvester.config import Settings
+from harvester.options import choice, option
 from harvester.sinks.base import Forgotten, StoreError, write_taken
 from harvester.timeparse import rfc3339
 
@@ -98,13 +100,27 @@ def path_from_url(url: str) -> Path:
     return Path(rest)
 
 
+@dataclass
+class SqliteOptions:
+    """The SQLite store's settings (their keys in the config file carry no prefix)."""
+
+    PREFIX: ClassVar[str] = ""
+    event_rows: str = option(choice("known", "all"), "known",
+        "which accounts get last_event rows (failed logins, POP3 deletions): known (only accounts with a "
+        "stored login, so a password spray of made-up names adds no rows; SQLite only, Cassandra cannot "
+        "check without a read: see event_ttl_days) or all", "known|all")
+
+
 class SqliteStore:
     """Last-login rows in a local SQLite file (WAL, one writer)."""
 
-    def __init__(self, url: str, *, create: bool = True, settings: Settings | None = None) -> None:
+    Options = SqliteOptions
+    URL_HELP = "sqlite:///relative.db, sqlite:////absolute.db"
+
+    def __init__(self, url: str, options: SqliteOptions | None = None, *, create: bool = True) -> None:
         self.url = url
         self.path = path_from_url(url)
-        self.upsert_event = UPSERT_KNOWN_EVENT if (settings or Settings()).event_rows == "known" else UPSERT_EVENT
+        self.upsert_event = UPSERT_KNOWN_EVENT if (options or SqliteOptions()).event_rows == "known" else UPSERT_EVENT
         if not create and not self.path.exists():
             raise StoreError(f"{self.path}: no such store (run 'harvester backfill' first, or pass --store)")
         try:
@@ -121,6 +137,14 @@ class SqliteStore:
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"{self.path}: cannot open SQLite store: {e}") from None
         self._writer = None
+
+    @staticmethod
+    def schema(url: str, options: SqliteOptions) -> list[str]:
+        return [*(stmt.strip() for stmt in SCHEMA.split(";\n") if stmt.strip()), LOOKUP_SQL.strip()]
+
+    def apply_schema(self) -> tuple[list[str], str]:
+        """The tables are made when the store opens; nothing is left to do."""
+        return self.schema(self.url, SqliteOptions()), f"-- created what was missing in {self.url}"
 
     def flush(self, sink: Coalescer) -> int:
         """Write and empty what `sink` gathered; on a failure the sink keeps it.

@@ -13,7 +13,7 @@ import pytest
 from harvester.coalesce import Row
 from harvester.config import Settings
 from harvester.sinks import StoreError, open_store
-from harvester.sinks.cassandra import CassandraStore, parse_url
+from harvester.sinks.cassandra import CassandraOptions, CassandraStore, parse_url
 from tests import corpus
 from tests.conftest import ROOT, PrivateNode
 
@@ -41,10 +41,14 @@ def settings_for(cassandra: dict, **extra) -> Settings:
     return s
 
 
+def options_for(cassandra: dict, **extra) -> CassandraOptions:
+    return settings_for(cassandra, **extra).store_options(CassandraOptions)
+
+
 def fresh(cassandra: dict, **extra) -> CassandraStore:
     """A store on a keyspace of its own, schema applied."""
     url = f"cassandra://{cassandra['contact']}/t{int(time.time())}_{next(_ks)}"
-    store = CassandraStore(url, settings_for(cassandra, **extra))
+    store = CassandraStore(url, options=options_for(cassandra, **extra))
     store.apply_schema()
     return store
 
@@ -103,7 +107,7 @@ def test_custom_layout_writes_into_the_operators_own_table(cassandra):
     ks = s.keyspace
     s.session.execute(f"CREATE TABLE {ks}.plugin_logins (account text PRIMARY KEY, imap_at timestamp, "
                       "imap_from inet, pop_at timestamp)")
-    c = CassandraStore(f"cassandra://{cassandra['contact']}/{ks}", settings_for(
+    c = CassandraStore(f"cassandra://{cassandra['contact']}/{ks}", options=options_for(
         cassandra, cassandra_layout="custom", cassandra_table="plugin_logins", cassandra_user_column="account",
         cassandra_columns={"imap": ["imap_at", "imap_from"], "pop3": ["pop_at"]}))
     try:
@@ -169,10 +173,10 @@ def test_a_wrong_password_is_a_clear_error(cassandra, tmp_path):
     s = settings_for(cassandra)
     s.set("cassandra_password_file", str(wrong), "test")
     with pytest.raises(StoreError, match="cannot connect to Cassandra.*(?i:authentication|credentials)"):
-        CassandraStore(f"cassandra://{cassandra['contact']}/ks", s)
+        CassandraStore(f"cassandra://{cassandra['contact']}/ks", options=s.store_options(CassandraOptions))
     s.set("cassandra_password_file", str(tmp_path / "missing"), "test")
     with pytest.raises(StoreError, match="cassandra_password_file .*missing: cannot read"):
-        CassandraStore(f"cassandra://{cassandra['contact']}/ks", s)
+        CassandraStore(f"cassandra://{cassandra['contact']}/ks", options=s.store_options(CassandraOptions))
 
 
 def test_an_unreachable_cluster_is_a_clear_error_not_a_traceback(capsys):
@@ -220,7 +224,7 @@ def test_rows_the_table_cannot_take_are_set_aside_and_the_rest_is_stored(cassand
     s = fresh(cassandra)
     ks = s.keyspace
     s.session.execute(f"CREATE TABLE {ks}.odd (account text PRIMARY KEY, imap_at timestamp, pop_at boolean)")
-    c = CassandraStore(f"cassandra://{cassandra['contact']}/{ks}", settings_for(
+    c = CassandraStore(f"cassandra://{cassandra['contact']}/{ks}", options=options_for(
         cassandra, cassandra_layout="custom", cassandra_table="odd", cassandra_user_column="account",
         cassandra_columns={"imap": ["imap_at"], "pop3": ["pop_at"]}))
     sink = Coalescer()
@@ -334,7 +338,7 @@ def test_backfill_forks_its_helpers_before_the_cassandra_driver_starts_threads(c
     summary = backfill.run([str(tmp_path / "maillog*")], settings, open_store, progress=False)
     assert at_fork and all(not new for new in at_fork), at_fork
     assert summary.rows_written and not summary.failed_files
-    store = CassandraStore(opened[0].url, settings)
+    store = CassandraStore(opened[0].url, options=settings.store_options(CassandraOptions))
     try:
         assert {(r.service, r.ip) for r in store.lookup("u24") if r.kind == "login"} == {
             ("imap", "192.0.2.24"), ("pop3", "192.0.2.27")}

@@ -69,7 +69,8 @@ def store(n: dict, **settings) -> CassandraStore:
     s.set("cassandra_connect_timeout", 5, "test")
     for k, v in settings.items():
         s.set(k, str(v), "test")
-    return CassandraStore(f"cassandra://{n['contact']}/tls{int(time.time())}_{next(_ks)}", s)
+    url = f"cassandra://{n['contact']}/tls{int(time.time())}_{next(_ks)}"
+    return CassandraStore(url, options=s.store_options(CassandraStore.Options))
 
 
 def refused(n: dict, **settings) -> str:
