@@ -21,7 +21,7 @@ from typing import TypeVar
 from harvester import patterns, segments
 from harvester.coalesce import Coalescer
 from harvester.config import Settings
-from harvester.parse import Networks, Parser
+from harvester.parse import Networks, Parser, rawlog_logins
 from harvester.sinks.base import Store, flush
 from harvester.sources import archive, rawlog
 from harvester.sources.archive import ArchiveError, Text, expand, line_blocks, raw_chunks
@@ -90,7 +90,7 @@ def run(paths: list[str], settings: Settings, open_store: Callable[[], Store], *
         else:
             store = _in_sequence(files, parser, sink, settings, zone, open_store, summary, bar)
         for root in settings.rawlog:  # after the maillog: its Login lines give sessions their address
-            n, no_ip = rawlog.harvest(rawlog.Tree(Path(root), zone, settings.rawlog_user_regex).sessions(), sink,
+            n, no_ip = rawlog_logins(rawlog.Tree(Path(root), zone, settings.rawlog_user_regex).sessions(), sink,
                                       parser, settings.node_name)
             summary.rawlog_sessions += n
             summary.rawlog_without_ip += no_ip
@@ -224,12 +224,12 @@ def _in_parallel(files: list[Path], parser: Parser, sink: Coalescer, settings: S
             summary.files.append((str(path), f"cannot read: {e.strerror}"))
     sizes = {f.path: f.size for f in sources}
     status: dict[str, str] = {}
-    stitcher = segments.Stitcher()
+    stitcher = segments.Stitcher(parser.sessions)
     jobs = segments.plan(sources, workers)
     with tempfile.TemporaryDirectory(prefix="harvester-backfill-") as spill, \
             segments.pool(len(jobs), parser.pack, parser.node, parser.webmail, zone, settings.year,
                           settings.max_line_bytes, spill, max_user=settings.max_user_bytes,
-                          tolerance=settings.future_tolerance_s) as pool:
+                          tolerance=settings.future_tolerance_s, join_logins=bool(settings.rawlog)) as pool:
         store = open_store()
         for result in _closing_on_error(store, pool.imap(segments.parse_job, jobs)):
             stitcher.apply(result, sink)

@@ -30,7 +30,8 @@ from harvester import metrics, native, patterns
 from harvester.checkpoint import Checkpoints, Position, State, StateInUse, lock_state_dir
 from harvester.coalesce import Coalescer, SetAside
 from harvester.config import Settings, state_dir
-from harvester.parse import Networks, Parser
+from harvester.parse import Networks, Parser, rawlog_logins
+from harvester.sessions import Sessions
 from harvester.sinks.base import Store, StoreError, flush
 from harvester.sources import rawlog
 from harvester.sources.tail import Block, Follower
@@ -226,10 +227,11 @@ class Daemon:
         self.last_rawlog_scan = 0.0
 
     # -- setup -----------------------------------------------------------------------
-    def _parser(self) -> Parser:
+    def _parser(self, sessions: Sessions | None = None) -> Parser:
         s = self.settings
         pack = patterns.load(s.pattern_pack, [Path(d) for d in s.patterns_dir])
-        parser = Parser(pack, node=s.node_name, webmail=Networks(s.webmail_networks), max_user=s.max_user_bytes)
+        parser = Parser(pack, node=s.node_name, webmail=Networks(s.webmail_networks), max_user=s.max_user_bytes,
+                        sessions=sessions)
         if s.rawlog:  # every parser, also after SIGHUP and for files a glob matches later: rawlog sessions
             parser.remember_logins()  # take their address from the Login line with the same pid
         return parser
@@ -251,7 +253,7 @@ class Daemon:
             f.on_long_line = lambda at, s=src: s.parser.problem("long_line", at, b"(not shown)")
             positions = state.positions.get(path, []) if state else []  # a new path has none
             if state and path in state.sessions:
-                src.parser.restore_sessions(state.sessions[path])
+                src.parser.sessions.restore(state.sessions[path])
             how = f.start(positions, start_at)
             self.sources[path] = src
             log.info("following %s: %s", path, how)
@@ -420,6 +422,7 @@ class Daemon:
         checkpoint saves: a restart skips exactly what was harvested."""
         ripe = time.time() - RAWLOG_RIPE.total_seconds()
         parser = next(iter(self.sources.values())).parser if self.sources else self._rawlog_parser()
+        joins = [src.parser.sessions for src in self.sources.values()]  # its Login line may be in any file
         for tree in self.rawlog_trees:
             root = str(tree.root)
             new = []
@@ -430,7 +433,7 @@ class Daemon:
                 self.rawlog_done[key] = rawlog.name_epochs(s.name, tree.zone)[1]
                 new.append(s)
             if new:
-                n, no_ip = rawlog.harvest(iter(new), self.sink, parser, self.settings.node_name)
+                n, no_ip = rawlog_logins(iter(new), self.sink, parser, self.settings.node_name, joins)
                 for s in new:
                     metrics.RAWLOG.labels(s.service).inc()
                 log.debug("%s: %d new rawlog session(s), %d without a known address", root, n, no_ip)
@@ -480,7 +483,7 @@ class Daemon:
         """Hand what was gathered, with the checkpoint it makes true, to the writer; gather anew."""
         self.cut_positions = self._positions()
         state = State(dict(self.cut_positions),
-                      {p: s.parser.sessions(SESSIONS_KEPT) for p, s in self.sources.items()},
+                      {p: s.parser.sessions.snapshot(SESSIONS_KEPT) for p, s in self.sources.items()},
                       {str(t.root): t.mark for t in self.rawlog_trees})
         self.writer.submit(Batch(self.sink, state, self.read_at))
         self.sink, self.read_at, self.dirty = Coalescer(set_aside=self.set_aside), [], False
@@ -513,8 +516,8 @@ class Daemon:
                 log.warning("reload: a new store takes a restart; keeping %s", self.store.url)
             self.settings = new
             for src in self.sources.values():
-                parser = self._parser()
-                parser.adopt(src.parser)
+                parser = self._parser(sessions=src.parser.sessions)  # the stream goes on: its sessions too
+                parser.stats = src.parser.stats
                 src.parser, src.prefix = parser, None
             self._add_sources(None, "beginning")
             log.info("reloaded configuration and pattern packs")

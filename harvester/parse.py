@@ -16,9 +16,8 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import islice
 
 from harvester import native
 from harvester.coalesce import SAY_AGAIN_S, Coalescer
@@ -32,12 +31,13 @@ from harvester.events import (
     SESSION_START,
 )
 from harvester.patterns import Compiled, Pack, compile_pack
+from harvester.sessions import PID_STATE_MAX, Sessions, drop_oldest
+from harvester.sources.rawlog import Session
 from harvester.timeparse import Clock, FutureError, TimeError
 
 log = logging.getLogger(__name__)
 
 
-PID_STATE_MAX = 100_000  # remembered LMTP sessions / POP3 logins before the oldest half is dropped
 # Longest user name stored (bytes): Dovecot's SQL dict schema has VARCHAR(255), an RFC 5321 path
 # at most 256 octets, and Cassandra refuses keys over 64 KiB on every retry. Longer is bad input.
 MAX_USER_BYTES = 255
@@ -106,60 +106,11 @@ class Networks:
         return hit
 
 
-class PySessions:
-    """LMTP sessions by pid, the contract of the native Sessions (native/src/sessions.rs).
-
-    pid -> [MTA address, [(user, time_us, digits, node), ...]] while open, None once closed
-    (segment mode). start and close make a pid the newest; past `limit` pids the older half goes.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self._d: dict[bytes, list | None] = {}
-        self._limit = limit
-
-    def __len__(self) -> int:
-        return len(self._d)
-
-    def start(self, pid: bytes, ip: bytes | None) -> None:
-        self._d.pop(pid, None)
-        self._d[pid] = [ip, []]
-        if len(self._d) > self._limit:
-            drop_oldest(self._d)
-
-    def deliver(self, pid: bytes, user: bytes | None, t: int, digits: int, node) -> tuple[str, bytes | None]:
-        """Record a delivery of an open session: ("open", ip), else ("closed" | "absent", None)."""
-        session = self._d.get(pid, _ABSENT)
-        if session is _ABSENT:
-            return "absent", None
-        if session is None:
-            return "closed", None
-        if len(session[1]) < 1000:
-            session[1].append((user, t, digits, node))
-        return "open", session[0]
-
-    def pop(self, pid: bytes) -> tuple[bytes | None, list] | None:
-        session = self._d.pop(pid, None)
-        return None if session is None else (session[0], session[1])
-
-    def close(self, pid: bytes) -> None:
-        self._d.pop(pid, None)
-        self._d[pid] = None
-
-    def open(self) -> dict[bytes, list]:
-        return {k: v for k, v in self._d.items() if v is not None}
-
-    def state(self) -> dict[bytes, tuple | None]:
-        return {k: None if v is None else (v[0], v[1]) for k, v in self._d.items()}
-
-
-_ABSENT = object()
-
-
 class Parser:
     """Turns blocks of complete lines into events, coalesced straight into a Coalescer."""
 
     def __init__(self, pack: Pack, *, node: str | None = None, webmail: Networks | None = None,
-                 max_user: int = MAX_USER_BYTES) -> None:
+                 max_user: int = MAX_USER_BYTES, sessions: Sessions | None = None) -> None:
         self.pack = pack
         self.max_user = max_user
         self.node = node
@@ -174,11 +125,10 @@ class Parser:
         self.problems: dict[str, Problem] = {}
         # (file, reason) -> (when it may be logged again, what was seen since it last was)
         self._said: dict[tuple[str, str], tuple[float, Problem | None]] = {}
-        # LMTP pid -> the MTA's address and the deliveries of the open session, re-emitted if
-        # Disconnect shows another address (XCLIENT ADDR).
-        self._lmtp = native.fastscan.Sessions(PID_STATE_MAX) if native.enabled() else PySessions(PID_STATE_MAX)
-        # (service, pid) -> ip of the login, for events whose line has no IP (POP3 deletions).
-        self._login_ip: dict[tuple[str, bytes], bytes | None] = {}
+        # LMTP sessions (deliveries re-emitted if Disconnect shows another address: XCLIENT ADDR) and
+        # login addresses by pid (for events whose line has none: POP3 deletions, rawlog sessions).
+        # Given: a reload's new parser carries on with the old one's.
+        self.sessions = sessions or Sessions()
         # Segment mode (a backfill split across processes): events whose session began in an
         # earlier segment are kept here instead of being stored without an IP, and LMTP
         # sessions that end here without having begun here in `ended`; see segments.py.
@@ -192,24 +142,6 @@ class Parser:
     def remember_logins(self) -> None:
         """Also remember IMAP and POP3 logins' addresses by mail-process pid (rawlog sessions join them)."""
         self._join_services |= {"imap", "pop3", "webmail"}
-
-    def sessions(self, login_ips: int) -> dict:
-        """Open LMTP sessions and the newest `login_ips` login addresses by pid, JSON-friendly (a checkpoint's)."""
-        lmtp = {pid.hex(): (None if v[0] is None else v[0].hex()) for pid, v in self._lmtp.open().items()}
-        recent = list(self._login_ip.items())[-login_ips:]
-        login = [[svc, pid.hex(), None if ip is None else ip.hex()] for (svc, pid), ip in recent]
-        return {"lmtp": lmtp, "login_ip": login}
-
-    def restore_sessions(self, d: dict) -> None:
-        """Take back what `sessions` gave (a restart from a checkpoint)."""
-        for pid, ip in d.get("lmtp", {}).items():
-            self._lmtp.start(bytes.fromhex(pid), None if ip is None else bytes.fromhex(ip))
-        for svc, pid, ip in d.get("login_ip", []):
-            self._login_ip[(svc, bytes.fromhex(pid))] = None if ip is None else bytes.fromhex(ip)
-
-    def adopt(self, old: Parser) -> None:
-        """Carry another parser's session state and figures over (a reload replaces the parser, not the stream)."""
-        self._lmtp, self._login_ip, self.stats = old._lmtp, old._login_ip, old.stats
 
     def follow_now(self) -> None:
         """A live file's lines are never later than now: move the year-inference reference to now."""
@@ -252,8 +184,8 @@ class Parser:
         try:
             return native.fastscan.Scanner(
                 compiled.regex.pattern.decode("utf-8"), specs, _SERVICE, "webmail",
-                self._lmtp, self._login_ip, self._join_services,
-                self.webmail.__contains__ if self.webmail.nets else None, self.node, drop_oldest, PID_STATE_MAX,
+                self.sessions.lmtp, self.sessions.login_ip, self._join_services,
+                self.webmail.__contains__ if self.webmail.nets else None, self.node, drop_oldest, self.sessions.limit,
                 self.max_user)
         except (ValueError, UnicodeDecodeError) as e:  # a regex only Python's engine takes: slower, not wrong
             log.warning("pack %s, prefix %s: parsing in Python: %s", self.pack.name, compiled.prefix.name, e)
@@ -363,12 +295,12 @@ class Parser:
                 if probe is not None and probe in self.webmail:
                     service = "webmail"
             if service in self._join_services and pid is not None:
-                self._remember(service, pid, ip)
+                self.sessions.remember_login(service, pid, ip)
             table = sink.logins
             second = service
         elif kind is DELIVERY:
             if pid is not None:
-                state, session_ip = self._lmtp.deliver(pid, user, t, digits, node)
+                state, session_ip = self.sessions.lmtp.deliver(pid, user, t, digits, node)
                 if state == "open":
                     ip = session_ip
                 elif state == "absent" and self.orphans is not None:  # session began in an earlier segment
@@ -378,15 +310,15 @@ class Parser:
             table = sink.logins
             second = service
         elif kind is SESSION_START:
-            self._lmtp.start(pid, None if ip == b"local" else ip)
+            self.sessions.lmtp.start(pid, None if ip == b"local" else ip)
             return
         elif kind is SESSION_END:
-            session = self._lmtp.pop(pid)
+            session = self.sessions.lmtp.pop(pid)
             if ip == b"local":
                 ip = None
             if session is None and self.orphans is not None:  # it began in an earlier segment
                 self.ended.setdefault(pid, ip)
-                self._lmtp.close(pid)  # later deliveries of this pid without Connect get no IP
+                self.sessions.lmtp.close(pid)  # later deliveries of this pid without Connect get no IP
             if session and session[0] != ip:  # XCLIENT changed the address: re-stamp deliveries
                 for u, t0, d0, n0 in session[1]:
                     sink.logins.put(u, service, t0, d0, ip, n0, service)
@@ -395,8 +327,8 @@ class Parser:
             return
         else:
             if ip is None and pid is not None:
-                ip = self._login_ip.get((service, pid))
-                if ip is None and self.orphans is not None and (service, pid) not in self._login_ip \
+                ip = self.sessions.login_address(service, pid)
+                if ip is None and self.orphans is not None and not self.sessions.knows_login(service, pid) \
                         and service in self._join_services and user:
                     counts[kind, service] = counts.get((kind, service), 0) + 1
                     self.orphans.append((kind, service, user, t, digits, node, pid, _detail(m, extras) or None))
@@ -415,11 +347,6 @@ class Parser:
             trace.append((kind, service, user, t, digits, ip, node, detail))
 
     # -- helpers ------------------------------------------------------------------
-    def _remember(self, service: str, pid: bytes, ip: bytes | None) -> None:
-        self._login_ip[service, pid] = ip
-        if len(self._login_ip) > PID_STATE_MAX:
-            drop_oldest(self._login_ip)
-
     def _not_understood(self, text: bytes, start: int, name: str, offset: int) -> None:
         watch = name.split(":", 1)[1]
         self.stats.not_understood[watch] += 1
@@ -461,13 +388,41 @@ def _line(text: bytes, start: int) -> bytes:
     return text[start:end if end >= 0 else len(text)][:300]
 
 
-def drop_oldest(d: dict) -> None:
-    """Bound session state: forget the older half (dicts keep insertion order)."""
-    for k in list(islice(d, len(d) // 2)):
-        del d[k]
-
-
 def _detail(m: re.Match[bytes], extras: list[tuple[str, int]]) -> str:
     """A pack's other named groups as "name=value ..." (an optional group that did not take part: empty).
     The one place both the row's detail and a segment's orphan events are made from."""
     return " ".join(f"{k}={(m.group(i) or b'').decode('utf-8', 'replace')}" for k, i in extras)
+
+
+def rawlog_logins(sessions: Iterable[Session], sink: Coalescer, parser: Parser, node: str,
+                  joins: Sequence[Sessions] | None = None) -> tuple[int, int]:
+    """Put rawlog sessions (sources/rawlog.py) into the coalescer as logins. A session without an address
+    takes the one of the maillog's Login line with the same mail-process pid, from `joins` (default: what
+    `parser` read).
+    Returns (sessions, of which without an address)."""
+    n = no_ip = 0
+    joins = [parser.sessions] if joins is None else joins
+    for s in sessions:
+        ip = s.ip.encode() if s.ip else None
+        service = s.service
+        if ip is None:
+            pid = s.pid.encode()
+            ip, service = _joined(joins, service, pid)
+        elif service == "imap" and parser.webmail.nets and ip in parser.webmail:
+            service = "webmail"
+        if ip is None:
+            no_ip += 1
+        sink.logins.put(s.user.encode("utf-8", "surrogateescape"), service, s.time_us, s.digits, ip, node, service)
+        parser.stats.events[("login", service)] += 1
+        n += 1
+    return n, no_ip
+
+
+def _joined(joins: Sequence[Sessions], service: str, pid: bytes) -> tuple[bytes | None, str]:
+    """The address of the Login line of `pid` (an IMAP session may have logged in as webmail), and its service."""
+    for sessions in joins:
+        for svc in ("webmail", service) if service == "imap" else (service,):
+            hit = sessions.login_address(svc, pid)
+            if hit is not None:
+                return hit, svc
+    return None, service

@@ -24,12 +24,13 @@ import logging
 import multiprocessing
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from harvester.coalesce import Coalescer
 from harvester.events import DELIVERY
-from harvester.parse import MAX_USER_BYTES, PID_STATE_MAX, Parser, Stats, drop_oldest
+from harvester.parse import MAX_USER_BYTES, Parser, Stats
+from harvester.sessions import Sessions
 from harvester.sources.archive import ArchiveError, sniff, texts
 from harvester.timeparse import FUTURE_TOLERANCE_S, Clock
 
@@ -128,9 +129,9 @@ def plan(files: list[Source], workers: int) -> list[list[Segment]]:
 _STATE: dict = {}
 
 
-def _init(pack, node, webmail, zone, year, max_line, spill, max_user, tolerance) -> None:
+def _init(pack, node, webmail, zone, year, max_line, spill, max_user, tolerance, join_logins) -> None:
     _STATE.update(pack=pack, node=node, webmail=webmail, zone=zone, year=year, max_line=max_line, spill=spill,
-                  max_user=max_user, tolerance=tolerance)
+                  max_user=max_user, tolerance=tolerance, join_logins=join_logins)
 
 
 def parse_job(job: list[Segment]) -> Result:
@@ -139,6 +140,8 @@ def parse_job(job: list[Segment]) -> Result:
     s = _STATE
     parser = Parser(s["pack"], node=s["node"], webmail=s["webmail"], max_user=s["max_user"])
     parser.orphans = []
+    if s["join_logins"]:
+        parser.remember_logins()  # as the parent's parser: rawlog sessions join these logins
     sink = Coalescer()
     errors: list[tuple[str, str, bool]] = []
     for seg in job:
@@ -161,52 +164,44 @@ def parse_job(job: list[Segment]) -> Result:
         f.write(logins)
         f.write(sink.others.dumps())
     return Result(job, rows_file, len(logins), len(sink), parser.orphans, parser.ended,
-                  parser._lmtp.open(), parser._login_ip, parser.stats, errors)
+                  *parser.sessions.part(), parser.stats, errors)
 
 
 # --- the parent --------------------------------------------------------------------------
 
-@dataclass
 class Stitcher:
-    """Carries LMTP and POP3 session state from one segment (and file) to the next."""
+    """Carries LMTP and POP3 session state from one segment (and file) to the next, in `sessions` (the
+    backfill's parser's: rawlog sessions read after the logs join against it)."""
 
-    open_sessions: dict = field(default_factory=dict)
-    login_ip: dict = field(default_factory=dict)
+    def __init__(self, sessions: Sessions) -> None:
+        self.sessions = sessions
 
     def apply(self, r: Result, sink: Coalescer) -> None:
-        logins, others = sink.logins, sink.others
+        logins, others, lmtp = sink.logins, sink.others, self.sessions.lmtp
         for kind, service, user, t, digits, node, pid, detail in r.orphans:
             if kind == DELIVERY:
-                session = self.open_sessions.get(pid)
-                ip = session[0] if session else None
+                state, ip = lmtp.deliver(pid, user, t, digits, node)
                 if pid in r.ended:
-                    ip = r.ended[pid] if session else None
-                elif session is not None:
-                    session[1].append((user, t, digits, node))
+                    ip = r.ended[pid] if state == "open" else None
                 logins.put(user, service, t, digits, ip, node, service)
             else:
-                ip = self.login_ip.get((service, pid))
-                others.put(user, kind, t, digits, ip, node, service, detail)
+                others.put(user, kind, t, digits, self.sessions.login_address(service, pid), node, service, detail)
         for pid, ip in r.ended.items():
-            session = self.open_sessions.pop(pid, None)
+            session = lmtp.pop(pid)
             if session and session[0] != ip:
                 for user, t, digits, node in session[1]:
                     logins.put(user, "lmtp", t, digits, ip, node, "lmtp")
         sink.add_run(*r.take_rows(), r.entries)  # user names are checked as the runs are written
-        self.open_sessions.update(r.open_sessions)
-        self.login_ip.update(r.login_ip)
-        for d in (self.open_sessions, self.login_ip):
-            if len(d) > PID_STATE_MAX:
-                drop_oldest(d)
+        self.sessions.absorb(r.open_sessions, r.login_ip)
 
 
 def pool(workers: int, pack, node, webmail, zone, year, max_line, spill: str, *, max_user: int = MAX_USER_BYTES,
-         tolerance: float = FUTURE_TOLERANCE_S):
+         tolerance: float = FUTURE_TOLERANCE_S, join_logins: bool = False):
     """A process pool whose workers hold the pack (forked, so nothing is pickled per task) and write
     their rows into files in the directory `spill`."""
     ctx = multiprocessing.get_context("fork")
     return ctx.Pool(workers, initializer=_init,
-                    initargs=(pack, node, webmail, zone, year, max_line, spill, max_user, tolerance))
+                    initargs=(pack, node, webmail, zone, year, max_line, spill, max_user, tolerance, join_logins))
 
 
 def default_workers() -> int:

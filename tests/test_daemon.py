@@ -181,3 +181,55 @@ def test_systemd_notify_watchdog_metrics_and_json_logs(tmp_path, log_lines):
     assert messages[-1] == b"STOPPING=1"
     records = [json.loads(line) for line in err.splitlines() if line.strip()]
     assert records and {"time", "level", "message"} <= set(records[0])
+
+
+@pytest.mark.parametrize("how", ["after_sighup", "file_a_glob_matches_later"])
+def test_rawlog_sessions_keep_joining_the_login_lines_for_their_address(tmp_path, how):
+    """A rawlog session has its mail process's pid, not its client's address: the maillog's Login line with
+    that pid gives it. After SIGHUP (new parsers) and for a file a followed glob matches only later, the
+    join must still hold, or the session's row (its microsecond time beats the Login line's second) would
+    overwrite the good address with none."""
+    from tests.conftest import SAMPLES
+
+    login = next(line for line in (SAMPLES / "syslog-traditional.log").read_bytes().splitlines(keepends=True)
+                 if b"mpid=13321" in line)
+    session = SAMPLES / "rawlog" / "test1" / "20261122-015203.13321.1.out"
+    (tmp_path / "log").mkdir()
+    (tmp_path / "rawlog" / "test1").mkdir(parents=True)
+    cfg = tmp_path / "h.toml"
+    cfg.write_text('log_level = "info"\n')
+    db = tmp_path / "h.db"
+    extra = ["--config", str(cfg), "--rawlog", str(tmp_path / "rawlog")]
+    if how == "after_sighup":
+        (tmp_path / "log" / "maillog").write_bytes(b"")
+        proc = start(tmp_path, f"sqlite:///{db}", *extra)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        target = tmp_path / "log" / "maillog"
+    else:
+        proc = subprocess.Popen([sys.executable, "-m", "harvester", "run", "--store", f"sqlite:///{db}",
+                                 "--state-dir", str(tmp_path / "state"), "--metrics-listen", "", "--start-at",
+                                 "beginning", *COMMON, *extra, "--follow", str(tmp_path / "log" / "*.log")],
+                                cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        time.sleep(1)
+        target = tmp_path / "log" / "mail.log"
+    try:
+        with open(target, "ab") as f:
+            f.write(login)
+        deadline = time.monotonic() + 30  # a glob is looked at again every 10 s
+        while time.monotonic() < deadline and not any(u == "test1" for u, *_ in rows(db)):
+            time.sleep(0.2)
+        # The session begins now (a rawlog is named and stamped as it begins), by the Login line's process.
+        began = f"{time.time() - 1:.6f}"
+        whole, frac = int(began.split(".")[0]), began.split(".")[1]
+        first = session.read_bytes().split(b" ", 1)[1]
+        name = time.strftime("%Y%m%d-%H%M%S", time.gmtime(whole)) + ".13321.1.out"
+        (tmp_path / "rawlog" / "test1" / name).write_bytes(began.encode() + b" " + first)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{frac}Z"
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not any(t == stamp for _, _, t, *_ in rows(db)):
+            time.sleep(0.2)
+    finally:
+        err = stop(proc)
+    assert ("reloaded configuration" in err) == (how == "after_sighup")
+    assert [(s, t, ip) for u, s, t, ip, _ in rows(db) if u == "test1"] == [("imap", stamp, "127.0.0.2")]

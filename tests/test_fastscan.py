@@ -54,8 +54,8 @@ def both(blocks: list[bytes], *, webmail=("10.99.0.0/16",), orphans: bool = Fals
         problems = {k: (p.count, p.first_offset, p.sample) for k, p in parser.end().items()}
         st = parser.stats
         seen[engine] = (dict(sink.logins.items()), dict(sink.others.items()), dict(st.events),
-                        dict(st.not_understood), dict(st.bad), st.lines, problems, parser._lmtp.state(),
-                        parser._login_ip, parser.orphans, parser.ended)
+                        dict(st.not_understood), dict(st.bad), st.lines, problems, parser.sessions.lmtp.state(),
+                        parser.sessions.login_ip, parser.orphans, parser.ended)
     return seen
 
 

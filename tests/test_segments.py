@@ -106,3 +106,25 @@ def test_an_operator_pack_with_an_optional_group_on_a_pid_joined_event_backfills
                 c.execute("SELECT * FROM last_login").fetchall())
     assert got["2"] == got["1"]
     assert any("192.0.2.27" in row and any("quota=" in str(v) for v in row) for row in got["2"])
+
+
+def test_rawlog_sessions_take_their_address_from_the_login_lines_whatever_the_worker_count(tmp_path, monkeypatch):
+    """A rawlog session names its mail process, not its client: its address is the Login line's with the same
+    pid. With two workers the logins are parsed in worker processes; the stitched session state must give
+    the same rows as one process (the real 2.3.19 samples: four sessions, each with its address)."""
+    import sqlite3
+
+    from tests.conftest import SAMPLES, run_cli
+
+    log = SAMPLES / "syslog-traditional.log"
+    monkeypatch.setattr(segments, "MIN_SEGMENT", max(1, log.stat().st_size // 3))
+    got = {}
+    for workers in ("1", "2"):
+        db = tmp_path / f"w{workers}.db"
+        assert run_cli("backfill", "--store", f"sqlite:///{db}", "--timezone", "UTC", "--year", "2026",
+                       "--rawlog", str(SAMPLES / "rawlog"), "--workers", workers, str(log)) == 0
+        with sqlite3.connect(db) as c:
+            got[workers] = sorted(c.execute("SELECT * FROM last_login").fetchall())
+    assert got["2"] == got["1"]
+    by_user = {(row[0], row[1]): row for row in got["2"]}
+    assert by_user[("test1", "imap")][4] == "127.0.0.2"

@@ -150,29 +150,3 @@ class Tree:
             s = read_session(d / n, user, self.zone)
             if s is not None:
                 yield s
-
-
-def harvest(sessions: Iterator[Session], sink, parser, node: str) -> tuple[int, int]:
-    """Put sessions into the coalescer as logins. A session without an address takes the one of the
-    maillog's Login line with the same mail-process pid, when the maillog was read by `parser`.
-    Returns (sessions, of which without an address)."""
-    n = no_ip = 0
-    login_ip = parser._login_ip
-    for s in sessions:
-        ip = s.ip.encode() if s.ip else None
-        service = s.service
-        if ip is None:
-            pid = s.pid.encode()
-            for svc in ("webmail", service) if service == "imap" else (service,):
-                hit = login_ip.get((svc, pid))
-                if hit is not None:
-                    ip, service = hit, svc
-                    break
-        elif service == "imap" and parser.webmail.nets and ip in parser.webmail:
-            service = "webmail"
-        if ip is None:
-            no_ip += 1
-        sink.logins.put(s.user.encode("utf-8", "surrogateescape"), service, s.time_us, s.digits, ip, node, service)
-        parser.stats.events[("login", service)] += 1
-        n += 1
-    return n, no_ip

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 from harvester.coalesce import Coalescer
-from harvester.parse import Parser
+from harvester.parse import Parser, rawlog_logins
 from harvester.patterns import load
 from harvester.sources import rawlog
 from harvester.timeparse import Clock
@@ -63,7 +63,7 @@ def test_sessions_join_the_maillog_login_with_the_same_pid_for_their_address():
     sink = Coalescer()
     parser.feed((SAMPLES / "syslog-traditional.log").read_bytes(), sink)
     sessions = list(rawlog.Tree(SAMPLES / "rawlog", UTC).sessions(after=1_795_312_200))  # 01:50 UTC
-    n, no_ip = rawlog.harvest(iter(sessions), sink, parser, "n")
+    n, no_ip = rawlog_logins(iter(sessions), sink, parser, "n")
     assert n == 4 and no_ip == 0
     rows = {(r.user, r.service): r for r in sink.take() if r.kind == "login"}
     assert rows[("test1", "imap")].ip == "127.0.0.2" and rows[("test1", "imap")].time_us % 1_000_000 == 245_108
