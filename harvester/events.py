@@ -24,7 +24,8 @@ STATE_KINDS = frozenset({SESSION_START, SESSION_END})
 
 KINDS = ROW_KINDS | OTHER_KINDS | STATE_KINDS
 
-SERVICES = ("imap", "pop3", "lmtp", "submission", "managesieve", "webmail")
+WEBMAIL = "webmail"  # IMAP logins from webmail_networks
+SERVICES = ("imap", "pop3", "lmtp", "submission", "managesieve", WEBMAIL)
 
 
 class Event(NamedTuple):

@@ -27,10 +27,12 @@ from harvester.events import (
     LOGIN,
     OTHER_KINDS,
     PROXY,
+    SERVICES,
     SESSION_END,
     SESSION_START,
+    WEBMAIL,
 )
-from harvester.patterns import Compiled, Pack, compile_pack
+from harvester.patterns import FIELDS, Compiled, Pack, compile_pack
 from harvester.sessions import PID_STATE_MAX, Sessions, drop_oldest
 from harvester.sources.rawlog import Session
 from harvester.timeparse import Clock, FutureError, TimeError
@@ -44,10 +46,8 @@ MAX_USER_BYTES = 255
 _SAMPLES = 5
 # Kinds from a pack are equal strings, not the same objects; the hot loop compares with `is`.
 _CANON = {k: k for k in KINDS}
-_SERVICE = {s.encode(): s for s in ("imap", "pop3", "submission", "managesieve", "lmtp")}
-# Kind codes of the native scanner (native/src/lib.rs); None is a watch pattern.
-_KIND_CODE = {None: 0, LOGIN: 1, PROXY: 2, DELIVERY: 3, SESSION_START: 4, SESSION_END: 5,
-              **{k: 6 for k in OTHER_KINDS}}
+# A line's service text -> the one interned name (webmail is never a line's: it is decided by the client IP).
+_SERVICE = {s.encode(): s for s in SERVICES if s != WEBMAIL}
 
 
 @dataclass
@@ -141,7 +141,7 @@ class Parser:
 
     def remember_logins(self) -> None:
         """Also remember IMAP and POP3 logins' addresses by mail-process pid (rawlog sessions join them)."""
-        self._join_services |= {"imap", "pop3", "webmail"}
+        self._join_services |= {"imap", "pop3", WEBMAIL}
 
     def follow_now(self) -> None:
         """A live file's lines are never later than now: move the year-inference reference to now."""
@@ -179,11 +179,11 @@ class Parser:
         """The native scanner for one compiled (pack, prefix), or None to parse in Python."""
         if not native.enabled():
             return None
-        specs = [(idx, _KIND_CODE[spec.kind], spec.kind or "", spec.service, spec.fields, spec.extras)
+        specs = [(idx, spec.kind, spec.service, dict(zip(FIELDS, spec.fields, strict=True)), spec.extras)
                  for idx, spec in compiled.specs.items()]
         try:
             return native.fastscan.Scanner(
-                compiled.regex.pattern.decode("utf-8"), specs, _SERVICE, "webmail",
+                compiled.regex.pattern.decode("utf-8"), specs, _SERVICE, WEBMAIL,
                 self.sessions.lmtp, self.sessions.login_ip, self._join_services,
                 self.webmail.__contains__ if self.webmail.nets else None, self.node, drop_oldest, self.sessions.limit,
                 self.max_user)
@@ -293,7 +293,7 @@ class Parser:
             if self.webmail.nets and service == "imap":
                 probe = real_ip or ip
                 if probe is not None and probe in self.webmail:
-                    service = "webmail"
+                    service = WEBMAIL
             if service in self._join_services and pid is not None:
                 self.sessions.remember_login(service, pid, ip)
             table = sink.logins
@@ -409,7 +409,7 @@ def rawlog_logins(sessions: Iterable[Session], sink: Coalescer, parser: Parser, 
             pid = s.pid.encode()
             ip, service = _joined(joins, service, pid)
         elif service == "imap" and parser.webmail.nets and ip in parser.webmail:
-            service = "webmail"
+            service = WEBMAIL
         if ip is None:
             no_ip += 1
         sink.logins.put(s.user.encode("utf-8", "surrogateescape"), service, s.time_us, s.digits, ip, node, service)
@@ -421,7 +421,7 @@ def rawlog_logins(sessions: Iterable[Session], sink: Coalescer, parser: Parser, 
 def _joined(joins: Sequence[Sessions], service: str, pid: bytes) -> tuple[bytes | None, str]:
     """The address of the Login line of `pid` (an IMAP session may have logged in as webmail), and its service."""
     for sessions in joins:
-        for svc in ("webmail", service) if service == "imap" else (service,):
+        for svc in (WEBMAIL, service) if service == "imap" else (service,):
             hit = sessions.login_address(svc, pid)
             if hit is not None:
                 return hit, svc

@@ -24,7 +24,8 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use sessions::{Found, Sessions};
 use table::{Entry, Table};
 
-// Event kinds, as parse.py names them (see Scanner::new).
+// What this loop does per event kind. The kinds come by name (harvester/events.py, the pack format's
+// `kind = "..."`): the codes are this file's own. Any kind not named here is kept apart from logins.
 const WATCH: u8 = 0;
 const LOGIN: u8 = 1;
 const PROXY: u8 = 2;
@@ -33,7 +34,21 @@ const SESSION_START: u8 = 4;
 const SESSION_END: u8 = 5;
 const OTHER: u8 = 6;
 
-// Field order of Spec.fields (patterns.FIELDS).
+fn kind_code(name: Option<&str>) -> u8 {
+    match name {
+        None => WATCH,
+        Some("login") => LOGIN,
+        Some("proxy") => PROXY,
+        Some("delivery") => DELIVERY,
+        Some("session_start") => SESSION_START,
+        Some("session_end") => SESSION_END,
+        Some(_) => OTHER,
+    }
+}
+
+// The fields an event's regex may capture, by their group names (patterns.FIELDS): a spec's field
+// groups come as name -> group, and are kept here in this order.
+const FIELD_NAMES: [&str; 9] = ["ts", "frac", "tz", "host", "user", "service", "ip", "pid", "real_ip"];
 const TS: usize = 0;
 const FRAC: usize = 1;
 const TZ: usize = 2;
@@ -131,13 +146,14 @@ impl Counts {
 
 #[pymethods]
 impl Scanner {
-    /// `specs`: (wrapper group, kind code, kind name, fixed service or None, 9 field groups,
-    /// ((detail name, group), ...)) per alternative; `services`: service text -> interned name.
+    /// `specs`: (wrapper group, kind name or None for a watch pattern, fixed service or None,
+    /// {field name: group}, ((detail name, group), ...)) per alternative; `services`: service text
+    /// -> interned name.
     #[new]
     #[allow(clippy::too_many_arguments)]
     fn new(
         pattern: &str,
-        specs: Vec<(usize, u8, Py<PyString>, Option<Py<PyString>>, [usize; 9], Vec<(String, usize)>)>,
+        specs: Vec<(usize, Option<Py<PyString>>, Option<Py<PyString>>, HashMap<String, usize>, Vec<(String, usize)>)>,
         services: HashMap<Vec<u8>, Py<PyString>>,
         webmail_name: Py<PyString>,
         lmtp: Py<Sessions>,
@@ -156,12 +172,20 @@ impl Scanner {
             .max_jit_stack_size(Some(8 << 20))
             .build(pattern)
             .map_err(|e| PyValueError::new_err(format!("PCRE2 cannot compile the pack's regex: {e}")))?;
-        let mut specs: Vec<Spec> = specs
-            .into_iter()
-            .map(|(group, kind, kind_name, service, fields, extras)| Spec {
+        let mut built: Vec<Spec> = Vec::with_capacity(specs.len());
+        for (group, kind_name, service, named, extras) in specs {
+            let mut fields = [0usize; 9];
+            for (i, name) in FIELD_NAMES.iter().enumerate() {
+                fields[i] = *named.get(*name).ok_or_else(|| {
+                    PyValueError::new_err(format!("field {name:?} missing from a spec (have: {:?})", named.keys()))
+                })?;
+            }
+            let text = kind_name.as_ref().map(|k| k.bind(py).to_string());
+            let kind_name = kind_name.unwrap_or_else(|| PyString::new(py, "").unbind());
+            built.push(Spec {
                 group,
-                kind,
-                kind_text: kind_name.bind(py).to_string().into_bytes(),
+                kind: kind_code(text.as_deref()),
+                kind_text: text.unwrap_or_default().into_bytes(),
                 kind_name,
                 service: service.map(|s| {
                     let b = s.bind(py).to_string().into_bytes();
@@ -169,8 +193,9 @@ impl Scanner {
                 }),
                 fields,
                 extras,
-            })
-            .collect();
+            });
+        }
+        let mut specs = built;
         specs.sort_by_key(|s| s.group);
         Ok(Scanner {
             regex,
