@@ -70,6 +70,10 @@ INSERT INTO last_event (user, kind, service, time, time_us, ip, node, detail)
 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 WHERE EXISTS (SELECT 1 FROM last_login WHERE user = ?1)""" + _EVENT_UPDATE
 
 BUSY_SECONDS = 2.0  # wait this long for another process's lock, then fail (the daemon retries with backoff)
+# Every connection's (the Python one and the native writer's). FULL: each commit syncs the WAL; with NORMAL a
+# commit can roll back after a power cut while the daemon's checkpoint (synced) says its lines were stored.
+# 64 MiB of cache: big batches touch many B-tree pages.
+PRAGMAS = "PRAGMA synchronous=FULL; PRAGMA cache_size=-65536;"
 
 def params(rows: list[Row]) -> tuple[list[tuple], list[tuple]]:
     """Rows as the parameters of UPSERT_LOGIN and UPSERT_EVENT (times as RFC 3339 text)."""
@@ -129,10 +133,7 @@ class SqliteStore:
             # check_same_thread=False: opened here, written from the daemon's writer thread (one at a time).
             self.db = sqlite3.connect(self.path, timeout=BUSY_SECONDS, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
-            # FULL: each commit syncs the WAL. With NORMAL a commit can roll back after a power cut,
-            # while the daemon's checkpoint (synced) already says its lines were stored.
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.execute("PRAGMA cache_size=-65536")  # 64 MiB: big batches touch many B-tree pages
+            self.db.executescript(PRAGMAS)
             self.db.executescript(SCHEMA)
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"{self.path}: cannot open SQLite store: {e}") from None
@@ -159,7 +160,8 @@ class SqliteStore:
             return write_taken(sink, self)
         try:
             if self._writer is None:
-                self._writer = fs.SqliteWriter(str(self.path), UPSERT_LOGIN, self.upsert_event)
+                self._writer = fs.SqliteWriter(str(self.path), UPSERT_LOGIN, self.upsert_event, PRAGMAS,
+                                               int(BUSY_SECONDS * 1000))
             written, bad = self._writer.write(sink.logins, sink.others, [r[0] for r in sink.runs],
                                               [r[1] for r in sink.runs])
         except RuntimeError as e:

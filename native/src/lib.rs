@@ -48,7 +48,9 @@ fn kind_code(name: Option<&str>) -> u8 {
 
 // The fields an event's regex may capture, by their group names (patterns.FIELDS): a spec's field
 // groups come as name -> group, and are kept here in this order.
-const FIELD_NAMES: [&str; 9] = ["ts", "frac", "tz", "host", "user", "service", "ip", "pid", "real_ip"];
+const FIELD_NAMES: [&str; 9] = [
+    "ts", "frac", "tz", "host", "user", "service", "ip", "pid", "real_ip",
+];
 const TS: usize = 0;
 const FRAC: usize = 1;
 const TZ: usize = 2;
@@ -153,7 +155,13 @@ impl Scanner {
     #[allow(clippy::too_many_arguments)]
     fn new(
         pattern: &str,
-        specs: Vec<(usize, Option<Py<PyString>>, Option<Py<PyString>>, HashMap<String, usize>, Vec<(String, usize)>)>,
+        specs: Vec<(
+            usize,
+            Option<Py<PyString>>,
+            Option<Py<PyString>>,
+            HashMap<String, usize>,
+            Vec<(String, usize)>,
+        )>,
         services: HashMap<Vec<u8>, Py<PyString>>,
         webmail_name: Py<PyString>,
         lmtp: Py<Sessions>,
@@ -166,18 +174,27 @@ impl Scanner {
         max_user: usize,
         py: Python<'_>,
     ) -> PyResult<Self> {
-        let webmail = if webmail.is_none(py) { None } else { Some(webmail) };
+        let webmail = if webmail.is_none(py) {
+            None
+        } else {
+            Some(webmail)
+        };
         let regex = RegexBuilder::new()
             .jit_if_available(true)
             .max_jit_stack_size(Some(8 << 20))
             .build(pattern)
-            .map_err(|e| PyValueError::new_err(format!("PCRE2 cannot compile the pack's regex: {e}")))?;
+            .map_err(|e| {
+                PyValueError::new_err(format!("PCRE2 cannot compile the pack's regex: {e}"))
+            })?;
         let mut built: Vec<Spec> = Vec::with_capacity(specs.len());
         for (group, kind_name, service, named, extras) in specs {
             let mut fields = [0usize; 9];
             for (i, name) in FIELD_NAMES.iter().enumerate() {
                 fields[i] = *named.get(*name).ok_or_else(|| {
-                    PyValueError::new_err(format!("field {name:?} missing from a spec (have: {:?})", named.keys()))
+                    PyValueError::new_err(format!(
+                        "field {name:?} missing from a spec (have: {:?})",
+                        named.keys()
+                    ))
                 })?;
             }
             let text = kind_name.as_ref().map(|k| k.bind(py).to_string());
@@ -236,7 +253,9 @@ impl Scanner {
         let mut tally = Counts::default();
         // Later whole seconds are the clock's to refuse (Clock.seconds): handed back to Python.
         let limit: i64 = clock.getattr("limit_us")?.extract()?;
-        let result = self.scan(py, data, logins, others, &mut tally, clock, limit, orphans, slow);
+        let result = self.scan(
+            py, data, logins, others, &mut tally, clock, limit, orphans, slow,
+        );
         tally.flush(py, counts)?;
         result
     }
@@ -364,7 +383,10 @@ impl Scanner {
                     }
                     if let Some(p) = pid {
                         if join.contains(&service)? {
-                            let k = PyTuple::new(py, [service.clone().into_any(), PyBytes::new(py, p).into_any()])?;
+                            let k = PyTuple::new(
+                                py,
+                                [service.clone().into_any(), PyBytes::new(py, p).into_any()],
+                            )?;
                             login_ip.set_item(k, opt_bytes(py, ip))?;
                             if login_ip.len() > self.state_max {
                                 self.drop_oldest.bind(py).call1((login_ip,))?;
@@ -395,13 +417,22 @@ impl Scanner {
                         slow.call1((start,))?;
                         continue;
                     };
-                    let addr = if ip == Some(b"local".as_slice()) { None } else { ip };
+                    let addr = if ip == Some(b"local".as_slice()) {
+                        None
+                    } else {
+                        ip
+                    };
                     lmtp.borrow_mut().start_native(p, addr);
                     continue;
                 }
                 SESSION_END => {
-                    let addr = if ip == Some(b"local".as_slice()) { None } else { ip };
-                    let same = pid.and_then(|p| lmtp.borrow().open_ip(p).map(|sip| sip.as_deref() == addr));
+                    let addr = if ip == Some(b"local".as_slice()) {
+                        None
+                    } else {
+                        ip
+                    };
+                    let same = pid
+                        .and_then(|p| lmtp.borrow().open_ip(p).map(|sip| sip.as_deref() == addr));
                     match (same, pid) {
                         (Some(true), Some(p)) => lmtp.borrow_mut().remove(p),
                         // no open session, or XCLIENT changed the address: Python re-stamps
@@ -414,9 +445,15 @@ impl Scanner {
                 OTHER => {
                     if let (None, Some(p)) = (ip, pid) {
                         // Joined to its login by pid (POP3 deletions): the login's IP, if seen.
-                        let k = PyTuple::new(py, [service.clone().into_any(), PyBytes::new(py, p).into_any()])?;
+                        let k = PyTuple::new(
+                            py,
+                            [service.clone().into_any(), PyBytes::new(py, p).into_any()],
+                        )?;
                         match login_ip.get_item(&k)? {
-                            Some(v) => session_ip = Some(v.downcast::<PyBytes>().ok().map(|b| b.as_bytes().into())),
+                            Some(v) => {
+                                session_ip =
+                                    Some(v.downcast::<PyBytes>().ok().map(|b| b.as_bytes().into()))
+                            }
                             None if orphans => {
                                 slow.call1((start,))?; // the login may be in an earlier segment
                                 continue;
@@ -448,7 +485,14 @@ impl Scanner {
                 continue; // failures before a user name was known: counted, never stored
             };
             let ip = session_ip.unwrap_or_else(|| ip.map(|b| b.into()));
-            let entry = Entry { t, digits, ip, node: node.unbind(), service: service.unbind(), detail };
+            let entry = Entry {
+                t,
+                digits,
+                ip,
+                node: node.unbind(),
+                service: service.unbind(),
+                detail,
+            };
             table.borrow_mut().put_entry(u, key_second, entry);
         }
     }
@@ -515,7 +559,12 @@ pub fn rfc3339(time_us: i64, digits: i64) -> String {
     let us = time_us.rem_euclid(1_000_000);
     let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (year, month, day) = civil(days);
-    let mut out = format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}", sod / 3600, sod / 60 % 60, sod % 60);
+    let mut out = format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
+        sod / 3600,
+        sod / 60 % 60,
+        sod % 60
+    );
     if digits > 0 {
         let frac = format!("{us:06}");
         out.push('.');
@@ -593,10 +642,30 @@ fn sqlite_params<'py>(
         let (t, digits): (i64, i64) = (r.get_item(3)?.extract()?, r.get_item(4)?.extract()?);
         let text = rfc3339(t, digits);
         let kind = r.get_item(2)?;
-        if kind.downcast::<PyString>().map(|k| k.to_str().map(|k| k == "login").unwrap_or(false)).unwrap_or(false) {
-            logins.append((r.get_item(0)?, r.get_item(1)?, text, t, r.get_item(5)?, r.get_item(6)?))?;
+        if kind
+            .downcast::<PyString>()
+            .map(|k| k.to_str().map(|k| k == "login").unwrap_or(false))
+            .unwrap_or(false)
+        {
+            logins.append((
+                r.get_item(0)?,
+                r.get_item(1)?,
+                text,
+                t,
+                r.get_item(5)?,
+                r.get_item(6)?,
+            ))?;
         } else {
-            events.append((r.get_item(0)?, kind, r.get_item(1)?, text, t, r.get_item(5)?, r.get_item(6)?, r.get_item(7)?))?;
+            events.append((
+                r.get_item(0)?,
+                kind,
+                r.get_item(1)?,
+                text,
+                t,
+                r.get_item(5)?,
+                r.get_item(6)?,
+                r.get_item(7)?,
+            ))?;
         }
     }
     Ok((logins, events))

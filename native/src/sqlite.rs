@@ -19,16 +19,12 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 use rusqlite::{ffi, Connection};
 
-use crate::{rfc3339, rfc3339_into};
 use crate::table::{split, Entry, Reader, Table};
+use crate::{rfc3339, rfc3339_into};
 
 fn err(e: rusqlite::Error) -> PyErr {
     PyRuntimeError::new_err(e.to_string())
 }
-
-/// How long a write waits for another process's lock (a support tool's open transaction) before it
-/// fails with "database is locked": short, so the caller retries with its own backoff and can stop.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One connection that applies both tables in one transaction. Usable from any one thread at a time
 /// (the daemon's writer thread): the connection sits behind a mutex, and the lock wait and the commit's
@@ -55,7 +51,13 @@ impl Raw {
         let handle = unsafe { db.handle() };
         let mut stmt = std::ptr::null_mut();
         let rc = unsafe {
-            ffi::sqlite3_prepare_v2(handle, sql.as_ptr().cast(), sql.len() as c_int, &mut stmt, std::ptr::null_mut())
+            ffi::sqlite3_prepare_v2(
+                handle,
+                sql.as_ptr().cast(),
+                sql.len() as c_int,
+                &mut stmt,
+                std::ptr::null_mut(),
+            )
         };
         let raw = Raw { db: handle, stmt };
         raw.check(rc, ffi::SQLITE_OK)?;
@@ -67,7 +69,9 @@ impl Raw {
             return Ok(());
         }
         // SAFETY: sqlite3_errmsg returns a NUL-terminated string owned by the connection.
-        let msg = unsafe { CStr::from_ptr(ffi::sqlite3_errmsg(self.db)) }.to_string_lossy().into_owned();
+        let msg = unsafe { CStr::from_ptr(ffi::sqlite3_errmsg(self.db)) }
+            .to_string_lossy()
+            .into_owned();
         Err(PyRuntimeError::new_err(msg))
     }
 
@@ -75,7 +79,13 @@ impl Raw {
         // SAFETY: `v` stays borrowed until `run` has stepped and reset the statement.
         let rc = unsafe {
             match v {
-                Some(b) => ffi::sqlite3_bind_text(self.stmt, i, b.as_ptr().cast(), b.len() as c_int, ffi::SQLITE_STATIC()),
+                Some(b) => ffi::sqlite3_bind_text(
+                    self.stmt,
+                    i,
+                    b.as_ptr().cast(),
+                    b.len() as c_int,
+                    ffi::SQLITE_STATIC(),
+                ),
                 None => ffi::sqlite3_bind_null(self.stmt, i),
             }
         };
@@ -120,16 +130,27 @@ fn time_text(t: i64, digits: i64, buf: &mut [u8; 32]) -> Cow<'_, [u8]> {
 
 #[pymethods]
 impl SqliteWriter {
-    /// Open `path` (the schema must exist) for the upserts `login_sql` (?1-?6) and `event_sql` (?1-?8).
+    /// Open `path` (the schema must exist) for the upserts `login_sql` (?1-?6) and `event_sql` (?1-?8),
+    /// with the Python connection's `pragmas` and lock wait (sinks/sqlite.py defines both).
     #[new]
-    fn new(path: &str, login_sql: String, event_sql: String) -> PyResult<Self> {
+    fn new(
+        path: &str,
+        login_sql: String,
+        event_sql: String,
+        pragmas: &str,
+        busy_ms: u64,
+    ) -> PyResult<Self> {
         let db = Connection::open(path).map_err(err)?;
-        db.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
-        // As the Python connection (sinks/sqlite.py): a commit is on disk before the caller goes on.
-        db.execute_batch("PRAGMA synchronous=FULL; PRAGMA cache_size=-65536;").map_err(err)?;
+        db.busy_timeout(Duration::from_millis(busy_ms))
+            .map_err(err)?;
+        db.execute_batch(pragmas).map_err(err)?;
         drop(Raw::new(&db, &login_sql)?); // fail here, at open, on a statement that cannot work
         drop(Raw::new(&db, &event_sql)?);
-        Ok(SqliteWriter { db: Mutex::new(db), login_sql, event_sql })
+        Ok(SqliteWriter {
+            db: Mutex::new(db),
+            login_sql,
+            event_sql,
+        })
     }
 
     /// Upsert every entry of `logins` (key: user, service) and `others` (key: user, kind), and of
@@ -154,11 +175,15 @@ impl SqliteWriter {
         let mut buf = [0u8; 32];
         {
             let (l, o) = (logins.borrow(), others.borrow());
-            let guard = self.db.lock().map_err(|_| PyRuntimeError::new_err("SQLite writer poisoned"))?;
+            let guard = self
+                .db
+                .lock()
+                .map_err(|_| PyRuntimeError::new_err("SQLite writer poisoned"))?;
             let db: &Connection = &guard;
-            // Taking the write lock may wait for another process (up to BUSY_TIMEOUT): without the GIL.
+            // Taking the write lock may wait for another process (up to busy_ms): without the GIL.
             let conn = SendConn(db);
-            py.allow_threads(move || conn.batch("BEGIN IMMEDIATE")).map_err(err)?;
+            py.allow_threads(move || conn.batch("BEGIN IMMEDIATE"))
+                .map_err(err)?;
             let body = (|| -> PyResult<()> {
                 let st = Raw::new(db, &self.login_sql)?;
                 written += merged(py, cursors(&l, login_runs.as_deref()), &bad, |v| {
@@ -234,7 +259,12 @@ enum Cursor<'a> {
 /// The table's entries, then each run, as cursors (oldest first).
 fn cursors<'a>(table: &'a Table, runs: Option<&'a [Bound<'_, PyBytes>]>) -> Vec<Cursor<'a>> {
     let mut c = vec![Cursor::Table(table.sorted().into_iter())];
-    c.extend(runs.unwrap_or_default().iter().map(|b| Cursor::Run(Reader { data: b.as_bytes(), at: 0 })));
+    c.extend(runs.unwrap_or_default().iter().map(|b| {
+        Cursor::Run(Reader {
+            data: b.as_bytes(),
+            at: 0,
+        })
+    }));
     c
 }
 
