@@ -56,12 +56,7 @@ fn bytes_or_none<'py>(py: Python<'py>, b: &Option<Box<[u8]>>) -> PyObject {
 fn deliveries<'py>(py: Python<'py>, open: &Open) -> PyResult<Bound<'py, PyList>> {
     let list = PyList::empty(py);
     for d in &open.deliveries {
-        list.append((
-            bytes_or_none(py, &d.user),
-            d.t,
-            d.digits,
-            d.node.clone_ref(py),
-        ))?;
+        list.append((bytes_or_none(py, &d.user), d.t, d.digits, d.node.clone_ref(py)))?;
     }
     Ok(list)
 }
@@ -69,13 +64,7 @@ fn deliveries<'py>(py: Python<'py>, open: &Open) -> PyResult<Bound<'py, PyList>>
 impl Sessions {
     pub fn start_native(&mut self, pid: &[u8], ip: Option<&[u8]>) {
         self.seq += 1;
-        let slot = Slot {
-            seq: self.seq,
-            open: Some(Open {
-                ip: ip.map(|b| b.into()),
-                deliveries: Vec::new(),
-            }),
-        };
+        let slot = Slot { seq: self.seq, open: Some(Open { ip: ip.map(|b| b.into()), deliveries: Vec::new() }) };
         self.map.insert(pid.into(), slot);
         if self.map.len() > self.max {
             self.drop_oldest();
@@ -83,27 +72,14 @@ impl Sessions {
     }
 
     /// Record a delivery of `pid`'s open session; say what the pid had.
-    pub fn deliver_native(
-        &mut self,
-        pid: &[u8],
-        user: Option<&[u8]>,
-        t: i64,
-        digits: i64,
-        node: &Bound<'_, PyAny>,
-    ) -> Found<'_> {
+    pub fn deliver_native(&mut self, pid: &[u8], user: Option<&[u8]>, t: i64, digits: i64,
+                          node: &Bound<'_, PyAny>) -> Found<'_> {
         match self.map.get_mut(pid) {
             None => Found::Absent,
             Some(Slot { open: None, .. }) => Found::Closed,
-            Some(Slot {
-                open: Some(open), ..
-            }) => {
+            Some(Slot { open: Some(open), .. }) => {
                 if open.deliveries.len() < MAX_DELIVERIES {
-                    open.deliveries.push(Delivery {
-                        user: user.map(|u| u.into()),
-                        t,
-                        digits,
-                        node: node.clone().unbind(),
-                    });
+                    open.deliveries.push(Delivery { user: user.map(|u| u.into()), t, digits, node: node.clone().unbind() });
                 }
                 Found::Open(&open.ip)
             }
@@ -112,10 +88,7 @@ impl Sessions {
 
     /// The open session's address, if `pid` has an open session.
     pub fn open_ip(&self, pid: &[u8]) -> Option<&Option<Box<[u8]>>> {
-        self.map
-            .get(pid)
-            .and_then(|s| s.open.as_ref())
-            .map(|o| &o.ip)
+        self.map.get(pid).and_then(|s| s.open.as_ref()).map(|o| &o.ip)
     }
 
     pub fn remove(&mut self, pid: &[u8]) {
@@ -135,11 +108,7 @@ impl Sessions {
 impl Sessions {
     #[new]
     fn new(max: usize) -> Self {
-        Sessions {
-            map: HashMap::default(),
-            seq: 0,
-            max,
-        }
+        Sessions { map: HashMap::default(), seq: 0, max }
     }
 
     fn __len__(&self) -> usize {
@@ -154,15 +123,8 @@ impl Sessions {
 
     /// A delivery of `pid`: ("open", ip) after recording it, ("closed", None) or ("absent", None).
     #[pyo3(signature = (pid, user, t, digits, node))]
-    fn deliver(
-        &mut self,
-        py: Python<'_>,
-        pid: &[u8],
-        user: Option<&[u8]>,
-        t: i64,
-        digits: i64,
-        node: &Bound<'_, PyAny>,
-    ) -> (&'static str, PyObject) {
+    fn deliver(&mut self, py: Python<'_>, pid: &[u8], user: Option<&[u8]>, t: i64, digits: i64,
+               node: &Bound<'_, PyAny>) -> (&'static str, PyObject) {
         match self.deliver_native(pid, user, t, digits, node) {
             Found::Open(ip) => ("open", bytes_or_none(py, ip)),
             Found::Closed => ("closed", py.None()),
@@ -171,15 +133,9 @@ impl Sessions {
     }
 
     /// End `pid`'s session: (ip, [(user, t, digits, node), ...]) if it was open, else None.
-    fn pop<'py>(
-        &mut self,
-        py: Python<'py>,
-        pid: &[u8],
-    ) -> PyResult<Option<(PyObject, Bound<'py, PyList>)>> {
+    fn pop<'py>(&mut self, py: Python<'py>, pid: &[u8]) -> PyResult<Option<(PyObject, Bound<'py, PyList>)>> {
         match self.map.remove(pid) {
-            Some(Slot {
-                open: Some(open), ..
-            }) => Ok(Some((bytes_or_none(py, &open.ip), deliveries(py, &open)?))),
+            Some(Slot { open: Some(open), .. }) => Ok(Some((bytes_or_none(py, &open.ip), deliveries(py, &open)?))),
             _ => Ok(None),
         }
     }
@@ -187,28 +143,18 @@ impl Sessions {
     /// Mark `pid` closed: later deliveries of it without a Connect get no IP (segment mode).
     fn close(&mut self, pid: &[u8]) {
         self.seq += 1;
-        self.map.insert(
-            pid.into(),
-            Slot {
-                seq: self.seq,
-                open: None,
-            },
-        );
+        self.map.insert(pid.into(), Slot { seq: self.seq, open: None });
     }
 
     /// {pid: [ip, [(user, t, digits, node), ...]]} of the open sessions, oldest first.
     fn open<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let mut slots: Vec<(&Box<[u8]>, &Slot)> =
-            self.map.iter().filter(|(_, s)| s.open.is_some()).collect();
+        let mut slots: Vec<(&Box<[u8]>, &Slot)> = self.map.iter().filter(|(_, s)| s.open.is_some()).collect();
         slots.sort_by_key(|(_, s)| s.seq);
         let out = PyDict::new(py);
         for (pid, slot) in slots {
             let open = slot.open.as_ref().expect("filtered");
             let list = deliveries(py, open)?.into_any().unbind();
-            out.set_item(
-                PyBytes::new(py, pid),
-                PyList::new(py, [bytes_or_none(py, &open.ip), list])?,
-            )?;
+            out.set_item(PyBytes::new(py, pid), PyList::new(py, [bytes_or_none(py, &open.ip), list])?)?;
         }
         Ok(out)
     }
@@ -219,10 +165,7 @@ impl Sessions {
         for (pid, slot) in &self.map {
             let v: PyObject = match &slot.open {
                 None => py.None(),
-                Some(open) => (bytes_or_none(py, &open.ip), deliveries(py, open)?)
-                    .into_pyobject(py)?
-                    .into_any()
-                    .unbind(),
+                Some(open) => (bytes_or_none(py, &open.ip), deliveries(py, open)?).into_pyobject(py)?.into_any().unbind(),
             };
             out.set_item(PyBytes::new(py, pid), v)?;
         }

@@ -74,10 +74,7 @@ impl Table {
                 ua.cmp(ub).then(sa.cmp(sb))
             })
         });
-        order
-            .into_iter()
-            .map(|(_, i)| entries[i as usize])
-            .collect()
+        order.into_iter().map(|(_, i)| entries[i as usize]).collect()
     }
 
     /// Forget every entry (once they are safely stored).
@@ -96,14 +93,7 @@ fn value<'py>(py: Python<'py>, e: &Entry) -> PyResult<Bound<'py, PyTuple>> {
         Some(b) => PyBytes::new(py, b).into_any(),
         None => py.None().into_bound(py),
     };
-    (
-        e.t,
-        e.digits,
-        ip,
-        e.node.clone_ref(py),
-        e.service.clone_ref(py),
-        e.detail.as_ref().map(|d| d.clone_ref(py)),
-    )
+    (e.t, e.digits, ip, e.node.clone_ref(py), e.service.clone_ref(py), e.detail.as_ref().map(|d| d.clone_ref(py)))
         .into_pyobject(py)
 }
 
@@ -111,10 +101,7 @@ fn value<'py>(py: Python<'py>, e: &Entry) -> PyResult<Bound<'py, PyTuple>> {
 impl Table {
     #[new]
     fn new() -> Self {
-        Table {
-            map: HashMap::with_hasher(RandomState::new()),
-            buf: Vec::with_capacity(256),
-        }
+        Table { map: HashMap::with_hasher(RandomState::new()), buf: Vec::with_capacity(256) }
     }
 
     fn __len__(&self) -> usize {
@@ -141,14 +128,7 @@ impl Table {
         service: Py<PyString>,
         detail: Option<Py<PyString>>,
     ) {
-        let entry = Entry {
-            t,
-            digits,
-            ip: ip.map(|b| b.into()),
-            node,
-            service,
-            detail,
-        };
+        let entry = Entry { t, digits, ip: ip.map(|b| b.into()), node, service, detail };
         self.put_entry(user, second.as_bytes(), entry);
     }
 
@@ -157,10 +137,7 @@ impl Table {
         let out = PyList::empty(py);
         for (k, e) in &self.map {
             let (second, user) = split(k);
-            let key = (
-                PyBytes::new(py, user),
-                PyString::new(py, &String::from_utf8_lossy(second)),
-            );
+            let key = (PyBytes::new(py, user), PyString::new(py, &String::from_utf8_lossy(second)));
             out.append((key, value(py, e)?))?;
         }
         Ok(out)
@@ -215,9 +192,7 @@ impl Table {
                             if tag == 1 {
                                 PyBytes::new(py, b).into_any().unbind()
                             } else {
-                                PyString::new(py, &String::from_utf8_lossy(b))
-                                    .into_any()
-                                    .unbind()
+                                PyString::new(py, &String::from_utf8_lossy(b)).into_any().unbind()
                             }
                         })
                         .clone_ref(py)
@@ -225,14 +200,7 @@ impl Table {
             };
             let service = text(py, &mut strings, rec.service);
             let detail = rec.detail.map(|d| text(py, &mut strings, d));
-            let entry = Entry {
-                t: rec.t,
-                digits: rec.digits,
-                ip: rec.ip.map(Box::from),
-                node,
-                service,
-                detail,
-            };
+            let entry = Entry { t: rec.t, digits: rec.digits, ip: rec.ip.map(Box::from), node, service, detail };
             let (second, user) = split(rec.key);
             self.put_entry(user, second, entry);
         }
@@ -244,25 +212,9 @@ impl Table {
         for item in items.iter() {
             let ((user, second), (t, digits, ip, node, service, detail)): (
                 (Vec<u8>, String),
-                (
-                    i64,
-                    i64,
-                    Option<Vec<u8>>,
-                    PyObject,
-                    Py<PyString>,
-                    Option<Py<PyString>>,
-                ),
+                (i64, i64, Option<Vec<u8>>, PyObject, Py<PyString>, Option<Py<PyString>>),
             ) = item.extract()?;
-            self.put(
-                &user,
-                &second,
-                t,
-                digits,
-                ip.as_deref(),
-                node,
-                service,
-                detail,
-            );
+            self.put(&user, &second, t, digits, ip.as_deref(), node, service, detail);
         }
         Ok(())
     }
@@ -302,17 +254,8 @@ impl Table {
                 Err(_) => e.node.clone_ref(py),
             };
             let detail = e.detail.as_ref().map(|d| d.clone_ref(py));
-            let fields = (
-                PyString::new(py, u),
-                e.service.clone_ref(py),
-                kind,
-                e.t,
-                e.digits,
-                ip,
-                node,
-                detail,
-            )
-                .into_pyobject(py)?;
+            let fields =
+                (PyString::new(py, u), e.service.clone_ref(py), kind, e.t, e.digits, ip, node, detail).into_pyobject(py)?;
             rows.append(new.call1((row_type, fields))?)?;
         }
         self.map.clear();
@@ -321,11 +264,7 @@ impl Table {
 }
 
 /// Decoded text of an IP or host name, shared between rows (there are few distinct ones).
-fn text(
-    py: Python<'_>,
-    cache: &mut HashMap<Vec<u8>, Py<PyString>, RandomState>,
-    b: &[u8],
-) -> Py<PyString> {
+fn text(py: Python<'_>, cache: &mut HashMap<Vec<u8>, Py<PyString>, RandomState>, b: &[u8]) -> Py<PyString> {
     if let Some(s) = cache.get(b) {
         return s.clone_ref(py);
     }
@@ -344,13 +283,7 @@ impl Entry {
         } else if let Ok(b) = self.node.downcast_bound::<PyBytes>(py) {
             Some((1, b.as_bytes()))
         } else {
-            Some((
-                2,
-                self.node
-                    .downcast_bound::<PyString>(py)?
-                    .to_str()?
-                    .as_bytes(),
-            ))
+            Some((2, self.node.downcast_bound::<PyString>(py)?.to_str()?.as_bytes()))
         };
         let detail = match &self.detail {
             Some(d) => Some(d.bind(py).to_str()?.as_bytes()),
@@ -391,9 +324,7 @@ impl<'a> Reader<'a> {
         if self.at >= self.data.len() {
             return Ok(None);
         }
-        self.parse()
-            .map(Some)
-            .ok_or_else(|| pyo3::exceptions::PyValueError::new_err("not a Table.dumps() value"))
+        self.parse().map(Some).ok_or_else(|| pyo3::exceptions::PyValueError::new_err("not a Table.dumps() value"))
     }
 
     fn parse(&mut self) -> Option<Record<'a>> {
@@ -413,15 +344,7 @@ impl<'a> Reader<'a> {
             0 => None,
             _ => Some(self.chunk()?),
         };
-        Some(Record {
-            key,
-            t,
-            digits,
-            ip,
-            node,
-            service,
-            detail,
-        })
+        Some(Record { key, t, digits, ip, node, service, detail })
     }
 
     fn take(&mut self, n: usize) -> Option<&'a [u8]> {
