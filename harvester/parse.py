@@ -11,6 +11,7 @@ that splits a session still joins it.
 
 from __future__ import annotations
 
+import builtins
 import ipaddress
 import logging
 import re
@@ -18,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from harvester import native
 from harvester.coalesce import SAY_AGAIN_S, Coalescer
@@ -34,8 +36,10 @@ from harvester.events import (
 )
 from harvester.patterns import FIELDS, Compiled, Pack, compile_pack
 from harvester.sessions import PID_STATE_MAX, Sessions, drop_oldest
-from harvester.sources.rawlog import Session
 from harvester.timeparse import Clock, FutureError, TimeError
+
+if TYPE_CHECKING:
+    from harvester.sources.rawlog import Session  # what a source hands over, for rawlog_logins
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +71,7 @@ class Stats:
     bytes: int = 0
     events: Counter = field(default_factory=Counter)  # (kind, service) -> n
     not_understood: Counter = field(default_factory=Counter)  # watch name -> n
-    not_understood_samples: list[bytes] = field(default_factory=list)
+    not_understood_samples: list[builtins.bytes] = field(default_factory=list)  # (`bytes` is a field here)
     bad: Counter = field(default_factory=Counter)  # reason -> n
 
     def add(self, other: Stats) -> None:
@@ -116,10 +120,10 @@ class Parser:
         self.node = node
         self.webmail = webmail or Networks(())
         self.stats = Stats()
-        self._compiled: dict[str, tuple[Compiled, object | None]] = {}  # prefix -> (regex, native scanner)
+        self._compiled: dict[str, tuple[Compiled, Any]] = {}  # prefix -> (regex, native scanner or None)
         self._table: list = []
-        self._regex = None
-        self._scanner = None
+        self._regex: re.Pattern[bytes] | None = None
+        self._scanner: Any = None  # harvester._fastscan.Scanner
         self._clock: Clock | None = None
         self._file = "-"
         self.problems: dict[str, Problem] = {}
@@ -164,7 +168,7 @@ class Parser:
         size = max(compiled.specs) + 1
         table: list = [None] * size
         for idx, spec in compiled.specs.items():
-            table[idx] = (_CANON.get(spec.kind), spec.service, spec.fields, spec.extras, spec.name)
+            table[idx] = (_CANON.get(spec.kind or ""), spec.service, spec.fields, spec.extras, spec.name)
         self._table = table
         self._regex = compiled.regex
         self._clock = clock
@@ -247,6 +251,7 @@ class Parser:
             text, end = b"\n" + block, len(block) + 1
         start = 0
         regex = self._regex
+        assert regex is not None, "begin() names the file's prefix first"
         if self._scanner is not None and sink.trace is None:
             def slow(pos: int) -> None:
                 m = regex.match(text, pos, end)
@@ -262,12 +267,13 @@ class Parser:
 
     def event(self, m: re.Match[bytes], text: bytes, sink: Coalescer, offset: int) -> None:
         """What one matched line does to the session state and the sink's tables."""
-        kind, service, fields, extras, name = self._table[m.lastindex]
+        kind, service, fields, extras, name = self._table[m.lastindex or 0]
         if kind is None:
             self._not_understood(text, m.start() + 1, name, offset)
             return
         ts, frac, tzs, host, user, svc, ip, pid, real_ip = m.group(*fields)
         clock = self._clock
+        assert clock is not None, "begin() gives the file's clock first"
         t = clock.cache.get(ts) if tzs is None else clock.cache.get(ts + tzs)
         if t is None:
             try:

@@ -44,9 +44,9 @@ class PySessions:
 
     def deliver(self, pid: bytes, user: bytes | None, t: int, digits: int, node) -> tuple[str, bytes | None]:
         """Record a delivery of an open session: ("open", ip), else ("closed" | "absent", None)."""
-        session = self._d.get(pid, _ABSENT)
-        if session is _ABSENT:
+        if pid not in self._d:
             return "absent", None
+        session = self._d[pid]
         if session is None:
             return "closed", None
         if len(session[1]) < 1000:
@@ -67,8 +67,6 @@ class PySessions:
     def state(self) -> dict[bytes, tuple | None]:
         return {k: None if v is None else (v[0], v[1]) for k, v in self._d.items()}
 
-
-_ABSENT = object()
 
 
 class Sessions:
