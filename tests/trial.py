@@ -67,6 +67,7 @@ def run_trial(tmp: Path, *, kills: int, rotations: int, rate: int, seed: int, li
     steps = ["kill"] * kills + ["rotate"] * rotations
     rng.shuffle(steps)
     per_step = max(len(log_lines) // (len(steps) + 1), 1)
+    events = (tmp / "events.txt").open("w")  # what happened after which line, for a failure's post-mortem
     proc = start(tmp, store)
     done_kills = done_rot = stopped_rot = 0
     try:
@@ -76,23 +77,21 @@ def run_trial(tmp: Path, *, kills: int, rotations: int, rate: int, seed: int, li
         for step in steps:
             _write_at(w, per_step, rate, rng)
             if step == "rotate":
-                logrotate(tmp, rng.choice(kinds))
-                w.write(rng.randrange(0, 40))  # the writer has not reopened yet
-                w.reopen()
+                _rotate(tmp, w, rng.choice(kinds), rng, events, "running")
                 done_rot += 1
                 continue
             time.sleep(rng.uniform(0, 0.6))  # mid-flush or between flushes
             proc.kill()
             _keep_log(tmp, proc, done_kills)
             done_kills += 1
+            print(f"line {w.next}: kill -9 (daemon-{done_kills - 1})", file=events, flush=True)
             for _ in range(rng.choice((0, 0, 1, 2))):  # rotated while the daemon is down
                 w.write(rng.randrange(1, per_step // 4 + 2))
-                logrotate(tmp, rng.choice(kinds))
-                w.write(rng.randrange(0, 40))
-                w.reopen()
+                _rotate(tmp, w, rng.choice(kinds), rng, events, "stopped")
                 done_rot += 1
                 stopped_rot += 1
             _keep_checkpoint(tmp, done_kills)
+            print(f"line {w.next}: start (daemon-{done_kills}, checkpoint-{done_kills})", file=events, flush=True)
             proc = start(tmp, store)
         w.write(len(log_lines))
         want = reference(tmp, log_lines[:w.next])
@@ -105,6 +104,7 @@ def run_trial(tmp: Path, *, kills: int, rotations: int, rate: int, seed: int, li
         w.close()
         proc.kill()
         _keep_log(tmp, proc, done_kills)
+        events.close()
     stored = {(u, s): (t, ip) for u, s, t, ip, _ in got}
     missing = stale = wrong_ip = 0
     for u, s, t, ip, _ in want:
@@ -116,6 +116,16 @@ def run_trial(tmp: Path, *, kills: int, rotations: int, rate: int, seed: int, li
         elif have[0] == t and have[1] != ip:
             wrong_ip += 1
     return Outcome(len(want), missing, stale, wrong_ip, done_kills, done_rot, stopped_rot, w.next)
+
+
+def _rotate(tmp: Path, w: Writer, kind: str, rng: random.Random, events, daemon: str) -> None:
+    """One logrotate run, then a few lines the writer appends to its old descriptor before it reopens."""
+    before = w.next
+    logrotate(tmp, kind)
+    w.write(rng.randrange(0, 40))  # the writer has not reopened yet
+    w.reopen()
+    print(f"line {before}: logrotate {kind.replace(chr(10), ' ').replace('    ', '')} (daemon {daemon}); "
+          f"lines {before}-{w.next - 1} to the old descriptor", file=events, flush=True)
 
 
 def _share(n: int, i: int) -> int:
@@ -157,9 +167,13 @@ def main() -> int:
     ap.add_argument("--lines", type=int, default=240_000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--keep", metavar="DIR", help="run in DIR and keep its files (logs, store, daemon logs)")
+    ap.add_argument("--family", choices=list(FAMILIES), action="append",
+                    help="run only this family (its share of the kills, rotations and lines); repeatable")
     args = ap.parse_args()
     total = None
     for i, family in enumerate(FAMILIES):  # the kills and rotations shared out over the three families
+        if args.family and family not in args.family:
+            continue
         with tempfile.TemporaryDirectory(prefix="harvester-trial-") as d:
             where = Path(args.keep) / family if args.keep else Path(d)
             where.mkdir(parents=True, exist_ok=True)
