@@ -81,6 +81,7 @@ class _Archive:
     offset: int
     blocks: Iterator[tuple[int, bytes, int]] | None = None
     progress: archive.Position = field(default_factory=archive.Position)
+    done: bool = False  # read to its end (finished once the files before it are)
 
 
 @dataclass
@@ -187,11 +188,16 @@ class Follower:
         budget = POLL_BYTES
         self.more = False
         for item in list(self.queue):
+            # Only the first queued file may be finished (leave the positions): a checkpoint's positions then
+            # always name every file from the oldest unfinished one on, and a restart reads none of them again
+            # (it reads every rotated file between two checkpointed ones whole, as rotated while stopped).
+            first = item is self.queue[0]
             if isinstance(item, _Archive):
                 got, at_end = self._read_archive(item, budget)
+                item.done = at_end
             else:
                 got, at_end = self._read(item, budget, final=False)
-                if at_end and self._quiet(item):
+                if at_end and self._quiet(item) and first:  # its quiet time counts while it waits its turn
                     more, _ = self._read(item, 1 << 62, final=True)
                     got += more
                     self._finish(item)
@@ -200,7 +206,7 @@ class Follower:
             if not at_end:
                 self.more = True
                 return out
-            if isinstance(item, _Archive):
+            if isinstance(item, _Archive) and first:
                 self._finish(item)
         if self.cur is not None:
             got, at_end = self._read(self.cur, budget, final=False)
@@ -210,7 +216,7 @@ class Follower:
 
     def backlog(self) -> bool:
         """Whether more is already readable than the last poll handed out (catching up: do not sleep)."""
-        return self.more or any(isinstance(item, _Archive) for item in self.queue)
+        return self.more or any(isinstance(item, _Archive) and not item.done for item in self.queue)
 
     def positions(self) -> list[Position]:
         """Where each file still to be read was read to, in reading order: queued ones, then the current one

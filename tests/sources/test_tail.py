@@ -375,3 +375,34 @@ def test_a_path_missing_for_long_is_said_once_then_once_a_minute_and_read_when_b
     append(log, "b\n")
     assert lines(f) == [b"b"]
     assert "readable again" in caplog.text
+
+
+def test_a_copy_read_behind_a_draining_renamed_file_stays_checkpointed_so_a_restart_reads_nothing_twice(
+        tmp_path, monkeypatch):
+    """The trial's NULL IP after a kill (plain family): a rename, then a copytruncate while the renamed file
+    was still draining. The copy was finished at once and left the positions, the renamed file did not; the
+    restart read every file between two checkpointed ones whole as "rotated while stopped", so it read the
+    copy again, with the sessions of the checkpoint (an LMTP session that had ended by then): its deliveries
+    got no IP and, at an equal time, overwrote the stored ones. Files leave the positions in order only."""
+    monkeypatch.setattr(tail, "DRAIN_GRACE", 3600.0)  # the renamed file drains while the copy is read
+    log = tmp_path / "maillog"
+    append(log, "first file\n", "lmtp(31332): Connect from 10.0.0.25\n")
+    f = follow(log)
+    lines(f)
+    os.rename(log, tmp_path / "maillog.1")  # rename + create
+    append(log, "lmtp(user344)<31332>: saved mail to INBOX\n", "lmtp(31332): Disconnect from 10.0.0.25\n")
+    lines(f)
+    os.rename(tmp_path / "maillog.1", tmp_path / "maillog.2")  # then copytruncate
+    shutil.copy(log, tmp_path / "maillog.1")
+    os.truncate(log, 0)
+    append(log, "third file\n")
+    assert lines(f) == [b"third file"]
+    saved = f.positions()  # a checkpoint now: the next read is what comes after "third file"
+    f.close()
+    assert [p.id.ino for p in saved] == [os.stat(p).st_ino for p in
+                                         (tmp_path / "maillog.2", tmp_path / "maillog.1", log)]
+    append(log, "after the kill\n")
+    g = Follower(log)
+    how = g.start(saved, "end")
+    assert blocks_in_order(g) == [b"after the kill"]
+    assert "rotated while stopped" not in how
