@@ -194,18 +194,25 @@ class Parser:
         self._join_services |= {"imap", "pop3", "webmail"}
 
     def sessions(self, login_ips: int) -> dict:
-        """Open LMTP sessions and the newest `login_ips` login addresses by pid, JSON-friendly (a checkpoint's)."""
-        lmtp = {pid.hex(): (None if v[0] is None else v[0].hex()) for pid, v in self._lmtp.open().items()}
+        """Open LMTP sessions (address and deliveries so far: a Disconnect read after a restart may re-stamp
+        them) and the newest `login_ips` login addresses by pid, JSON-friendly (a checkpoint's)."""
+        lmtp = {pid.hex(): [_hex(ip), [[_hex(user), t, digits, *_node(node)] for user, t, digits, node in done]]
+                for pid, (ip, done) in self._lmtp.open().items()}
         recent = list(self._login_ip.items())[-login_ips:]
-        login = [[svc, pid.hex(), None if ip is None else ip.hex()] for (svc, pid), ip in recent]
+        login = [[svc, pid.hex(), _hex(ip)] for (svc, pid), ip in recent]
         return {"lmtp": lmtp, "login_ip": login}
 
     def restore_sessions(self, d: dict) -> None:
-        """Take back what `sessions` gave (a restart from a checkpoint)."""
-        for pid, ip in d.get("lmtp", {}).items():
-            self._lmtp.start(bytes.fromhex(pid), None if ip is None else bytes.fromhex(ip))
+        """Take back what `sessions` gave (a restart from a checkpoint; one of the previous version keeps each
+        session's address only)."""
+        for pid, session in d.get("lmtp", {}).items():
+            ip, done = session if isinstance(session, list) else (session, [])
+            self._lmtp.start(bytes.fromhex(pid), _unhex(ip))
+            for user, t, digits, node_hex, node_text in done:
+                node = node_text if node_hex is None else bytes.fromhex(node_hex)
+                self._lmtp.deliver(bytes.fromhex(pid), _unhex(user), t, digits, node)
         for svc, pid, ip in d.get("login_ip", []):
-            self._login_ip[(svc, bytes.fromhex(pid))] = None if ip is None else bytes.fromhex(ip)
+            self._login_ip[(svc, bytes.fromhex(pid))] = _unhex(ip)
 
     def adopt(self, old: Parser) -> None:
         """Carry another parser's session state and figures over (a reload replaces the parser, not the stream)."""
@@ -460,6 +467,19 @@ _NULS = re.compile(rb"\x00+")
 def _line(text: bytes, start: int) -> bytes:
     end = text.find(b"\n", start)
     return text[start:end if end >= 0 else len(text)][:300]
+
+
+def _hex(b: bytes | None) -> str | None:
+    return None if b is None else b.hex()
+
+
+def _unhex(s: str | None) -> bytes | None:
+    return None if s is None else bytes.fromhex(s)
+
+
+def _node(node: bytes | str | None) -> tuple[str | None, str | None]:
+    """A delivery's node as (hex of the line's host, or None; else the configured name): either type back."""
+    return (node.hex(), None) if isinstance(node, bytes) else (None, node)
 
 
 def drop_oldest(d: dict) -> None:
