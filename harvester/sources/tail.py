@@ -15,7 +15,11 @@ its rotated siblings, by inode or by the fingerprint of its first bytes
 (a copytruncate copy has a new inode; a compressed one is matched by its
 decompressed text). Copytruncate while running shows as a file shorter than,
 or starting differently from, what was read: the unread rest is then taken
-from the copy, before the truncated file.
+from the copy, before the truncated file (the plain copy while it is there,
+else the compressed one logrotate leaves once gzip is done). A rotated file is
+opened as soon as it is recognised and read through that descriptor. Rotated
+files leave the checkpointed positions in reading order only, so the positions
+always name every file from the oldest unfinished one on.
 
 Compressed files are streamed in blocks of a few MiB; their position is the
 number of decompressed bytes read. Only complete lines are handed out; a
