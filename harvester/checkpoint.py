@@ -75,7 +75,8 @@ class State:
     first, then the current one) and the parser's open sessions at exactly those positions."""
 
     positions: dict[str, list[Position]] = field(default_factory=dict)
-    sessions: dict[str, dict] = field(default_factory=dict)  # path -> {"lmtp": {pid: ip}, "login_ip": [...]}
+    # path -> {"lmtp": {pid: [ip, deliveries]}, "login_ip": [...]}: Parser.sessions
+    sessions: dict[str, dict] = field(default_factory=dict)
     rawlog: dict[str, float] = field(default_factory=dict)  # rawlog root -> Unix second: sessions named by then done
 
 

@@ -94,18 +94,25 @@ class Sessions:
 
     # -- checkpoints ---------------------------------------------------------------------
     def snapshot(self, login_ips: int) -> dict:
-        """Open LMTP sessions and the newest `login_ips` login addresses, JSON-friendly (a checkpoint's)."""
-        lmtp = {pid.hex(): (None if v[0] is None else v[0].hex()) for pid, v in self.lmtp.open().items()}
+        """Open LMTP sessions (address and deliveries so far: a Disconnect read after a restart may re-stamp
+        them) and the newest `login_ips` login addresses by pid, JSON-friendly (a checkpoint's)."""
+        lmtp = {pid.hex(): [_hex(ip), [[_hex(user), t, digits, *_node(node)] for user, t, digits, node in done]]
+                for pid, (ip, done) in self.lmtp.open().items()}
         recent = list(self.login_ip.items())[-login_ips:]
-        login = [[svc, pid.hex(), None if ip is None else ip.hex()] for (svc, pid), ip in recent]
+        login = [[svc, pid.hex(), _hex(ip)] for (svc, pid), ip in recent]
         return {"lmtp": lmtp, "login_ip": login}
 
     def restore(self, d: dict) -> None:
-        """Take back what `snapshot` gave (a restart from a checkpoint)."""
-        for pid, ip in d.get("lmtp", {}).items():
-            self.lmtp.start(bytes.fromhex(pid), None if ip is None else bytes.fromhex(ip))
+        """Take back what `snapshot` gave (a restart from a checkpoint; one of the previous version keeps each
+        session's address only)."""
+        for pid, session in d.get("lmtp", {}).items():
+            ip, done = session if isinstance(session, list) else (session, [])
+            self.lmtp.start(bytes.fromhex(pid), _unhex(ip))
+            for user, t, digits, node_hex, node_text in done:
+                node = node_text if node_hex is None else bytes.fromhex(node_hex)
+                self.lmtp.deliver(bytes.fromhex(pid), _unhex(user), t, digits, node)
         for svc, pid, ip in d.get("login_ip", []):
-            self.remember_login(svc, bytes.fromhex(pid), None if ip is None else bytes.fromhex(ip))
+            self.remember_login(svc, bytes.fromhex(pid), _unhex(ip))
 
     # -- a backfill's workers ------------------------------------------------------------------
     def part(self) -> tuple[dict[bytes, list], dict[tuple[str, bytes], bytes | None]]:
@@ -121,3 +128,16 @@ class Sessions:
                 self.lmtp.deliver(pid, user, t, digits, node)
         for (service, pid), ip in login_ip.items():
             self.remember_login(service, pid, ip)
+
+
+def _hex(b: bytes | None) -> str | None:
+    return None if b is None else b.hex()
+
+
+def _unhex(s: str | None) -> bytes | None:
+    return None if s is None else bytes.fromhex(s)
+
+
+def _node(node: bytes | str | None) -> tuple[str | None, str | None]:
+    """A delivery's node as (hex of the line's host, or None; else the configured name): either type back."""
+    return (node.hex(), None) if isinstance(node, bytes) else (None, node)

@@ -82,6 +82,46 @@ def test_xclient_address_on_disconnect_restamps_the_sessions_deliveries():
     assert rows(sink) == {("bob", "lmtp"): ("198.51.100.7", None)}
 
 
+@pytest.mark.parametrize("engine", ["python", "native"])
+def test_xclient_restamp_after_a_restart_reaches_deliveries_read_before_the_checkpoint(engine, monkeypatch):
+    """The trial's wrong IP (delaycompress, 30 kills): killed right after a delivery of a session that had
+    connected from 127.0.0.1; its Disconnect, read after the restart, names the real client. The checkpoint
+    kept the session's address but not its deliveries, so the re-stamp reached none of them and the row kept
+    127.0.0.1 where a backfill says the Disconnect's address. A checkpoint's sessions are the parser's whole
+    LMTP state at its position: the open sessions with their deliveries."""
+    import json
+
+    if engine == "native" and not native.enabled():
+        pytest.skip("native module not built")
+    if engine == "python":
+        monkeypatch.setattr(native, "enabled", lambda: False)
+    before = L("lmtp(43268): Connect from 127.0.0.1") + L("lmtp(bob)<43268><x>: msgid=<m@x>: saved mail to INBOX")
+    after = L("lmtp(43268): Disconnect from 85.100.55.173: Logged out (state=READY)")
+    first = Parser(PACK, node="n1")
+    first.begin("maillog", "syslog", Clock("bsd", UTC, year=2026))
+    stored = Coalescer()
+    first.feed(before, stored)
+    saved = json.loads(json.dumps(first.sessions.snapshot(5000)))  # the checkpoint, through its file
+    restarted = Parser(PACK, node="n1")
+    restarted.sessions.restore(saved)
+    assert restarted.sessions.snapshot(5000) == saved
+    restarted.begin("maillog", "syslog", Clock("bsd", UTC, year=2026))
+    replay = Coalescer()
+    restarted.feed(after, replay)
+    assert rows(stored) == {("bob", "lmtp"): ("127.0.0.1", None)}
+    assert rows(replay) == {("bob", "lmtp"): ("85.100.55.173", None)}  # what a backfill of both says
+
+
+def test_a_checkpoint_of_the_previous_version_with_addresses_only_is_restored():
+    parser = Parser(PACK, node="n1")
+    parser.sessions.restore({"lmtp": {b"77".hex(): b"198.51.100.1".hex(), b"78".hex(): None}, "login_ip": []})
+    parser.begin("maillog", "syslog", Clock("bsd", UTC, year=2026))
+    sink = Coalescer()
+    parser.feed(L("lmtp(bob)<77><abc>: msgid=<m@x>: saved mail to INBOX")
+                + L("lmtp(carl)<78><abc>: msgid=<m@x>: saved mail to INBOX"), sink)
+    assert rows(sink) == {("bob", "lmtp"): ("198.51.100.1", None), ("carl", "lmtp"): (None, None)}
+
+
 def test_unix_socket_lmtp_has_no_ip():
     _, sink = parse(L("lmtp(5): Connect from local") + L("lmtp(bob)<5><abc>: msgid=unspecified: saved mail to INBOX")
                     + L("lmtp(5): Disconnect from local: Logged out (state=READY)"))

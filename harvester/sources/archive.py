@@ -22,7 +22,7 @@ import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Protocol, cast
+from typing import BinaryIO, NamedTuple, Protocol, cast
 
 from isal import isal_zlib
 
@@ -99,17 +99,21 @@ class Position:
     read = 0
 
 
-def raw_chunks(path: Path, chunk: int = CHUNK, position: Position | None = None) -> Iterator[bytes]:
-    """Decompressed bytes of `path`, in pieces; raises ArchiveError for damage.
+def raw_chunks(path: Path | BinaryIO, chunk: int = CHUNK, position: Position | None = None) -> Iterator[bytes]:
+    """Decompressed bytes of `path` (or of a file already open, read from where it is, closed at the end),
+    in pieces; raises ArchiveError for damage.
 
     Concatenated members (gzip -c a >> b, pbzip2, multi-frame zstd) are read
     through. A file that ends inside a member is reported as truncated after
     everything before the damage was yielded.
     """
-    try:
-        f = open(path, "rb")  # noqa: SIM115 - closed in finally, across yields
-    except OSError as e:
-        raise ArchiveError(f"cannot open: {e.strerror or e}", partial=False) from None
+    if isinstance(path, Path | str):
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed in finally, across yields
+        except OSError as e:
+            raise ArchiveError(f"cannot open: {e.strerror or e}", partial=False) from None
+    else:
+        f, path = path, getattr(path, "name", "?")
     pos = position or Position()
     try:
         head = f.read(chunk)

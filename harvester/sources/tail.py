@@ -15,7 +15,11 @@ its rotated siblings, by inode or by the fingerprint of its first bytes
 (a copytruncate copy has a new inode; a compressed one is matched by its
 decompressed text). Copytruncate while running shows as a file shorter than,
 or starting differently from, what was read: the unread rest is then taken
-from the copy, before the truncated file.
+from the copy, before the truncated file (the plain copy while it is there,
+else the compressed one logrotate leaves once gzip is done). A rotated file is
+opened as soon as it is recognised and read through that descriptor. Rotated
+files leave the checkpointed positions in reading order only, so the positions
+always name every file from the oldest unfinished one on.
 
 Compressed files are streamed in blocks of a few MiB; their position is the
 number of decompressed bytes read. Only complete lines are handed out; a
@@ -35,6 +39,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from harvester.checkpoint import HEAD_BYTES, FileId, Position, head_of, identify, still_same
 from harvester.sources import archive
@@ -47,6 +52,7 @@ ARCHIVE_CHUNK = 64 << 10  # compressed bytes inflated at a time: 0.5 MB of log t
 DRAIN_GRACE = 5.0  # seconds a rotated file must stay unchanged before it is finished
 REPEAT = 60.0  # an unreadable path is reported once, then this often
 MISSING_GRACE = 10.0  # a path missing this long is reported (a rotation leaves it missing for a moment)
+LIST_TRIES = 5  # rotated files listed again when one vanished under us (gzip done, logrotate removed the copy)
 FINISHED_KEPT = 8  # finished files remembered, in case one comes back at the path (a botched swap undone)
 
 
@@ -74,13 +80,17 @@ class _Open:
 
 @dataclass
 class _Archive:
-    """A compressed rotated file, streamed once through; `offset` counts decompressed bytes."""
+    """A compressed rotated file, streamed once through; `offset` counts decompressed bytes. It is held open
+    from the moment it was recognised: a later rotation may rename it, or put another file at its name."""
 
     path: Path
     id: FileId  # dev/ino of the archive, fingerprint of its decompressed first bytes
     offset: int
+    f: BinaryIO
+    size: int  # compressed bytes
     blocks: Iterator[tuple[int, bytes, int]] | None = None
     progress: archive.Position = field(default_factory=archive.Position)
+    done: bool = False  # read to its end (finished once the files before it are)
 
 
 @dataclass
@@ -94,6 +104,10 @@ class _Sibling:
 
     def starts_like(self, fid: FileId) -> bool:
         return 0 < fid.n <= len(self.first) and head_of(self.first[:fid.n])[0] == fid.head
+
+    def same_file(self, st: os.stat_result) -> bool:
+        """Whether `st` (of the file now opened at its name) is the file listed."""
+        return (st.st_dev, st.st_ino) == (self.st.st_dev, self.st.st_ino)
 
 
 @dataclass
@@ -120,6 +134,19 @@ class Follower:
         Returns how it started, for the log."""
         fd = self._open_path()
         here = identify(fd) if fd is not None else None
+        for tries_left in range(LIST_TRIES - 1, -1, -1):
+            how = self._resume(positions, start_at, fd, here, last_try=not tries_left)
+            if how is not None:
+                return how
+            for item in self.queue:  # a rotated file vanished before it was opened: list them again
+                self._close(item)
+            self.queue = []
+        raise AssertionError("the last try always resumes")
+
+    def _resume(self, positions: list[Position], start_at: str, fd: int | None, here: FileId | None, *,
+                last_try: bool) -> str | None:
+        """start() on one listing of the rotated files; None if one of them vanished before it was opened
+        (logrotate at work: a compressed copy replaced it, or names shifted) and this is not the last try."""
         chain = _rotated(self.path)
         found: dict[int, Position] = {}  # index in chain (len(chain): the live file) -> position
         for pos in positions:
@@ -137,6 +164,10 @@ class Follower:
                 if self._enqueue(sib, pos.offset if pos else 0):
                     how.append(f"the rest of the rotated {sib.path.name} from byte {pos.offset:,}" if pos
                                else f"all of {sib.path.name} (rotated while stopped)")
+                elif not last_try:
+                    return None
+                else:
+                    log.warning("%s: vanished before it could be opened; its lines are not read", sib.path)
         if fd is not None:
             if len(chain) in found:
                 offset = found[len(chain)].offset
@@ -163,18 +194,26 @@ class Follower:
                 return i
         return None
 
-    def _enqueue(self, sib: _Sibling, offset: int) -> bool:
-        """Queue a rotated file to be read from `offset` (decompressed bytes for a compressed one)."""
-        if sib.compressed:
-            fid = FileId(sib.st.st_dev, sib.st.st_ino, *head_of(sib.first))
-            self.queue.append(_Archive(sib.path, fid, offset))
-            return True
-        fd = self._open(sib.path)
-        if fd is None:
+    def _enqueue(self, sib: _Sibling, offset: int, *, copy: bool = False) -> bool:
+        """Queue a rotated file to be read from `offset` (decompressed bytes for a compressed one), opened now;
+        False if it is no longer at its name (it vanished or another file is there). A copy is finished as
+        soon as it has been read, as is a file rotated long enough ago (no grace to wait)."""
+        try:
+            fd = _open_regular(sib.path)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            log.error("%s: cannot open: %s", sib.path, e.strerror or e)
             return False
         st = os.fstat(fd)
-        # A file rotated long enough ago is finished as soon as it has been read (no grace to wait).
-        age = max(time.time() - st.st_mtime, 0.0)
+        if not sib.same_file(st):
+            os.close(fd)
+            return False
+        if sib.compressed:
+            fid = FileId(sib.st.st_dev, sib.st.st_ino, *head_of(sib.first))
+            self.queue.append(_Archive(sib.path, fid, offset, os.fdopen(fd, "rb"), st.st_size))
+            return True
+        age = DRAIN_GRACE if copy else max(time.time() - st.st_mtime, 0.0)
         self.queue.append(_Open(fd, identify(fd), offset, quiet_since=time.monotonic() - age, seen_size=st.st_size))
         return True
 
@@ -187,11 +226,16 @@ class Follower:
         budget = POLL_BYTES
         self.more = False
         for item in list(self.queue):
+            # Only the first queued file may be finished (leave the positions): a checkpoint's positions then
+            # always name every file from the oldest unfinished one on, and a restart reads none of them again
+            # (it reads every rotated file between two checkpointed ones whole, as rotated while stopped).
+            first = item is self.queue[0]
             if isinstance(item, _Archive):
                 got, at_end = self._read_archive(item, budget)
+                item.done = at_end
             else:
                 got, at_end = self._read(item, budget, final=False)
-                if at_end and self._quiet(item):
+                if at_end and self._quiet(item) and first:  # its quiet time counts while it waits its turn
                     more, _ = self._read(item, 1 << 62, final=True)
                     got += more
                     self._finish(item)
@@ -200,7 +244,7 @@ class Follower:
             if not at_end:
                 self.more = True
                 return out
-            if isinstance(item, _Archive):
+            if isinstance(item, _Archive) and first:
                 self._finish(item)
         if self.cur is not None:
             got, at_end = self._read(self.cur, budget, final=False)
@@ -210,7 +254,7 @@ class Follower:
 
     def backlog(self) -> bool:
         """Whether more is already readable than the last poll handed out (catching up: do not sleep)."""
-        return self.more or any(isinstance(item, _Archive) for item in self.queue)
+        return self.more or any(isinstance(item, _Archive) and not item.done for item in self.queue)
 
     def positions(self) -> list[Position]:
         """Where each file still to be read was read to, in reading order: queued ones, then the current one
@@ -222,7 +266,7 @@ class Follower:
         for o in [*self.queue, *([self.cur] if self.cur else [])]:
             with contextlib.suppress(OSError):
                 if isinstance(o, _Archive):  # compressed bytes not read yet
-                    total += max(o.path.stat().st_size - o.progress.read, 0)
+                    total += max(o.size - o.progress.read, 0)
                 else:
                     total += max(os.fstat(o.fd).st_size - o.offset, 0)
         return total
@@ -235,7 +279,8 @@ class Follower:
     def _close(self, o: _Open | _Archive) -> None:
         if isinstance(o, _Archive):
             if o.blocks is not None:
-                o.blocks.close()  # closes the archive's file
+                o.blocks.close()
+            o.f.close()
             return
         with contextlib.suppress(OSError):
             os.close(o.fd)
@@ -307,22 +352,18 @@ class Follower:
         self.cur = _Open(fd, here, offset)
 
     def _from_copy(self, cur: _Open) -> None:
-        """Queue the unread rest of a copytruncated file from its copy (plain or compressed)."""
+        """Queue the unread rest of a copytruncated file from its copy: the plain copy while it is there (the
+        compressed one beside it may be half written), else the compressed one (logrotate removes the plain
+        copy once gzip is done). If the copy listed is gone when opened, the rotated files are listed again."""
         if cur.offset == 0:
             return
-        for sib in reversed(_rotated(self.path)):
-            if cur.id.same_inode(sib.st) or not sib.starts_like(cur.id):
-                continue
-            if sib.compressed:
-                self._enqueue(sib, cur.offset)
-                return
-            fd = self._open(sib.path)
-            if fd is None:
-                continue
-            # a copy is finished at once: its last partial line is a line too
-            self.queue.append(_Open(fd, identify(fd), cur.offset, quiet_since=time.monotonic() - DRAIN_GRACE,
-                                    seen_size=os.fstat(fd).st_size))
-            return
+        for _ in range(LIST_TRIES):
+            sib = next((s for s in reversed(_rotated(self.path))
+                        if not cur.id.same_inode(s.st) and s.starts_like(cur.id)), None)
+            if sib is None:
+                break
+            if self._enqueue(sib, cur.offset, copy=True):  # a copy is finished once read: its last partial
+                return  # line is a line too
         if os.fstat(cur.fd).st_size < cur.offset:
             log.warning("%s: truncated at byte %d and no rotated copy starts like it; lines after that "
                         "offset written before the truncation are lost", self.path, cur.offset)
@@ -386,7 +427,7 @@ class Follower:
         def chunks() -> Iterator[bytes]:
             nonlocal total
             left = skip
-            for chunk in raw_chunks(a.path, ARCHIVE_CHUNK, a.progress):
+            for chunk in raw_chunks(a.f, ARCHIVE_CHUNK, a.progress):
                 if left >= len(chunk):
                     left -= len(chunk)
                     continue
@@ -447,15 +488,6 @@ class Follower:
                       e.strerror or e, for_how_long)
             self.said_at = now
 
-    def _open(self, path: Path) -> int | None:
-        try:
-            return _open_regular(path)
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            log.error("%s: cannot open: %s", path, e.strerror or e)
-            return None
-
 
 def _open_regular(path: Path) -> int:
     """A descriptor of `path` if it is a regular file. O_NONBLOCK: opening a FIFO must not wait for a writer;
@@ -475,43 +507,58 @@ def _open_regular(path: Path) -> int:
 
 def _rotated(path: Path) -> list[_Sibling]:
     """The rotated files of `path` (maillog.1, maillog.2.gz, maillog-20251122.gz), oldest first, with their
-    first bytes; of a file and its compressed twin (logrotate compressing it right now) only the plain one."""
-    names = glob.glob(glob.escape(str(path)) + ".*") + glob.glob(glob.escape(str(path)) + "-*")
-    out: dict[str, _Sibling] = {}
-    for name in sorted(names, key=lambda n: (archive.strip_compression(n), n != archive.strip_compression(n))):
-        p = Path(name)
-        key = rotation_key(p)
-        if key[1] != path.name or key[2] == 2 or archive.strip_compression(name) in out:
-            continue
-        sib = _peek(p)
-        if sib is not None:
-            out[archive.strip_compression(name)] = sib
+    first bytes; of a file and its compressed twin (logrotate compressing it right now) only the plain one.
+    A file that vanishes while they are looked at (its compressed twin just finished) makes a new listing."""
+    for _ in range(LIST_TRIES):
+        names = glob.glob(glob.escape(str(path)) + ".*") + glob.glob(glob.escape(str(path)) + "-*")
+        out: dict[str, _Sibling] = {}
+        vanished = False
+        for name in sorted(names, key=lambda n: (archive.strip_compression(n), n != archive.strip_compression(n))):
+            p = Path(name)
+            key = rotation_key(p)
+            if key[1] != path.name or key[2] == 2 or archive.strip_compression(name) in out:
+                continue
+            try:
+                sib = _peek(p)
+            except FileNotFoundError:
+                vanished = True
+                continue
+            if sib is not None:
+                out[archive.strip_compression(name)] = sib
+        if not vanished:
+            break
     return sorted(out.values(), key=lambda s: rotation_key(s.path))
 
 
 def _peek(p: Path) -> _Sibling | None:
-    """A rotated file's stat and first bytes (decompressed), or None if it cannot be read."""
+    """A rotated file's stat and first bytes (decompressed), both of the one file opened, or None if it cannot
+    be read; FileNotFoundError if it is gone."""
     try:
-        st = os.stat(p)
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        with open(p, "rb") as f:
-            head = f.read(HEAD_BYTES)
+        fd = _open_regular(p)
+    except FileNotFoundError:
+        raise
     except OSError:
         return None
-    if sniff(head).new is None:
-        return _Sibling(p, st, False, head)
-    first = b""
-    chunks = raw_chunks(p, chunk=16 << 10)
-    try:
-        for chunk in chunks:
-            first += chunk
-            if len(first) >= HEAD_BYTES:
-                break
-    except ArchiveError as e:
-        if not first:
-            log.error("%s: %s", p, e)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        try:
+            head = f.read(HEAD_BYTES)
+        except OSError:
             return None
-    finally:
-        chunks.close()
+        if sniff(head).new is None:
+            return _Sibling(p, st, False, head)
+        f.seek(0)
+        first = b""
+        chunks = raw_chunks(f, chunk=16 << 10)
+        try:
+            for chunk in chunks:
+                first += chunk
+                if len(first) >= HEAD_BYTES:
+                    break
+        except ArchiveError as e:
+            if not first:
+                log.error("%s: %s", p, e)
+                return None
+        finally:
+            chunks.close()
     return _Sibling(p, st, True, first[:HEAD_BYTES])

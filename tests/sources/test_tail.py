@@ -375,3 +375,107 @@ def test_a_path_missing_for_long_is_said_once_then_once_a_minute_and_read_when_b
     append(log, "b\n")
     assert lines(f) == [b"b"]
     assert "readable again" in caplog.text
+
+
+def test_a_copy_read_behind_a_draining_renamed_file_stays_checkpointed_so_a_restart_reads_nothing_twice(
+        tmp_path, monkeypatch):
+    """The trial's NULL IP after a kill (plain family): a rename, then a copytruncate while the renamed file
+    was still draining. The copy was finished at once and left the positions, the renamed file did not; the
+    restart read every file between two checkpointed ones whole as "rotated while stopped", so it read the
+    copy again, with the sessions of the checkpoint (an LMTP session that had ended by then): its deliveries
+    got no IP and, at an equal time, overwrote the stored ones. Files leave the positions in order only."""
+    monkeypatch.setattr(tail, "DRAIN_GRACE", 3600.0)  # the renamed file drains while the copy is read
+    log = tmp_path / "maillog"
+    append(log, "first file\n", "lmtp(31332): Connect from 10.0.0.25\n")
+    f = follow(log)
+    lines(f)
+    os.rename(log, tmp_path / "maillog.1")  # rename + create
+    append(log, "lmtp(user344)<31332>: saved mail to INBOX\n", "lmtp(31332): Disconnect from 10.0.0.25\n")
+    lines(f)
+    os.rename(tmp_path / "maillog.1", tmp_path / "maillog.2")  # then copytruncate
+    shutil.copy(log, tmp_path / "maillog.1")
+    os.truncate(log, 0)
+    append(log, "third file\n")
+    assert lines(f) == [b"third file"]
+    saved = f.positions()  # a checkpoint now: the next read is what comes after "third file"
+    f.close()
+    assert [p.id.ino for p in saved] == [os.stat(p).st_ino for p in
+                                         (tmp_path / "maillog.2", tmp_path / "maillog.1", log)]
+    append(log, "after the kill\n")
+    g = Follower(log)
+    how = g.start(saved, "end")
+    assert blocks_in_order(g) == [b"after the kill"]
+    assert "rotated while stopped" not in how
+
+
+@pytest.mark.parametrize("moment", ["copy only", "copy and a partial gz", "copy gone before it is peeked",
+                                    "copy gone before it is opened", "only the gz"])
+def test_copytruncate_compress_reads_the_unread_tail_once_from_whichever_form_of_the_copy_is_complete(
+        tmp_path, monkeypatch, moment):
+    """logrotate copytruncate + compress: copy maillog to maillog.1, truncate maillog, gzip maillog.1 into
+    maillog.1.gz (written a piece at a time), remove maillog.1. The follower may look at any moment; the
+    unread tail must come once, from the plain copy while it is there, else from the finished archive. The
+    trial's lost first lines of such a copy: the copy listed, then gone (gzip done) when it was peeked or
+    opened, and the search gave up."""
+    log, copy, gz = tmp_path / "maillog", tmp_path / "maillog.1", tmp_path / "maillog.1.gz"
+    head = [f"read {i:03} {'x' * 40}\n" for i in range(20)]  # past HEAD_BYTES: found by its first bytes
+    tail_lines = [f"unread {i:03}\n" for i in range(50)]
+    append(log, *head)
+    f = follow(log)
+    assert len(lines(f)) == 20
+    append(log, *tail_lines)  # written, not read yet, when logrotate runs
+    shutil.copy(log, copy)
+    os.truncate(log, 0)
+    append(log, "new\n")
+    whole = gzip.compress(copy.read_bytes())
+
+    def gzip_done() -> None:
+        gz.write_bytes(whole)
+        os.unlink(copy)
+
+    if moment == "copy and a partial gz":
+        gz.write_bytes(whole[:len(whole) // 2])
+    elif moment == "only the gz":
+        gzip_done()
+    elif moment == "copy gone before it is peeked":
+        peek = tail._peek
+
+        def peek_late(p):
+            if p == copy and copy.exists():
+                gzip_done()
+            return peek(p)
+        monkeypatch.setattr(tail, "_peek", peek_late)
+    elif moment == "copy gone before it is opened":
+        peek = tail._peek
+
+        def peeked_then_gone(p):
+            sib = peek(p)
+            if p == copy and copy.exists():
+                gzip_done()
+            return sib
+        monkeypatch.setattr(tail, "_peek", peeked_then_gone)
+    got = blocks_in_order(f)
+    if copy.exists():
+        gzip_done()  # logrotate finishes: the archive must not be read again
+    got += blocks_in_order(f)
+    assert got == [x.encode().rstrip() for x in [*tail_lines, "new\n"]]
+    assert not f.queue
+
+
+def test_an_archive_queued_at_a_restart_is_read_from_the_file_recognised_even_if_a_rotation_renames_it(tmp_path):
+    """An archive found by its first bytes is held open from then on: a rotation during the catch-up shifts
+    maillog.1.gz to maillog.2.gz and puts another file at its name, which must not be read in its place."""
+    log = tmp_path / "maillog"
+    append(log, "a\nb\n")
+    saved = stopped_at(log, 2)
+    gzip_to(log, tmp_path / "maillog.1.gz")
+    os.unlink(log)
+    append(log, "c\n")
+    g = Follower(log)
+    assert "maillog.1.gz from byte 2" in g.start(saved, "end")
+    os.rename(tmp_path / "maillog.1.gz", tmp_path / "maillog.2.gz")  # logrotate again, before the first poll
+    os.rename(log, tmp_path / "maillog.1")
+    gzip_to(tmp_path / "maillog.1", tmp_path / "maillog.1.gz")
+    os.unlink(tmp_path / "maillog.1")
+    append(log, "d\n")
+    assert blocks_in_order(g) == [b"b", b"c", b"d"]
