@@ -201,7 +201,7 @@ def _one_file(path: Path, texts: Iterable[Text], parser: Parser, sink: Coalescer
 def _in_parallel(files: list[Path], parser: Parser, sink: Coalescer, settings: Settings, zone,
                  open_store: Callable[[], Store], summary: Summary, bar, workers: int) -> Store:
     """Parse runs of the files in worker processes (forked first); stitch and write them in file order."""
-    sources: list[segments.Source] = []
+    sources: list[segments.LogFile] = []
     for path in files:
         try:
             mtime = path.stat().st_mtime

@@ -14,6 +14,7 @@ writer retries the same batch with backoff until the store takes it.
 
 from __future__ import annotations
 
+import functools
 import glob
 import logging
 import os
@@ -22,9 +23,11 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harvester import metrics, native, patterns
 from harvester.checkpoint import Checkpoints, Position, State, StateInUse, lock_state_dir
@@ -36,6 +39,9 @@ from harvester.sinks.base import Store, StoreError, flush
 from harvester.sources import rawlog
 from harvester.sources.tail import Block, Follower
 from harvester.timeparse import Clock, resolve_timezone
+
+if TYPE_CHECKING:
+    from watchdog.observers.api import BaseObserver
 
 log = logging.getLogger(__name__)
 BACKOFF_MAX = 5.0  # a store that comes back is written to within this many seconds
@@ -62,7 +68,7 @@ def notify(message: str) -> None:
 
 
 @dataclass
-class Source:
+class Followed:
     """One followed path: its follower, its own parser (LMTP sessions are per log stream) and stats."""
 
     path: str
@@ -212,14 +218,14 @@ class Daemon:
         self.checkpoints = Checkpoints(state_dir(settings))
         self.wake = threading.Event()  # file changes, signals and a finished write end the loop's wait
         self.writer = Writer(store, self.checkpoints, self.wake)
-        self.sources: dict[str, Source] = {}
+        self.sources: dict[str, Followed] = {}
         self.stopping = False
         self.reloading = False
         self.read_at: list[float] = []  # monotonic read times of the blocks in self.sink
         self.dirty = True  # offsets moved since the last checkpoint handed to the writer (at start: maybe)
         self.cut_positions: dict[str, list[Position]] = {}  # what that checkpoint says
         self.lock_fd = -1
-        self._observer = None
+        self._observer: BaseObserver | None = None
         self.rawlog_trees: list[rawlog.Tree] = []
         # (root, user, name, pid) -> latest reading of the name: sessions harvested after the mark
         self.rawlog_done: dict[tuple[str, str, str, str], float] = {}
@@ -248,9 +254,9 @@ class Daemon:
             if path in self.sources:
                 continue
             f = Follower(Path(path), max_line=self.settings.max_line_bytes,
-                         on_rotation=lambda how, p=path: _rotated(p, how))
-            src = Source(path, f, self._parser())
-            f.on_long_line = lambda at, s=src: s.parser.problem("long_line", at, b"(not shown)")
+                         on_rotation=functools.partial(_rotated, path))
+            src = Followed(path, f, self._parser())
+            f.on_long_line = _long_line_of(src)
             positions = state.positions.get(path, []) if state else []  # a new path has none
             if state and path in state.sessions:
                 src.parser.sessions.restore(state.sessions[path])
@@ -309,7 +315,7 @@ class Daemon:
             tree = rawlog.Tree(Path(root), zone, self.settings.rawlog_user_regex)
             mark = state.rawlog.get(root)
             if isinstance(mark, int | float):
-                tree.mark = mark
+                tree.mark = int(mark)
             elif self.settings.start_at == "end":  # as for log files: only what begins from now on
                 tree.mark = int(time.time()) - 1
             self.rawlog_trees.append(tree)
@@ -396,7 +402,7 @@ class Daemon:
             behind = behind or src.follower.backlog()
         return behind
 
-    def _parse(self, src: Source, b: Block) -> None:
+    def _parse(self, src: Followed, b: Block) -> None:
         p = src.parser
         self.dirty = True
         if src.prefix is None:
@@ -447,7 +453,7 @@ class Daemon:
             self.rawlog_parser = self._parser()
         return self.rawlog_parser
 
-    def _prefix(self, src: Source, data: bytes) -> str | None:
+    def _prefix(self, src: Followed, data: bytes) -> str | None:
         """The configured prefix, or the one the file's first Dovecot line decides (None: not yet seen)."""
         s = self.settings
         if s.prefix != "auto":
@@ -460,7 +466,7 @@ class Daemon:
             log.info("%s: line format %s", src.path, name)
         return name
 
-    def _count(self, src: Source) -> None:
+    def _count(self, src: Followed) -> None:
         st, seen = src.parser.stats, src.seen
         metrics.LINES.labels(src.path).inc(st.lines - seen.get("lines", 0))
         metrics.BYTES.labels(src.path).inc(st.bytes - seen.get("bytes", 0))
@@ -548,6 +554,13 @@ class Daemon:
 def _rotated(path: str, how: str) -> None:
     metrics.ROTATIONS.labels(path, how).inc()
     log.info("%s: rotated (%s)", path, how)
+
+
+def _long_line_of(src: Followed) -> Callable[[int], None]:
+    """What a followed file's reader calls for a line over max_line_bytes: its parser counts it."""
+    def counted(at: int) -> None:
+        src.parser.problem("long_line", at, b"(not shown)")
+    return counted
 
 
 def _watchdog_interval() -> float:

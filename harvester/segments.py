@@ -59,7 +59,7 @@ class Segment:
 
 
 @dataclass(frozen=True)
-class Source:
+class LogFile:
     """A file to plan: where it is, how big, whether compressed, how its lines begin."""
 
     path: str
@@ -93,13 +93,13 @@ class Result:
         return logins, others
 
 
-def source(path: Path, prefix: str, style: str, mtime: float) -> Source:
+def source(path: Path, prefix: str, style: str, mtime: float) -> LogFile:
     with open(path, "rb") as f:
         compressed = sniff(f.read(8)).new is not None
-    return Source(str(path), path.stat().st_size, compressed, prefix, style, mtime)
+    return LogFile(str(path), path.stat().st_size, compressed, prefix, style, mtime)
 
 
-def plan(files: list[Source], workers: int) -> list[list[Segment]]:
+def plan(files: list[LogFile], workers: int) -> list[list[Segment]]:
     """Cut `files` (in backfill order) into up to `workers` jobs of about equal work, each at least
     MIN_SEGMENT: consecutive runs of lines, plain files cut at the job boundaries, compressed ones whole."""
     weight = [f.size * (COMPRESSED_WEIGHT if f.compressed else 1) for f in files]

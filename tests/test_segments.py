@@ -31,7 +31,7 @@ def test_segments_reassemble_the_file_exactly(tmp_path, monkeypatch, compressed)
 
 
 def source(path, compressed=False):
-    return segments.Source(str(path), path.stat().st_size, compressed, "syslog", "bsd", 0)
+    return segments.LogFile(str(path), path.stat().st_size, compressed, "syslog", "bsd", 0)
 
 
 def test_a_compressed_file_is_never_cut_a_plain_one_is_cut_into_one_job_per_worker(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ import os
 import re
 import signal
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, Protocol, cast
@@ -93,13 +93,14 @@ def sniff(head: bytes) -> Format:
     return PLAIN
 
 
-class Position:
+class ReadProgress:
     """How far into the file (compressed bytes) the reader is: for progress bars."""
 
     read = 0
 
 
-def raw_chunks(path: Path | BinaryIO, chunk: int = CHUNK, position: Position | None = None) -> Iterator[bytes]:
+def raw_chunks(path: Path | BinaryIO, chunk: int = CHUNK,
+               position: ReadProgress | None = None) -> Generator[bytes, None, None]:
     """Decompressed bytes of `path` (or of a file already open, read from where it is, closed at the end),
     in pieces; raises ArchiveError for damage.
 
@@ -107,14 +108,15 @@ def raw_chunks(path: Path | BinaryIO, chunk: int = CHUNK, position: Position | N
     through. A file that ends inside a member is reported as truncated after
     everything before the damage was yielded.
     """
+    f: BinaryIO
     if isinstance(path, Path | str):
         try:
             f = open(path, "rb")  # noqa: SIM115 - closed in finally, across yields
         except OSError as e:
             raise ArchiveError(f"cannot open: {e.strerror or e}", partial=False) from None
     else:
-        f, path = path, getattr(path, "name", "?")
-    pos = position or Position()
+        f, path = path, Path(str(getattr(path, "name", "?")))
+    pos = position or ReadProgress()
     try:
         head = f.read(chunk)
         pos.read = len(head)
@@ -273,7 +275,7 @@ def _no_newline(parts: list[bytes]) -> bool:
     return all(b"\n" not in p for p in parts)
 
 
-Block = tuple[int, bytes, int]  # (decompressed offset, complete lines, compressed bytes read so far)
+Lines = tuple[int, bytes, int]  # (decompressed offset, complete lines, compressed bytes read so far)
 
 
 class Text(NamedTuple):
@@ -404,15 +406,15 @@ SLOT = 8 << 20  # bytes per slot of read_ahead's shared ring (a block is about B
 SLOTS = 3  # one being parsed, one ready, one being filled
 
 
-def file_blocks(path: Path, *, max_line: int, on_long_line: Callable[[int], None]) -> Iterator[Block]:
+def file_blocks(path: Path, *, max_line: int, on_long_line: Callable[[int], None]) -> Iterator[Lines]:
     """A file as blocks of complete lines, each with how far the reader was (for progress bars)."""
-    position = Position()
+    position = ReadProgress()
     for offset, block in line_blocks(raw_chunks(path, position=position), max_line=max_line,
                                      on_long_line=on_long_line):
         yield offset, block, position.read
 
 
-Make = Callable[[Callable[[int], None]], Iterable[Block]]  # report_long_line -> a file's blocks
+Make = Callable[[Callable[[int], None]], Iterable[Lines]]  # report_long_line -> a file's blocks
 
 
 def read_ahead(make: Make, on_long_line: Callable[[int], None]) -> Iterator[Text]:

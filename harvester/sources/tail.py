@@ -36,7 +36,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -88,8 +88,8 @@ class _Archive:
     offset: int
     f: BinaryIO
     size: int  # compressed bytes
-    blocks: Iterator[tuple[int, bytes, int]] | None = None
-    progress: archive.Position = field(default_factory=archive.Position)
+    blocks: Generator[tuple[int, bytes, int], None, None] | None = None
+    progress: archive.ReadProgress = field(default_factory=archive.ReadProgress)
     done: bool = False  # read to its end (finished once the files before it are)
 
 
@@ -160,15 +160,16 @@ class Follower:
         if found:
             first = min(found)
             for i in range(first, len(chain)):
-                sib, pos = chain[i], found.get(i)
-                if self._enqueue(sib, pos.offset if pos else 0):
-                    how.append(f"the rest of the rotated {sib.path.name} from byte {pos.offset:,}" if pos
+                sib, known = chain[i], found.get(i)
+                if self._enqueue(sib, known.offset if known else 0):
+                    how.append(f"the rest of the rotated {sib.path.name} from byte {known.offset:,}" if known
                                else f"all of {sib.path.name} (rotated while stopped)")
                 elif not last_try:
                     return None
                 else:
                     log.warning("%s: vanished before it could be opened; its lines are not read", sib.path)
         if fd is not None:
+            assert here is not None, "an open file is identified"
             if len(chain) in found:
                 offset = found[len(chain)].offset
                 how.append(f"from its checkpoint at byte {offset:,}")
@@ -184,7 +185,8 @@ class Follower:
         """Which file of the chain (len(chain): the live one) `pos` was taken from: by inode and first bytes
         (an empty file's by inode alone), else by first bytes (a copy, a compressed file)."""
         fid = pos.id
-        if here is not None and fid.dev == here.dev and fid.ino == here.ino and still_same(fid, fd):
+        if here is not None and fd is not None and fid.dev == here.dev and fid.ino == here.ino \
+                and still_same(fid, fd):
             return len(chain)
         for i, sib in enumerate(chain):
             if not sib.compressed and fid.same_inode(sib.st) and (fid.n == 0 or sib.starts_like(fid)):
@@ -419,7 +421,7 @@ class Follower:
             budget -= end - start
         return out, False
 
-    def _archive_blocks(self, a: _Archive) -> Iterator[tuple[int, bytes, int]]:
+    def _archive_blocks(self, a: _Archive) -> Generator[tuple[int, bytes, int], None, None]:
         """(offset, lines, end) of a compressed file from decompressed byte `a.offset` (a line start)."""
         skip = a.offset
         total = skip
@@ -549,7 +551,7 @@ def _peek(p: Path) -> _Sibling | None:
             return _Sibling(p, st, False, head)
         f.seek(0)
         first = b""
-        chunks = raw_chunks(f, chunk=16 << 10)
+        chunks: Generator[bytes, None, None] = raw_chunks(f, chunk=16 << 10)
         try:
             for chunk in chunks:
                 first += chunk
