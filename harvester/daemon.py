@@ -23,7 +23,6 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -36,8 +35,7 @@ from harvester.config import Settings, state_dir
 from harvester.parse import Networks, Parser, rawlog_logins
 from harvester.sessions import Sessions
 from harvester.sinks.base import Store, StoreError, flush
-from harvester.sources import rawlog
-from harvester.sources.tail import Block, Follower
+from harvester.sources import Block, LineSource, open_source, rawlog
 from harvester.timeparse import Clock, resolve_timezone
 
 if TYPE_CHECKING:
@@ -72,7 +70,7 @@ class Followed:
     """One followed path: its follower, its own parser (LMTP sessions are per log stream) and stats."""
 
     path: str
-    follower: Follower
+    follower: LineSource
     parser: Parser
     prefix: str | None = None
     undecided_said: bool = False  # "no Dovecot line yet" was logged
@@ -242,6 +240,10 @@ class Daemon:
             parser.remember_logins()  # take their address from the Login line with the same pid
         return parser
 
+    def _long_line(self, path: str, at: int) -> None:
+        """A line over max_line_bytes in a followed file: its (current) parser counts it."""
+        self.sources[path].parser.problem("long_line", at, b"(not shown)")
+
     def _expand(self) -> list[str]:
         out = []
         for pat in [*self.settings.follow, *self.patterns_given]:
@@ -253,10 +255,10 @@ class Daemon:
         for path in self._expand():
             if path in self.sources:
                 continue
-            f = Follower(Path(path), max_line=self.settings.max_line_bytes,
-                         on_rotation=functools.partial(_rotated, path))
+            f = open_source(path, max_line=self.settings.max_line_bytes,
+                            on_long_line=functools.partial(self._long_line, path),
+                            on_rotation=functools.partial(_rotated, path))
             src = Followed(path, f, self._parser())
-            f.on_long_line = _long_line_of(src)
             positions = state.positions.get(path, []) if state else []  # a new path has none
             if state and path in state.sessions:
                 src.parser.sessions.restore(state.sessions[path])
@@ -554,13 +556,6 @@ class Daemon:
 def _rotated(path: str, how: str) -> None:
     metrics.ROTATIONS.labels(path, how).inc()
     log.info("%s: rotated (%s)", path, how)
-
-
-def _long_line_of(src: Followed) -> Callable[[int], None]:
-    """What a followed file's reader calls for a line over max_line_bytes: its parser counts it."""
-    def counted(at: int) -> None:
-        src.parser.problem("long_line", at, b"(not shown)")
-    return counted
 
 
 def _watchdog_interval() -> float:

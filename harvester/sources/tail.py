@@ -44,6 +44,7 @@ from typing import BinaryIO
 from harvester.checkpoint import HEAD_BYTES, FileId, Position, head_of, identify, still_same
 from harvester.sources import archive
 from harvester.sources.archive import ArchiveError, drop_long_lines, line_blocks, raw_chunks, rotation_key, sniff
+from harvester.sources.base import Block, ignored
 
 log = logging.getLogger(__name__)
 READ_BYTES = 4 << 20  # one read of a plain file
@@ -54,16 +55,6 @@ REPEAT = 60.0  # an unreadable path is reported once, then this often
 MISSING_GRACE = 10.0  # a path missing this long is reported (a rotation leaves it missing for a moment)
 LIST_TRIES = 5  # rotated files listed again when one vanished under us (gzip done, logrotate removed the copy)
 FINISHED_KEPT = 8  # finished files remembered, in case one comes back at the path (a botched swap undone)
-
-
-@dataclass
-class Block:
-    """Complete lines of one file at `offset`, and the position after them."""
-
-    data: bytes
-    offset: int
-    file: FileId
-    end: int
 
 
 @dataclass
@@ -116,8 +107,8 @@ class Follower:
 
     path: Path
     max_line: int = 1 << 20
-    on_long_line: Callable[[int], None] = lambda at: None
-    on_rotation: Callable[[str], None] = lambda kind: None
+    on_long_line: Callable[[int], None] = field(default_factory=lambda: ignored)
+    on_rotation: Callable[[str], None] = field(default_factory=lambda: ignored)
     cur: _Open | None = None
     queue: list[_Open | _Archive] = field(default_factory=list)  # read before cur, first to last
     finished: list[Position] = field(default_factory=list)  # files drained and closed, newest last
