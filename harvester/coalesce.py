@@ -40,9 +40,12 @@ class Table(Protocol):
 
     def update(self, items: list[tuple[tuple[bytes, str], Value]]) -> None: ...
 
-    def take(self, row_type: type, kind: str | None) -> tuple[list, list[bytes]]:
+    def take(self, row_type: type, kind: str | None, limit: int | None = None) -> tuple[list, list[bytes]]:
         """Empty the table into row_type(user, service, kind or second, t, digits, ip, node, detail),
-        sorted by (user, second), and the user names that are not UTF-8."""
+        sorted by (user, second), and the user names that are not UTF-8.
+
+        With `limit`: only the first `limit` entries in that order (undecodable ones included); the
+        others stay in the table, undecoded, for the next take."""
 
 
 class PyTable:
@@ -50,22 +53,30 @@ class PyTable:
 
     def __init__(self) -> None:
         self._d: dict[tuple[bytes, str], Value] = {}
+        # What a limited take left, sorted, in reverse (the next entry last); its keys are not in _d.
+        self._rest: list[tuple[tuple[bytes, str], Value]] = []
 
     def __len__(self) -> int:
-        return len(self._d)
+        return len(self._d) + len(self._rest)
+
+    def _unsort(self) -> None:
+        rest, self._rest = self._rest, []
+        self._d.update(rest)
 
     def put(self, user: bytes, second: str, t: int, digits: int, ip: bytes | None, node: bytes | str | None,
             service: str, detail: str | None = None) -> None:
+        if self._rest:
+            self._unsort()  # a put after a limited take (not the daemon's way): one place to look
         key = (user, second)
         cur = self._d.get(key)
         if cur is None or t >= cur[0]:
             self._d[key] = (t, digits, ip, node, service, detail)
 
     def items(self) -> list[tuple[tuple[bytes, str], Value]]:
-        return list(self._d.items())
+        return [*self._d.items(), *self._rest]
 
     def newest(self) -> int:
-        return max((v[0] for v in self._d.values()), default=0)
+        return max(max((v[0] for v in self._d.values()), default=0), max((v[0] for _, v in self._rest), default=0))
 
     def update(self, items: list[tuple[tuple[bytes, str], Value]]) -> None:
         for (user, second), value in items:
@@ -77,18 +88,29 @@ class PyTable:
     def merge(self, data: bytes) -> None:
         self.update(pickle.loads(data))  # noqa: S301 - our own worker's output
 
-    def take(self, row_type: type, kind: str | None) -> tuple[list, list[bytes]]:
-        d, self._d = self._d, {}
+    def take(self, row_type: type, kind: str | None, limit: int | None = None) -> tuple[list, list[bytes]]:
+        if limit is None:
+            entries = sorted(self.items(), key=_first)
+        else:
+            if self._d:
+                self._unsort()
+                self._rest = sorted(self._d.items(), key=_first, reverse=True)
+                self._d = {}
+            entries = self._rest[:-limit - 1:-1] if limit > 0 else []
         rows: list = []
         bad: list[bytes] = []
         names: dict = {}
-        for (user, second), (t, digits, ip, node, service, detail) in sorted(d.items(), key=_first):
+        for (user, second), (t, digits, ip, node, service, detail) in entries:
             try:
                 u = user.decode("utf-8")
             except UnicodeDecodeError:
                 bad.append(user)
                 continue
             rows.append(row_type(u, service, kind or second, t, digits, _text(ip, names), _text(node, names), detail))
+        if limit is None:
+            self._d, self._rest = {}, []
+        else:
+            del self._rest[len(self._rest) - len(entries):]
         return rows, bad
 
 

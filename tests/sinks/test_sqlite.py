@@ -145,3 +145,15 @@ def test_a_failed_flush_commits_nothing_and_keeps_the_rows_for_a_retry(store):
     store.db.execute("DROP TRIGGER no")
     assert store.flush(sink) == 100
     assert len(sink) == 0 and sink.bad_input() == {"utf8": 1}
+
+
+@pytest.mark.skipif(native.fastscan is None, reason="the row path is the only path")
+def test_the_native_flush_stores_what_a_limited_take_left_in_the_tables(tmp_path):
+    fast, ref = (open_store(f"sqlite:///{tmp_path}/{n}.db") for n in ("fast", "ref"))
+    sink = filled()
+    ref.write(filled().take())
+    rows, bad = sink.logins.take(Row, "login", 10)
+    assert len(rows) == 10 and not bad
+    fast.write(rows)
+    assert fast.flush(sink) == 100 - 10 and len(sink) == 0
+    assert dump(fast) == dump(ref)
