@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import threading
 import time
 from collections import Counter
 from typing import NamedTuple, Protocol
@@ -172,9 +173,17 @@ class Coalescer:
         # first, applied after the tables' own entries: the SQLite writer merges them as it writes.
         self.runs: list[tuple[bytes, bytes, int]] = []
         self.pending: list[Row] = []  # taken, not accepted by the store: written first at the next take
+        self.out = 0  # rows `take` gave out that no `settle` has answered for yet (a write under way)
+        self._lock = threading.Lock()  # `waiting` is read from another thread than the one that takes
 
     def __len__(self) -> int:
         return len(self.logins) + len(self.others) + sum(n for _, _, n in self.runs) + len(self.pending)
+
+    def waiting(self) -> int:
+        """Rows not stored yet: what is gathered, and what a write has taken out of it and not yet settled
+        (the daemon's loop reads it while its writer thread takes and writes)."""
+        with self._lock:
+            return len(self) + self.out
 
     def newest(self) -> int:
         """The newest event time gathered (0 when empty)."""
@@ -191,18 +200,43 @@ class Coalescer:
             self.others.merge(others)
         self.runs = []
 
-    def take(self) -> list[Row]:
+    def take(self, limit: int | None = None) -> list[Row]:
         """Decode what was gathered into rows in key order and start empty (the caller writes them).
 
         Rows put back by an earlier failed write come first: of two rows of one key in one write the
-        later wins, and what the tables gathered since is newer."""
-        self.absorb_runs()
-        out, bad = self.logins.take(Row, "login")
-        self.note_bad_users(bad)
-        rows, bad = self.others.take(Row, None)
-        self.note_bad_users(bad)
-        pending, self.pending = self.pending, []
-        return pending + out + rows if pending else out + rows
+        later wins, and what the tables gathered since is newer. With `limit`, at most that many rows
+        (table entries whose user name is set aside count too): the put-back rows first, then logins,
+        then other events, each table in key order; what is left stays in the tables, not decoded, so
+        a big batch is written a slice at a time without a Python row per entry of it."""
+        with self._lock:
+            self.absorb_runs()
+            if limit is None:
+                out, bad = self.logins.take(Row, "login")
+                self.note_bad_users(bad)
+                rows, bad = self.others.take(Row, None)
+                self.note_bad_users(bad)
+                pending, self.pending = self.pending, []
+                out = pending + out + rows if pending else out + rows
+            else:
+                out, self.pending = self.pending[:limit], self.pending[limit:]
+                for table, kind in ((self.logins, "login"), (self.others, None)):
+                    room = limit - len(out)
+                    if room <= 0:
+                        break
+                    if len(table):
+                        rows, bad = table.take(Row, kind, room)
+                        self.note_bad_users(bad)
+                        out += rows
+            self.out += len(out)
+            return out
+
+    def settle(self, taken: int, failed: list[Row] | None = None) -> None:
+        """A write of `taken` rows of `take` ended; `failed` of them go back for the next take (put_back),
+        the others are done with (stored or set aside)."""
+        with self._lock:
+            if failed:
+                self.pending = failed + self.pending
+            self.out = max(self.out - taken, 0)
 
     def note_bad_users(self, names: list[bytes]) -> None:
         """Count rows set aside because their user name is not UTF-8 (reason "utf8"); the stores'
@@ -219,12 +253,14 @@ class Coalescer:
         return self.set_aside.samples.get(reason)
 
     def put_back(self, rows: list[Row]) -> None:
-        """Keep rows that `take` gave out and the store did not accept, as they are, for the next `take`.
+        """Keep rows that `take` gave out and the store did not accept, as they are, for the next `take`:
+        in front of the rows still pending (`take` gave those out after these).
 
         Not back into the tables: a store that is down would have every retry decode, re-encode and
         re-insert them, and each round left native heap behind (40 MB per retry of 100,000 rows, in the
         daemon's writer thread)."""
-        self.pending = rows if not self.pending else self.pending + rows
+        with self._lock:
+            self.pending = rows + self.pending if self.pending else rows
 
     def events(self) -> list[Event]:
         """The traced events, decoded (invalid UTF-8 shown with replacement characters)."""
