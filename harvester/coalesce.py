@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import threading
 import time
 from collections import Counter
 from typing import NamedTuple, Protocol
@@ -40,9 +41,12 @@ class Table(Protocol):
 
     def update(self, items: list[tuple[tuple[bytes, str], Value]]) -> None: ...
 
-    def take(self, row_type: type, kind: str | None) -> tuple[list, list[bytes]]:
+    def take(self, row_type: type, kind: str | None, limit: int | None = None) -> tuple[list, list[bytes]]:
         """Empty the table into row_type(user, service, kind or second, t, digits, ip, node, detail),
-        sorted by (user, second), and the user names that are not UTF-8."""
+        sorted by (user, second), and the user names that are not UTF-8.
+
+        With `limit`: only the first `limit` entries in that order (undecodable ones included); the
+        others stay in the table, undecoded, for the next take."""
 
 
 class PyTable:
@@ -50,22 +54,30 @@ class PyTable:
 
     def __init__(self) -> None:
         self._d: dict[tuple[bytes, str], Value] = {}
+        # What a limited take left, sorted, in reverse (the next entry last); its keys are not in _d.
+        self._rest: list[tuple[tuple[bytes, str], Value]] = []
 
     def __len__(self) -> int:
-        return len(self._d)
+        return len(self._d) + len(self._rest)
+
+    def _unsort(self) -> None:
+        rest, self._rest = self._rest, []
+        self._d.update(rest)
 
     def put(self, user: bytes, second: str, t: int, digits: int, ip: bytes | None, node: bytes | str | None,
             service: str, detail: str | None = None) -> None:
+        if self._rest:
+            self._unsort()  # a put after a limited take (not the daemon's way): one place to look
         key = (user, second)
         cur = self._d.get(key)
         if cur is None or t >= cur[0]:
             self._d[key] = (t, digits, ip, node, service, detail)
 
     def items(self) -> list[tuple[tuple[bytes, str], Value]]:
-        return list(self._d.items())
+        return [*self._d.items(), *self._rest]
 
     def newest(self) -> int:
-        return max((v[0] for v in self._d.values()), default=0)
+        return max(max((v[0] for v in self._d.values()), default=0), max((v[0] for _, v in self._rest), default=0))
 
     def update(self, items: list[tuple[tuple[bytes, str], Value]]) -> None:
         for (user, second), value in items:
@@ -77,18 +89,29 @@ class PyTable:
     def merge(self, data: bytes) -> None:
         self.update(pickle.loads(data))  # noqa: S301 - our own worker's output
 
-    def take(self, row_type: type, kind: str | None) -> tuple[list, list[bytes]]:
-        d, self._d = self._d, {}
+    def take(self, row_type: type, kind: str | None, limit: int | None = None) -> tuple[list, list[bytes]]:
+        if limit is None:
+            entries = sorted(self.items(), key=_first)
+        else:
+            if self._d:
+                self._unsort()
+                self._rest = sorted(self._d.items(), key=_first, reverse=True)
+                self._d = {}
+            entries = self._rest[:-limit - 1:-1] if limit > 0 else []
         rows: list = []
         bad: list[bytes] = []
         names: dict = {}
-        for (user, second), (t, digits, ip, node, service, detail) in sorted(d.items(), key=_first):
+        for (user, second), (t, digits, ip, node, service, detail) in entries:
             try:
                 u = user.decode("utf-8")
             except UnicodeDecodeError:
                 bad.append(user)
                 continue
             rows.append(row_type(u, service, kind or second, t, digits, _text(ip, names), _text(node, names), detail))
+        if limit is None:
+            self._d, self._rest = {}, []
+        else:
+            del self._rest[len(self._rest) - len(entries):]
         return rows, bad
 
 
@@ -150,9 +173,17 @@ class Coalescer:
         # first, applied after the tables' own entries: the SQLite writer merges them as it writes.
         self.runs: list[tuple[bytes, bytes, int]] = []
         self.pending: list[Row] = []  # taken, not accepted by the store: written first at the next take
+        self.out = 0  # rows `take` gave out that no `settle` has answered for yet (a write under way)
+        self._lock = threading.Lock()  # `waiting` is read from another thread than the one that takes
 
     def __len__(self) -> int:
         return len(self.logins) + len(self.others) + sum(n for _, _, n in self.runs) + len(self.pending)
+
+    def waiting(self) -> int:
+        """Rows not stored yet: what is gathered, and what a write has taken out of it and not yet settled
+        (the daemon's loop reads it while its writer thread takes and writes)."""
+        with self._lock:
+            return len(self) + self.out
 
     def newest(self) -> int:
         """The newest event time gathered (0 when empty)."""
@@ -169,18 +200,43 @@ class Coalescer:
             self.others.merge(others)
         self.runs = []
 
-    def take(self) -> list[Row]:
+    def take(self, limit: int | None = None) -> list[Row]:
         """Decode what was gathered into rows in key order and start empty (the caller writes them).
 
         Rows put back by an earlier failed write come first: of two rows of one key in one write the
-        later wins, and what the tables gathered since is newer."""
-        self.absorb_runs()
-        out, bad = self.logins.take(Row, "login")
-        self.note_bad_users(bad)
-        rows, bad = self.others.take(Row, None)
-        self.note_bad_users(bad)
-        pending, self.pending = self.pending, []
-        return pending + out + rows if pending else out + rows
+        later wins, and what the tables gathered since is newer. With `limit`, at most that many rows
+        (table entries whose user name is set aside count too): the put-back rows first, then logins,
+        then other events, each table in key order; what is left stays in the tables, not decoded, so
+        a big batch is written a slice at a time without a Python row per entry of it."""
+        with self._lock:
+            self.absorb_runs()
+            if limit is None:
+                out, bad = self.logins.take(Row, "login")
+                self.note_bad_users(bad)
+                rows, bad = self.others.take(Row, None)
+                self.note_bad_users(bad)
+                pending, self.pending = self.pending, []
+                out = pending + out + rows if pending else out + rows
+            else:
+                out, self.pending = self.pending[:limit], self.pending[limit:]
+                for table, kind in ((self.logins, "login"), (self.others, None)):
+                    room = limit - len(out)
+                    if room <= 0:
+                        break
+                    if len(table):
+                        rows, bad = table.take(Row, kind, room)
+                        self.note_bad_users(bad)
+                        out += rows
+            self.out += len(out)
+            return out
+
+    def settle(self, taken: int, failed: list[Row] | None = None) -> None:
+        """A write of `taken` rows of `take` ended; `failed` of them go back for the next take (put_back),
+        the others are done with (stored or set aside)."""
+        with self._lock:
+            if failed:
+                self.pending = failed + self.pending
+            self.out = max(self.out - taken, 0)
 
     def note_bad_users(self, names: list[bytes]) -> None:
         """Count rows set aside because their user name is not UTF-8 (reason "utf8"); the stores'
@@ -197,12 +253,14 @@ class Coalescer:
         return self.set_aside.samples.get(reason)
 
     def put_back(self, rows: list[Row]) -> None:
-        """Keep rows that `take` gave out and the store did not accept, as they are, for the next `take`.
+        """Keep rows that `take` gave out and the store did not accept, as they are, for the next `take`:
+        in front of the rows still pending (`take` gave those out after these).
 
         Not back into the tables: a store that is down would have every retry decode, re-encode and
         re-insert them, and each round left native heap behind (40 MB per retry of 100,000 rows, in the
         daemon's writer thread)."""
-        self.pending = rows if not self.pending else self.pending + rows
+        with self._lock:
+            self.pending = rows + self.pending if self.pending else rows
 
     def events(self) -> list[Event]:
         """The traced events, decoded (invalid UTF-8 shown with replacement characters)."""

@@ -107,16 +107,15 @@ class Writer(threading.Thread):
         self.last_outage_log = 0.0
         self.backoff = 0.0
         self.newest_us = 0
-        self.writing = 0  # rows of the write under way (taken out of the batch's tables while it runs)
 
     # -- the loop thread's side -------------------------------------------------------
     def idle(self) -> bool:
         return self.batch is None
 
     def in_flight(self) -> int:
-        """Rows handed over and not yet acknowledged (also while a write has taken them out of the batch)."""
+        """Rows handed over and not yet acknowledged (with those a write has taken out of the batch)."""
         batch = self.batch
-        return max(len(batch.sink), self.writing) if batch is not None else 0
+        return batch.sink.waiting() if batch is not None else 0
 
     def submit(self, batch: Batch) -> None:
         with self.cond:
@@ -159,7 +158,6 @@ class Writer(threading.Thread):
         if waiting:
             newest = batch.sink.newest()
             t = time.monotonic()
-            self.writing = waiting
             try:
                 written = flush(batch.sink, self.store)
             except Exception as e:  # StoreError, or anything unexpected: the rows stay, the daemon goes on
@@ -167,8 +165,6 @@ class Writer(threading.Thread):
                     log.exception("unexpected error while writing to %s", self.store.url)
                 self._failed(e, len(batch.sink))
                 return False
-            finally:
-                self.writing = 0
             metrics.WRITE_SECONDS.observe(time.monotonic() - t)
             metrics.ROWS_WRITTEN.inc(written)
             self.newest_us = max(self.newest_us, newest)

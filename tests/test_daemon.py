@@ -233,3 +233,35 @@ def test_rawlog_sessions_keep_joining_the_login_lines_for_their_address(tmp_path
         err = stop(proc)
     assert ("reloaded configuration" in err) == (how == "after_sighup")
     assert [(s, t, ip) for u, s, t, ip, _ in rows(db) if u == "test1"] == [("imap", stamp, "127.0.0.2")]
+
+
+def test_rows_a_write_has_taken_out_of_its_batch_count_as_waiting_until_their_slice_is_stored(tmp_path,
+                                                                                            monkeypatch):
+    """The gauge and the read bound (max_waiting_rows) see a batch being written slice by slice: the rows of
+    the slice under way still count, each stored slice leaves the count, none reads 0 before the end."""
+    import threading
+
+    from harvester import daemon
+    from harvester.checkpoint import Checkpoints, State
+    from harvester.coalesce import Coalescer
+    from harvester.sinks import base
+
+    monkeypatch.setattr(base, "WRITE_ROWS", 1000)
+    sink = Coalescer()
+    for i in range(3500):
+        sink.logins.put(f"u{i}".encode(), "imap", 1_795_308_723_000_000 + i, 0, b"192.0.2.1", b"mx1", "imap")
+    seen: list[int] = []
+
+    class Store:
+        url = "memory:"
+
+        def write(self, rows: list) -> int:
+            seen.append(writer.in_flight())
+            return len(rows)
+
+    writer = daemon.Writer(Store(), Checkpoints(tmp_path), threading.Event())
+    writer.start()
+    writer.submit(daemon.Batch(sink, State(), []))
+    assert writer.finish(10)
+    assert seen == [3500, 2500, 1500, 500] and writer.in_flight() == 0
+    assert (tmp_path / "checkpoints.json").exists()

@@ -230,3 +230,49 @@ def test_a_segment_table_shipped_as_bytes_merges_as_a_later_part(native_table):
     if native_table:
         with pytest.raises(ValueError):
             earlier.merge(later.dumps()[:-3])
+
+
+@pytest.mark.parametrize("native_table", [True, False], ids=["native", "python"])
+def test_a_limited_take_hands_out_slices_in_key_order_and_keeps_the_rest_undecoded_and_counted(native_table):
+    """Table.take(row_type, kind, limit): the first `limit` entries in (user, second) order, undecodable user
+    names among them (they count); what is left still counts (len, newest), shows (items, dumps) and
+    takes its puts (newest wins) until the next take goes on from where the last one stopped."""
+    from harvester.coalesce import PyTable, Row
+
+    if native_table and native.fastscan is None:
+        pytest.fail("the native module is not built")
+    make = native.fastscan.Table if native_table else PyTable
+    t = make()
+    for i in reversed(range(10)):
+        t.put(b"u%d" % i, "imap", 100 + i, 0, b"192.0.2.1", b"mx1", "imap")
+    t.put(b"u3", "pop3", 50, 6, None, "mx2", "pop3")
+    t.put(b"u5\xff", "imap", 7, 0, None, None, "imap")  # not UTF-8: between u5 and u6
+    assert len(t) == 12
+
+    rows, bad = t.take(Row, "login", 3)
+    assert [(r.user, r.service) for r in rows] == [("u0", "imap"), ("u1", "imap"), ("u2", "imap")]
+    assert bad == [] and len(t) == 9 and t.newest() == 109
+    rows, bad = t.take(Row, None, 0)
+    assert rows == [] and bad == [] and len(t) == 9
+    rows, bad = t.take(Row, "login", 5)
+    assert [(r.user, r.service, r.kind, r.time_us, r.digits, r.ip, r.node) for r in rows] == [
+        ("u3", "imap", "login", 103, 0, "192.0.2.1", "mx1"), ("u3", "pop3", "login", 50, 6, None, "mx2"),
+        ("u4", "imap", "login", 104, 0, "192.0.2.1", "mx1"), ("u5", "imap", "login", 105, 0, "192.0.2.1", "mx1")]
+    assert bad == [b"u5\xff"] and len(t) == 4
+
+    left = sorted(t.items())
+    assert [k for k, _ in left] == [(b"u6", "imap"), (b"u7", "imap"), (b"u8", "imap"), (b"u9", "imap")]
+    copy = make()
+    copy.merge(t.dumps())
+    assert sorted(copy.items()) == left
+
+    t.put(b"u7", "imap", 99, 0, b"192.0.2.9", b"mx9", "imap")  # older: the entry left stays
+    t.put(b"u8", "imap", 300, 0, b"192.0.2.8", b"mx8", "imap")  # newer: it wins
+    t.put(b"a", "imap", 1, 0, None, None, "imap")  # a new key before every one left
+    assert len(t) == 5 and t.newest() == 300
+    rows, _ = t.take(Row, "login", 2)
+    assert [(r.user, r.time_us) for r in rows] == [("a", 1), ("u6", 106)]
+    rows, _ = t.take(Row, "login")  # no limit: everything left
+    assert [(r.user, r.time_us, r.ip) for r in rows] == [("u7", 107, "192.0.2.1"), ("u8", 300, "192.0.2.8"),
+                                                         ("u9", 109, "192.0.2.1")]
+    assert len(t) == 0 and t.newest() == 0 and t.items() == [] and t.take(Row, "login", 5) == ([], [])

@@ -116,28 +116,29 @@ WRITE_ROWS = 20_000  # rows handed to one store.write: what a store builds per w
 
 
 def write_taken(sink: Coalescer, store: Store) -> int:
-    """`sink.take()` into `store.write`, WRITE_ROWS at a time, putting back the rows still to retry (and every
-    later slice) when a write fails.
+    """`sink.take(WRITE_ROWS)` into `store.write` until the sink is empty; when a write fails, its rows still
+    to retry go back (Coalescer.settle) and the error is raised.
 
-    Slices bound what a store makes per row (Cassandra's requests) whatever waited, and against a store
-    that is down a retry fails on its first slice. Rows the store refused (PartialWrite.refused) are
-    logged, counted and dropped: one poison row must not stall every later write. When nothing is left to
-    retry, the acknowledged count is returned."""
-    rows = sink.take()
+    Slices bound what a store makes per row (Cassandra's requests) and what is decoded into Python rows
+    (one slice: the rest stays in the sink's tables as they are), whatever waited; against a store that
+    is down a retry fails on its first slice. Rows the store refused (PartialWrite.refused) are logged,
+    counted and dropped: one poison row must not stall every later write. When nothing is left to retry,
+    the acknowledged count is returned."""
     done = 0
-    for at in range(0, len(rows), WRITE_ROWS):
-        part = rows[at:at + WRITE_ROWS]
+    while len(sink):
+        part = sink.take(WRITE_ROWS)
+        failed = part  # until the store says otherwise: no error (a StoreError, a bug) may cost rows
         try:
             done += store.write(part)
+            failed = []
         except PartialWrite as e:
             set_aside(store.url, e.refused)
-            if e.failed:
-                sink.put_back(e.failed + rows[at + WRITE_ROWS:])
+            failed = e.failed
+            if failed:
                 raise
             done += e.acknowledged
-        except Exception:  # StoreError, or a bug or an unexpected library error: it must not cost the rows
-            sink.put_back(rows[at:])
-            raise
+        finally:
+            sink.settle(len(part), failed)
     return done
 
 

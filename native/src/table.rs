@@ -3,7 +3,9 @@
 //! Same contract as coalesce.PyTable (the fallback when this module is not
 //! built): `put` keeps the newest time and, on equal times, the later call.
 //! Keys stay bytes until `take`, which decodes the survivors once and hands
-//! them out sorted by key, the order SQLite's B-tree inserts fastest.
+//! them out sorted by key, the order SQLite's B-tree inserts fastest; a
+//! `take` with a limit hands out that many at a time (the rest stays as it is,
+//! not decoded), so a big table is written without a Python row for each entry.
 
 use std::collections::HashMap;
 
@@ -25,6 +27,43 @@ pub struct Entry {
 pub struct Table {
     map: HashMap<Box<[u8]>, Entry, RandomState>,
     buf: Vec<u8>,
+    /// What a limited `take` left: the entries moved out of `map`, sorted once, handed out in order.
+    /// Its keys are never in `map` (a put first moves them back), so the two together are the table.
+    rest: Rest,
+}
+
+/// Entries in `slots`, their key order in `order`; `order[at..]` are the ones not handed out yet.
+#[derive(Default)]
+struct Rest {
+    slots: Vec<Option<(Box<[u8]>, Entry)>>,
+    order: Vec<u32>,
+    at: usize,
+}
+
+impl Rest {
+    fn len(&self) -> usize {
+        self.order.len() - self.at
+    }
+
+    /// The entries not handed out yet, in key order.
+    fn iter(&self) -> impl Iterator<Item = (&[u8], &Entry)> {
+        self.order[self.at..].iter().map(|&i| {
+            let (k, e) = self.slots[i as usize].as_ref().expect("an entry not handed out yet");
+            (&k[..], e)
+        })
+    }
+
+    /// Drop the first `n` entries (handed out), and the rest's memory once none is left.
+    fn forget_first(&mut self, n: usize) {
+        let end = self.at + n.min(self.len());
+        for &i in &self.order[self.at..end] {
+            self.slots[i as usize] = None;
+        }
+        self.at = end;
+        if self.len() == 0 {
+            *self = Rest::default();
+        }
+    }
 }
 
 impl Table {
@@ -38,6 +77,9 @@ impl Table {
 
     /// Keep `entry` unless a newer one is stored (equal times: this one wins).
     pub fn put_entry(&mut self, user: &[u8], second: &[u8], entry: Entry) {
+        if self.rest.len() > 0 {
+            self.unsort(); // a put after a limited take (not the daemon's way): one place to look
+        }
         let t = entry.t;
         self.key(user, second);
         if let Some(cur) = self.map.get_mut(self.buf.as_slice()) {
@@ -54,33 +96,67 @@ impl Table {
 impl Table {
     /// Entries sorted by (user, second): the order SQLite's B-tree inserts fastest.
     pub fn sorted(&self) -> Vec<(&[u8], &Entry)> {
-        let entries: Vec<(&[u8], &Entry)> = self.map.iter().map(|(k, e)| (&k[..], e)).collect();
-        // Sort (16-byte prefix of the user, index): most comparisons never touch the keys' memory.
-        let mut order: Vec<(u128, u32)> = entries
-            .iter()
-            .enumerate()
-            .map(|(i, (k, _))| {
-                let user = split(k).1;
-                let mut head = [0u8; 16];
-                let n = user.len().min(16);
-                head[..n].copy_from_slice(&user[..n]);
-                (u128::from_be_bytes(head), i as u32)
-            })
-            .collect();
-        order.sort_unstable_by(|a, b| {
-            a.0.cmp(&b.0).then_with(|| {
-                let (sa, ua) = split(entries[a.1 as usize].0);
-                let (sb, ub) = split(entries[b.1 as usize].0);
-                ua.cmp(ub).then(sa.cmp(sb))
-            })
-        });
-        order.into_iter().map(|(_, i)| entries[i as usize]).collect()
+        if self.map.is_empty() {
+            return self.rest.iter().collect(); // sorted already
+        }
+        let entries: Vec<(&[u8], &Entry)> = self.entries().collect();
+        key_order(entries.iter().map(|(k, _)| *k)).into_iter().map(|i| entries[i as usize]).collect()
+    }
+
+    /// Every entry, newest per key (what `put` keeps) in any order.
+    fn entries(&self) -> impl Iterator<Item = (&[u8], &Entry)> {
+        self.map.iter().map(|(k, e)| (&k[..], e)).chain(self.rest.iter())
+    }
+
+    /// Move what a limited take left back into `map`.
+    fn unsort(&mut self) {
+        let rest = std::mem::take(&mut self.rest);
+        for (k, e) in rest.slots.into_iter().flatten() {
+            self.map.insert(k, e);
+        }
+    }
+
+    /// Move `map` into `rest`, sorted (with what `rest` held); `map`'s memory goes.
+    fn sort_into_rest(&mut self) {
+        if self.rest.len() > 0 {
+            self.unsort();
+        }
+        let map = std::mem::replace(&mut self.map, HashMap::with_hasher(RandomState::new()));
+        let slots: Vec<Option<(Box<[u8]>, Entry)>> = map.into_iter().map(Some).collect();
+        let order = key_order(slots.iter().map(|s| &s.as_ref().unwrap().0[..]));
+        self.rest = Rest { slots, order, at: 0 };
     }
 
     /// Forget every entry (once they are safely stored).
     pub fn clear(&mut self) {
         self.map.clear();
+        self.rest = Rest::default();
     }
+}
+
+/// The indexes of `keys` in (user, second) order.
+fn key_order<'a>(keys: impl Iterator<Item = &'a [u8]>) -> Vec<u32> {
+    let keys: Vec<&[u8]> = keys.collect();
+    // Sort (16-byte prefix of the user, index): most comparisons never touch the keys' memory.
+    let mut order: Vec<(u128, u32)> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let user = split(k).1;
+            let mut head = [0u8; 16];
+            let n = user.len().min(16);
+            head[..n].copy_from_slice(&user[..n]);
+            (u128::from_be_bytes(head), i as u32)
+        })
+        .collect();
+    order.sort_unstable_by(|a, b| {
+        a.0.cmp(&b.0).then_with(|| {
+            let (sa, ua) = split(keys[a.1 as usize]);
+            let (sb, ub) = split(keys[b.1 as usize]);
+            ua.cmp(ub).then(sa.cmp(sb))
+        })
+    });
+    order.into_iter().map(|(_, i)| i).collect()
 }
 
 pub fn split(key: &[u8]) -> (&[u8], &[u8]) {
@@ -101,17 +177,17 @@ fn value<'py>(py: Python<'py>, e: &Entry) -> PyResult<Bound<'py, PyTuple>> {
 impl Table {
     #[new]
     fn new() -> Self {
-        Table { map: HashMap::with_hasher(RandomState::new()), buf: Vec::with_capacity(256) }
+        Table { map: HashMap::with_hasher(RandomState::new()), buf: Vec::with_capacity(256), rest: Rest::default() }
     }
 
     fn __len__(&self) -> usize {
-        self.map.len()
+        self.map.len() + self.rest.len()
     }
 
     /// The newest event time in the table (0 when empty), for the daemon's newest-stored gauge without
     /// a Python object per entry.
     fn newest(&self) -> i64 {
-        self.map.values().map(|e| e.t).max().unwrap_or(0)
+        self.entries().map(|(_, e)| e.t).max().unwrap_or(0)
     }
 
     /// Store (t, digits, ip, node, service, detail) for (user, second) unless a newer one is there.
@@ -135,7 +211,7 @@ impl Table {
     /// [((user, second), value), ...] in no particular order (to ship a segment's rows).
     fn items<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
-        for (k, e) in &self.map {
+        for (k, e) in self.entries() {
             let (second, user) = split(k);
             let key = (PyBytes::new(py, user), PyString::new(py, &String::from_utf8_lossy(second)));
             out.append((key, value(py, e)?))?;
@@ -147,7 +223,7 @@ impl Table {
     /// at memcpy speed (items() + pickle cost as much as parsing the segment did). The parent
     /// either `merge`s it or hands it to SqliteWriter.write, which merges sorted runs as it writes.
     fn dumps<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
-        let mut out: Vec<u8> = Vec::with_capacity(self.map.len() * 96);
+        let mut out: Vec<u8> = Vec::with_capacity(self.__len__() * 96);
         let put = |out: &mut Vec<u8>, b: &[u8]| {
             out.extend_from_slice(&(b.len() as u32).to_le_bytes());
             out.extend_from_slice(b);
@@ -222,14 +298,26 @@ impl Table {
     /// Empty the table into `row_type` tuples sorted by (user, second), the order SQLite's
     /// B-tree takes fastest: (user, service, kind, t, digits, ip, node, detail), where kind is
     /// `kind` or, when None, the key's second part. Returns (rows, [undecodable user, ...]).
-    #[pyo3(signature = (row_type, kind))]
+    ///
+    /// With `limit`, only the first `limit` entries in that order (undecodable ones included) go;
+    /// the others stay, undecoded: the first limited take sorts the table once, the next ones go
+    /// on from there. On an error nothing is taken.
+    #[pyo3(signature = (row_type, kind, limit=None))]
     fn take<'py>(
         &mut self,
         py: Python<'py>,
         row_type: &Bound<'py, PyAny>,
         kind: Option<Bound<'py, PyString>>,
+        limit: Option<usize>,
     ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
-        let entries = self.sorted();
+        if limit.is_some() && !self.map.is_empty() {
+            self.sort_into_rest();
+        }
+        let n = limit.unwrap_or(usize::MAX).min(self.__len__());
+        let entries = match limit {
+            Some(_) => self.rest.iter().take(n).collect(),
+            None => self.sorted(),
+        };
         let new = py.get_type::<PyTuple>().getattr("__new__")?;
         let rows = PyList::empty(py);
         let bad = PyList::empty(py);
@@ -258,7 +346,10 @@ impl Table {
                 (PyString::new(py, u), e.service.clone_ref(py), kind, e.t, e.digits, ip, node, detail).into_pyobject(py)?;
             rows.append(new.call1((row_type, fields))?)?;
         }
-        self.map.clear();
+        match limit {
+            Some(_) => self.rest.forget_first(n),
+            None => self.clear(),
+        }
         Ok((rows, bad))
     }
 }

@@ -20,8 +20,8 @@ from prometheus_client import REGISTRY
 
 from harvester import native
 from harvester.coalesce import Coalescer, Row
-from harvester.sinks import PartialWrite, open_store
-from harvester.sinks.base import flush, shown
+from harvester.sinks import PartialWrite, base, open_store
+from harvester.sinks.base import StoreError, flush, shown
 from tests import daemon_kit
 from tests.conftest import ROOT, PrivateNode, run_cli
 from tests.sinks.test_cassandra import fresh, settings_for
@@ -269,11 +269,13 @@ def _rss_kib() -> int:
 
 def test_a_cassandra_outage_keeps_no_driver_objects_writes_return_at_once_and_recovery_takes_seconds(tmp_path,
                                                                                                      capsys):
+    """25,000 rows wait (more than a slice of WRITE_ROWS): a write with the node down fails on the first slice,
+    the only one decoded (put back as rows); the rest stays in the tables until the node is back."""
     node = PrivateNode(tmp_path / "node")
     node.start()
     try:
         store, sink = node.outage_store(T0, cassandra_request_timeout=5)
-        for i in range(20_000):
+        for i in range(25_000):
             sink.logins.put(f"u{i}".encode(), "pop3", T0 + i, 0, b"192.0.2.2", b"mx1", "pop3")
         gc.collect()
         rss = _rss_kib()
@@ -283,7 +285,8 @@ def test_a_cassandra_outage_keeps_no_driver_objects_writes_return_at_once_and_re
             with pytest.raises(PartialWrite) as e:
                 flush(sink, store)
             took.append(time.monotonic() - started)
-            assert e.value.acknowledged == 0 and len(e.value.failed) == 20_000 and len(sink) == 20_000
+            assert e.value.acknowledged == 0 and len(e.value.failed) == base.WRITE_ROWS == 20_000
+            assert len(sink.pending) == 20_000 and len(sink.logins) == 5_000 and sink.waiting() == 25_000
             gc.collect()  # what is only garbage goes; what the exception or the store holds stays
             alive = [o for o in gc.get_objects() if type(o).__name__ in ("BoundStatement", "BatchStatement",
                                                                         "ResponseFuture")]
@@ -294,7 +297,7 @@ def test_a_cassandra_outage_keeps_no_driver_objects_writes_return_at_once_and_re
         back = time.monotonic()
         while True:
             try:
-                assert flush(sink, store) == 20_000
+                assert flush(sink, store) == 25_000
                 break
             except PartialWrite:
                 assert time.monotonic() - back < 30, "the driver did not notice the node's return"
@@ -302,12 +305,108 @@ def test_a_cassandra_outage_keeps_no_driver_objects_writes_return_at_once_and_re
         recovered = time.monotonic() - back
         with capsys.disabled():
             print(f"\noutage: write() with no host up took {', '.join(f'{t:.2f}' for t in took)} s; "
-                  f"RSS grew {grown} KiB over 5 failed writes of 20,000 waiting rows "
-                  f"({grown * 1024 / 20_000:.0f} B/row); writes worked {recovered:.1f} s after the node was up")
-        assert store.lookup("u7")[0].service == "pop3"
+                  f"RSS grew {grown} KiB over 5 failed writes of 25,000 waiting rows "
+                  f"({grown * 1024 / 25_000:.0f} B/row); writes worked {recovered:.1f} s after the node was up")
+        assert store.lookup("u7")[0].service == "pop3" and store.lookup("u24999")[0].service == "pop3"
+        assert len(sink) == sink.waiting() == 0
         store.close()
     finally:
         node.stop(check=False)
+
+
+class SliceStore:
+    """An in-memory store whose writes fail as told (`fail`: None stores, "down" raises a StoreError, "half"
+    stores the first half and names the rest in a PartialWrite), noting what the sink held during each."""
+
+    url = "memory:"
+
+    def __init__(self, sink: Coalescer) -> None:
+        self.sink = sink
+        self.rows: dict[tuple[str, str], Row] = {}
+        self.fail: list[str | None] = []
+        self.stored = 0
+        self.seen: list[dict] = []  # per write: its rows, the sink's waiting(), what stayed in its tables, ...
+
+    def write(self, rows: list[Row]) -> int:
+        self.seen.append({"rows": len(rows), "waiting": self.sink.waiting(), "pending": len(self.sink.pending),
+                          "tables": len(self.sink.logins) + len(self.sink.others), "stored": self.stored,
+                          "set_aside": self.sink.bad_input()["utf8"]})
+        how = self.fail.pop(0) if self.fail else None
+        if how == "down":
+            raise StoreError("memory: down")
+        n = len(rows) // 2 if how == "half" else len(rows)
+        for r in rows[:n]:
+            key = (r.user, r.service if r.kind == "login" else r.kind)
+            if key not in self.rows or r.time_us >= self.rows[key].time_us:
+                self.rows[key] = r
+        self.stored += n
+        if how == "half":
+            raise PartialWrite("memory: half", rows[n:], n)
+        return n
+
+
+def outage_batch(n_logins: int, n_others: int) -> Coalescer:
+    sink = Coalescer()
+    for i in range(n_logins):
+        sink.logins.put(f"u{i:05d}".encode(), "imap" if i % 3 else "pop3", T0 + i, 0, b"192.0.2.1", b"mx1",
+                        "imap" if i % 3 else "pop3")
+    sink.logins.put(b"\xffnot-utf8", "imap", T0, 0, None, None, "imap")
+    for i in range(n_others):
+        sink.others.put(f"u{i:05d}".encode(), "auth_fail", T0 + i, 0, b"203.0.113.9", None, "imap")
+    return sink
+
+
+@pytest.mark.parametrize("engine", ["native", "python"])
+def test_a_long_outage_is_caught_up_a_slice_at_a_time_and_a_failed_write_puts_back_only_its_slice(monkeypatch,
+                                                                                                   engine):
+    """The daemon's batch after a long outage: write_taken decodes one slice (WRITE_ROWS) at a time, the rest
+    stays in the tables; a failed write puts back only its own slice's rows (a PartialWrite: those it names),
+    the retry goes on from there, and at the end everything is stored once, as a write of all of it at once
+    would have stored it. While a slice is out, waiting() still counts it."""
+    if engine == "native" and not native.enabled():
+        pytest.skip("the native module is not built")
+    monkeypatch.setattr(native, "ENGINE", engine)
+    monkeypatch.setattr(base, "WRITE_ROWS", 1000)
+    sink, reference = outage_batch(4500, 1200), outage_batch(4500, 1200)
+    total = len(sink)
+    assert total == 5701
+    store = SliceStore(sink)
+
+    store.fail = [None, "down"]
+    with pytest.raises(StoreError):
+        flush(sink, store)
+    assert [w["rows"] for w in store.seen] == [1000, 1000]
+    assert len(sink.pending) == 1000 and len(sink.logins) + len(sink.others) == total - 2000
+    assert sink.waiting() == len(sink) == total - 1000 and sink.out == 0
+
+    store.fail = ["half"]
+    with pytest.raises(PartialWrite):
+        flush(sink, store)
+    assert len(sink.pending) == 500 and sink.waiting() == total - 1500
+
+    assert flush(sink, store) == total - 1 - 1500
+    assert len(sink) == sink.waiting() == 0 and sink.bad_input() == {"utf8": 1}
+    assert store.rows == {(r.user, r.service if r.kind == "login" else r.kind): r for r in reference.take()}
+    assert len(store.seen) == 2 + 1 + 5  # the retry: 500 put back and 3,701 entries left, 1,000 a write
+    for w in store.seen:  # only the slice being written was out of the batch, and it still counted as waiting
+        assert w["waiting"] == total - w["stored"] - w["set_aside"]
+        assert w["waiting"] == w["pending"] + w["tables"] + w["rows"] and w["rows"] <= 1000
+
+
+def test_take_with_a_limit_gives_put_back_rows_first_then_logins_then_other_events():
+    sink = outage_batch(5, 3)
+    rows = sink.take(4)
+    assert [(r.user, r.kind) for r in rows] == [(f"u{i:05d}", "login") for i in range(4)] and sink.out == 4
+    sink.settle(4, rows[2:])  # two stored, two to retry
+    assert sink.out == 0 and len(sink) == 2 + 2 + 3
+    rows = sink.take(5)
+    assert [(r.user, r.kind) for r in rows] == [("u00002", "login"), ("u00003", "login"), ("u00004", "login"),
+                                                ("u00000", "auth_fail"), ("u00001", "auth_fail")]
+    assert sink.bad_input() == {"utf8": 1}  # set aside, counted in the limit of 5
+    sink.put_back(rows[3:])
+    sink.put_back(rows[:1])  # taken before the rows still pending: in front of them
+    assert [(r.user, r.kind) for r in sink.take()] == [("u00002", "login"), ("u00000", "auth_fail"),
+                                                       ("u00001", "auth_fail"), ("u00002", "auth_fail")]
 
 
 # -- item 14: replication from the cluster -------------------------------------------------------------------

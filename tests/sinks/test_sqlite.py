@@ -145,3 +145,47 @@ def test_a_failed_flush_commits_nothing_and_keeps_the_rows_for_a_retry(store):
     store.db.execute("DROP TRIGGER no")
     assert store.flush(sink) == 100
     assert len(sink) == 0 and sink.bad_input() == {"utf8": 1}
+
+
+@pytest.mark.parametrize("engine", ["native", "python"])
+def test_a_flush_after_a_failed_slice_stores_the_put_back_rows_and_what_stayed_in_the_tables(tmp_path, monkeypatch,
+                                                                                              engine):
+    """On the row path (write_taken) a big batch goes a slice (WRITE_ROWS) at a time; the second slice's write
+    fails: its rows are put back, the rest stays in the tables, and the next flush (the row path again, rows
+    being pending, native tables or not) stores all of it as one write of everything would have."""
+    from harvester.sinks import base
+
+    if engine == "native" and not native.enabled():
+        pytest.skip("the native module is not built")
+    monkeypatch.setattr(native, "ENGINE", engine)
+    monkeypatch.setattr(base, "WRITE_ROWS", 40)
+    store, ref = (open_store(f"sqlite:///{tmp_path}/{n}.db") for n in ("h", "ref"))
+    sink = filled()
+    ref.write(filled().take())
+    writes = []
+    real = store.write
+
+    def second_fails(rows):
+        writes.append(len(rows))
+        if len(writes) == 2:
+            raise StoreError("disk says no")
+        return real(rows)
+
+    monkeypatch.setattr(store, "write", second_fails)
+    with pytest.raises(StoreError):
+        base.write_taken(sink, store)
+    assert writes == [40, 40] and len(sink.pending) == 40 and len(sink.logins) + len(sink.others) == 101 - 80
+    assert store.flush(sink) == 60 and len(sink) == 0
+    assert dump(store) == dump(ref) and sink.bad_input() == {"utf8": 1}
+
+
+@pytest.mark.skipif(native.fastscan is None, reason="the row path is the only path")
+def test_the_native_flush_stores_what_a_limited_take_left_in_the_tables(tmp_path):
+    fast, ref = (open_store(f"sqlite:///{tmp_path}/{n}.db") for n in ("fast", "ref"))
+    sink = filled()
+    ref.write(filled().take())
+    rows, bad = sink.logins.take(Row, "login", 10)
+    assert len(rows) == 10 and not bad
+    fast.write(rows)
+    assert fast.flush(sink) == 100 - 10 and len(sink) == 0
+    assert dump(fast) == dump(ref)
