@@ -13,10 +13,10 @@ import pickle
 import threading
 import time
 from collections import Counter
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 from harvester import native
-from harvester.events import Event
+from harvester.events import Event, NativeTables, Row
 
 log = logging.getLogger(__name__)
 SAY_AGAIN_S = 60  # a recurring problem is logged once, then at most this often
@@ -40,6 +40,14 @@ class Table(Protocol):
         """The newest event time held (0 when empty)."""
 
     def update(self, items: list[tuple[tuple[bytes, str], Value]]) -> None: ...
+
+    def dumps(self) -> bytes:
+        """Every entry, serialised (a backfill worker's rows, for the parent's `merge`)."""
+        ...
+
+    def merge(self, data: bytes) -> None:
+        """Apply another table's `dumps`, after the entries held (newest wins; equal times: the merged)."""
+        ...
 
     def take(self, row_type: type, kind: str | None, limit: int | None = None) -> tuple[list, list[bytes]]:
         """Empty the table into row_type(user, service, kind or second, t, digits, ip, node, detail),
@@ -117,19 +125,6 @@ class PyTable:
 
 def new_table() -> Table:
     return native.fastscan.Table() if native.enabled() else PyTable()
-
-
-class Row(NamedTuple):
-    """One store row: the newest event of its kind for one account."""
-
-    user: str
-    service: str
-    kind: str  # "login" for last-login rows, else the event kind (auth_fail, pop3_delete, ...)
-    time_us: int
-    digits: int
-    ip: str | None
-    node: str | None
-    detail: str | None = None
 
 
 class SetAside:
@@ -237,6 +232,23 @@ class Coalescer:
             if failed:
                 self.pending = failed + self.pending
             self.out = max(self.out - taken, 0)
+
+    def native_tables(self) -> NativeTables | None:
+        """The native tables as they are, and other processes' runs (their dumps), for a store that writes
+        them without a Python row per entry (SQLite's native writer), which empties the tables and then
+        calls `tables_written`. None when that cannot be: Python tables, or rows a failed write put back
+        (rows, not table entries)."""
+        fs = native.fastscan
+        if fs is None or not isinstance(self.logins, fs.Table) or not isinstance(self.others, fs.Table) \
+                or self.pending:
+            return None
+        return NativeTables(self.logins, self.others, [r[0] for r in self.runs], [r[1] for r in self.runs])
+
+    def tables_written(self, bad: list[bytes]) -> None:
+        """The native tables and the runs were written (the writer emptied the tables); `bad`: user names
+        it skipped for not being UTF-8."""
+        self.runs = []
+        self.note_bad_users(bad)
 
     def note_bad_users(self, names: list[bytes]) -> None:
         """Count rows set aside because their user name is not UTF-8 (reason "utf8"); the stores'

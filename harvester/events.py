@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 # Kinds that mean "this account was used over this service": they make last-login rows.
 LOGIN = "login"
@@ -43,3 +43,26 @@ class Event(NamedTuple):
     ip: str | None
     node: str | None
     detail: str | None = None
+
+
+class Row(NamedTuple):
+    """One store row: the newest event of its kind for one account."""
+
+    user: str
+    service: str
+    kind: str  # "login" for last-login rows, else the event kind (auth_fail, pop3_delete, ...)
+    time_us: int
+    digits: int
+    ip: str | None
+    node: str | None
+    detail: str | None = None
+
+
+class NativeTables(NamedTuple):
+    """What the coalescing stage hands a store that writes natively: both tables (harvester._fastscan.Table:
+    logins by (user, service), other events by (user, kind)) and other processes' runs (Table dumps) of each."""
+
+    logins: Any  # harvester._fastscan.Table
+    others: Any
+    login_runs: list[bytes]
+    other_runs: list[bytes]

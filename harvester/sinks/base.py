@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 from harvester import metrics
-from harvester.coalesce import Coalescer, Row
+from harvester.events import NativeTables, Row
 
 log = logging.getLogger(__name__)
 REFUSED_REPEAT = 60.0  # after the first refused row, name one again at most this often
@@ -43,12 +43,34 @@ class Forgotten(NamedTuple):
     table: str | None = None  # keyspace.table it was deleted from (Cassandra)
 
 
+class Batch(Protocol):
+    """What a store is handed to write: the rows the coalescing stage gathered (coalesce.Coalescer)."""
+
+    def __len__(self) -> int: ...
+
+    def take(self, limit: int | None = None) -> list[Row]:
+        """Up to `limit` rows, in key order, taken out of the batch (rows a failed write gave back first)."""
+        ...
+
+    def settle(self, taken: int, failed: list[Row] | None = None) -> None:
+        """A write of `taken` rows ended; `failed` of them go back for the next take."""
+        ...
+
+    def native_tables(self) -> NativeTables | None:
+        """The native tables, for a store that writes them natively; None: take rows instead."""
+        ...
+
+    def tables_written(self, bad: list[bytes]) -> None:
+        """The native tables were written (and emptied); `bad`: user names skipped, not UTF-8."""
+        ...
+
+
 class Store(Protocol):
     """A sink. `write` applies rows so that a stored time never moves backwards."""
 
     url: str
 
-    def flush(self, sink: Coalescer) -> int:
+    def flush(self, sink: Batch) -> int:
         """Write and empty what `sink` gathered (most stores: write_taken(sink, self)); on a StoreError
         the sink keeps what was not acknowledged, for a retry."""
         ...
@@ -107,7 +129,7 @@ class StoreClass(Protocol):
         ...
 
 
-def flush(sink: Coalescer, store: Store) -> int:
+def flush(sink: Batch, store: Store) -> int:
     """Write and empty what `sink` gathered; on a StoreError the sink keeps it for a retry."""
     return store.flush(sink)
 
@@ -115,9 +137,9 @@ def flush(sink: Coalescer, store: Store) -> int:
 WRITE_ROWS = 20_000  # rows handed to one store.write: what a store builds per write stays this small
 
 
-def write_taken(sink: Coalescer, store: Store) -> int:
+def write_taken(sink: Batch, store: Store) -> int:
     """`sink.take(WRITE_ROWS)` into `store.write` until the sink is empty; when a write fails, its rows still
-    to retry go back (Coalescer.settle) and the error is raised.
+    to retry go back (Batch.settle) and the error is raised.
 
     Slices bound what a store makes per row (Cassandra's requests) and what is decoded into Python rows
     (one slice: the rest stays in the sink's tables as they are), whatever waited; against a store that

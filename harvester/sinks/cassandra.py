@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import ClassVar
 
 from harvester import options as opt
-from harvester.coalesce import Coalescer, Row
+from harvester.events import Row
 from harvester.options import option
 from harvester.sinks import cql
-from harvester.sinks.base import Forgotten, PartialWrite, StoreError, shown, write_taken
+from harvester.sinks.base import Batch, Forgotten, PartialWrite, StoreError, shown, write_taken
 
 log = logging.getLogger(__name__)
 RETRY_LOG_REPEAT = 60.0  # a storm of retried writes is logged once, then at most this often
@@ -531,7 +531,7 @@ class CassandraStore:
             note += f"\nharvester: warning: the keyspace already existed and writes will fail: {problem}"
         return statements, note
 
-    def flush(self, sink: Coalescer) -> int:
+    def flush(self, sink: Batch) -> int:
         return write_taken(sink, self)
 
     def close(self) -> None:

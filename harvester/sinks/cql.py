@@ -11,7 +11,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from harvester.coalesce import Row
+from harvester.events import Row
 
 if TYPE_CHECKING:
     from harvester.sinks.cassandra import CassandraOptions

@@ -11,12 +11,12 @@ import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from harvester import native
-from harvester.coalesce import Coalescer, Row
+from harvester.events import Row
 from harvester.options import choice, option
-from harvester.sinks.base import Forgotten, StoreError, write_taken
+from harvester.sinks.base import Batch, Forgotten, StoreError, write_taken
 from harvester.timeparse import rfc3339
 
 SCHEMA = """
@@ -137,7 +137,7 @@ class SqliteStore:
             self.db.executescript(SCHEMA)
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"{self.path}: cannot open SQLite store: {e}") from None
-        self._writer = None
+        self._writer: Any = None  # harvester._fastscan.SqliteWriter, made at the first native flush
 
     @staticmethod
     def schema(url: str, options: SqliteOptions) -> list[str]:
@@ -147,31 +147,28 @@ class SqliteStore:
         """The tables are made when the store opens; nothing is left to do."""
         return self.schema(self.url, SqliteOptions()), f"-- created what was missing in {self.url}"
 
-    def flush(self, sink: Coalescer) -> int:
+    def flush(self, sink: Batch) -> int:
         """Write and empty what `sink` gathered; on a failure the sink keeps it.
 
         Native tables go straight into SQLite through the native writer (same upserts, no
         Python row per key, about a third less time), merged with the sink's runs as they are
         written; anything else goes through `write`.
         """
-        fs = native.fastscan
-        if (fs is None or not isinstance(sink.logins, fs.Table) or not isinstance(sink.others, fs.Table)
-                or sink.pending):  # rows an earlier failed write put back are rows, not table entries
+        tables = sink.native_tables()
+        if tables is None:
             return write_taken(sink, self)
         try:
             if self._writer is None:
-                self._writer = fs.SqliteWriter(str(self.path), UPSERT_LOGIN, self.upsert_event, PRAGMAS,
-                                               int(BUSY_SECONDS * 1000))
-            written, bad = self._writer.write(sink.logins, sink.others, [r[0] for r in sink.runs],
-                                              [r[1] for r in sink.runs])
+                self._writer = native.fastscan.SqliteWriter(str(self.path), UPSERT_LOGIN, self.upsert_event, PRAGMAS,
+                                                            int(BUSY_SECONDS * 1000))
+            written, bad = self._writer.write(tables.logins, tables.others, tables.login_runs, tables.other_runs)
         except RuntimeError as e:
             raise StoreError(self._failure(e)) from None
-        sink.runs = []
-        sink.note_bad_users(bad)
+        sink.tables_written(bad)
         return written
 
     def write(self, rows: list[Row]) -> int:
-        # Rows in key order (as Coalescer.take gives them) make the B-tree inserts sequential: about
+        # Rows in key order (as Batch.take gives them) make the B-tree inserts sequential: about
         # twice as fast for large batches. Any order is correct: of two rows of one key, the later wins.
         logins, events = _params(rows)
         try:
