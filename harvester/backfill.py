@@ -23,8 +23,11 @@ from harvester.coalesce import Coalescer
 from harvester.config import Settings
 from harvester.parse import Networks, Parser, rawlog_logins
 from harvester.sinks.base import Store, flush
-from harvester.sources import archive, rawlog
-from harvester.sources.archive import ArchiveError, Text, expand, line_blocks, raw_chunks
+from harvester.sources import archive, compression, rawlog, readahead
+from harvester.sources.archive import line_blocks
+from harvester.sources.base import Text
+from harvester.sources.compression import ArchiveError, raw_chunks
+from harvester.sources.rotation import expand
 from harvester.timeparse import Clock, resolve_timezone
 
 log = logging.getLogger(__name__)
@@ -121,11 +124,11 @@ def _in_sequence(files: list[Path], parser: Parser, sink: Coalescer, settings: S
     kinds: list[bool | str] = []
     for path in files:
         try:
-            kinds.append(archive.compressed(path))
+            kinds.append(compression.compressed(path))
         except ArchiveError as e:
             kinds.append(str(e))
     makes = [archive.inflated(p, settings.max_line_bytes) for p, k in zip(files, kinds, strict=True) if k is True]
-    reader = archive.ReadAhead(makes) if makes else None
+    reader = readahead.ReadAhead(makes) if makes else None
     try:
         store = open_store()
         n = 0

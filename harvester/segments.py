@@ -31,7 +31,8 @@ from harvester.coalesce import Coalescer
 from harvester.events import DELIVERY
 from harvester.parse import MAX_USER_BYTES, Parser, Stats
 from harvester.sessions import Sessions
-from harvester.sources.archive import ArchiveError, sniff, texts
+from harvester.sources.archive import texts
+from harvester.sources.compression import ArchiveError, sniff
 from harvester.timeparse import FUTURE_TOLERANCE_S, Clock
 
 log = logging.getLogger(__name__)

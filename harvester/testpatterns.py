@@ -18,7 +18,7 @@ from harvester.coalesce import Coalescer
 from harvester.config import Settings
 from harvester.escape import for_terminal
 from harvester.parse import Parser
-from harvester.sources.archive import ArchiveError, raw_chunks
+from harvester.sources.compression import ArchiveError, raw_chunks
 from harvester.timeparse import Clock, resolve_timezone, rfc3339
 
 SAMPLES = 5

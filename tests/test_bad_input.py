@@ -128,7 +128,7 @@ def test_unknown_login_shape_is_counted_as_not_understood(tmp_path, store_url, c
 
 def test_permission_denied_even_as_root_via_the_open_seam(tmp_path, store_url, capsys, monkeypatch):
     """The same scenario where tests run as root: the file opens with EACCES."""
-    from harvester.sources import archive
+    from harvester.sources import compression
 
     locked = tmp_path / "maillog.1"
     locked.write_bytes(login(2))
@@ -141,7 +141,7 @@ def test_permission_denied_even_as_root_via_the_open_seam(tmp_path, store_url, c
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *a, **k)
 
-    monkeypatch.setattr(archive, "open", guarded, raising=False)
+    monkeypatch.setattr(compression, "open", guarded, raising=False)
     assert run_cli("backfill", "--store", store_url, "--year", "2026", "--workers", "1", str(locked), str(good)) == 1
     assert f"{locked}: cannot open: Permission denied" in capsys.readouterr().err
     assert users(store_url, capsys) == {"u1"}

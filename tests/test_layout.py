@@ -12,7 +12,8 @@ import pytest
 PACKAGE = Path(__file__).parent.parent / "harvester"
 FOUNDATION = {"events", "timeparse", "escape", "metrics", "native", "options", "checkpoint"}
 STAGES = [  # in data-flow order
-    {"sources", "sources.base", "sources.archive", "sources.tail", "sources.rawlog"},
+    {"sources", "sources.base", "sources.compression", "sources.readahead", "sources.rotation", "sources.archive",
+     "sources.tail", "sources.rawlog"},
     {"patterns", "parse"},
     {"sessions"},
     {"coalesce"},

@@ -8,7 +8,7 @@ kind has, and hands out Blocks of complete lines. `positions()` is what a checkp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from harvester.checkpoint import FileId, Position
 
@@ -21,6 +21,18 @@ class Block:
     offset: int
     file: FileId
     end: int
+
+
+Lines = tuple[int, bytes, int]  # (decompressed offset, complete lines, compressed bytes read so far)
+
+
+class Text(NamedTuple):
+    """Lines as Parser.feed_text takes them: data[0] is b"\n", the lines are data[1:end]."""
+
+    offset: int  # where data[1] is in the (decompressed) file
+    data: bytes
+    end: int
+    read: int  # how far the reader is in the file as stored (compressed bytes): for progress bars
 
 
 def ignored(_: object) -> None:

@@ -42,9 +42,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from harvester.checkpoint import HEAD_BYTES, FileId, Position, head_of, identify, still_same
-from harvester.sources import archive
-from harvester.sources.archive import ArchiveError, drop_long_lines, line_blocks, raw_chunks, rotation_key, sniff
+from harvester.sources import archive, compression
+from harvester.sources.archive import drop_long_lines, line_blocks
 from harvester.sources.base import Block, ignored
+from harvester.sources.compression import ArchiveError, raw_chunks, sniff
+from harvester.sources.rotation import rotation_key
 
 log = logging.getLogger(__name__)
 READ_BYTES = 4 << 20  # one read of a plain file
@@ -80,7 +82,7 @@ class _Archive:
     f: BinaryIO
     size: int  # compressed bytes
     blocks: Generator[tuple[int, bytes, int], None, None] | None = None
-    progress: archive.ReadProgress = field(default_factory=archive.ReadProgress)
+    progress: compression.ReadProgress = field(default_factory=compression.ReadProgress)
     done: bool = False  # read to its end (finished once the files before it are)
 
 
@@ -506,10 +508,11 @@ def _rotated(path: Path) -> list[_Sibling]:
         names = glob.glob(glob.escape(str(path)) + ".*") + glob.glob(glob.escape(str(path)) + "-*")
         out: dict[str, _Sibling] = {}
         vanished = False
-        for name in sorted(names, key=lambda n: (archive.strip_compression(n), n != archive.strip_compression(n))):
+        plain = compression.strip_compression
+        for name in sorted(names, key=lambda n: (plain(n), n != plain(n))):
             p = Path(name)
             key = rotation_key(p)
-            if key[1] != path.name or key[2] == 2 or archive.strip_compression(name) in out:
+            if key[1] != path.name or key[2] == 2 or compression.strip_compression(name) in out:
                 continue
             try:
                 sib = _peek(p)
@@ -517,7 +520,7 @@ def _rotated(path: Path) -> list[_Sibling]:
                 vanished = True
                 continue
             if sib is not None:
-                out[archive.strip_compression(name)] = sib
+                out[compression.strip_compression(name)] = sib
         if not vanished:
             break
     return sorted(out.values(), key=lambda s: rotation_key(s.path))

@@ -12,15 +12,10 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from harvester.sources.archive import (
-    ArchiveError,
-    expand,
-    line_blocks,
-    plain_texts,
-    raw_chunks,
-    read_ahead,
-    rotation_key,
-)
+from harvester.sources.archive import line_blocks, plain_texts
+from harvester.sources.compression import ArchiveError, raw_chunks
+from harvester.sources.readahead import read_ahead
+from harvester.sources.rotation import expand, rotation_key
 
 BODY = b"".join(b"line %d " % i + b"x" * (i % 50) + b"\n" for i in range(20000))
 COMPRESS = {"": bytes, ".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress,
@@ -101,9 +96,10 @@ def test_expand_reports_missing_files_and_directories_without_raising(tmp_path):
 def test_read_ahead_hands_blocks_long_lines_and_damage_to_the_parser_in_order(tmp_path, monkeypatch, slot):
     """The helper process's blocks, long-line reports and the error after them arrive as produced, each
     block with the parser's newline in front, whether it came through the shared ring or the pipe."""
-    from harvester.sources import archive
+    from harvester.sources import readahead
 
-    monkeypatch.setattr(archive, "SLOT", slot)
+    monkeypatch.setattr(readahead, "SLOT", slot)
+
     def produce(report):
         yield 0, b"a\n", 10
         report(2)
