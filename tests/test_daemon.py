@@ -255,6 +255,9 @@ def test_rows_a_write_has_taken_out_of_its_batch_count_as_waiting_until_their_sl
     class Store:
         url = "memory:"
 
+        def flush(self, sink: Coalescer) -> int:
+            return base.write_taken(sink, self)
+
         def write(self, rows: list) -> int:
             seen.append(writer.in_flight())
             return len(rows)

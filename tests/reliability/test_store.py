@@ -21,7 +21,7 @@ from prometheus_client import REGISTRY
 from harvester import native
 from harvester.coalesce import Coalescer, Row
 from harvester.sinks import PartialWrite, base, open_store
-from harvester.sinks.base import StoreError, flush, shown
+from harvester.sinks.base import StoreError, flush, shown, write_taken
 from tests import daemon_kit
 from tests.conftest import ROOT, PrivateNode, run_cli
 from tests.sinks.test_cassandra import fresh, settings_for
@@ -326,6 +326,9 @@ class SliceStore:
         self.fail: list[str | None] = []
         self.stored = 0
         self.seen: list[dict] = []  # per write: its rows, the sink's waiting(), what stayed in its tables, ...
+
+    def flush(self, sink: Coalescer) -> int:
+        return write_taken(sink, self)
 
     def write(self, rows: list[Row]) -> int:
         self.seen.append({"rows": len(rows), "waiting": self.sink.waiting(), "pending": len(self.sink.pending),
