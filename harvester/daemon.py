@@ -19,7 +19,6 @@ import glob
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from collections import Counter
@@ -28,41 +27,26 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from harvester import metrics, native, patterns
+from harvester import metrics, native, patterns, systemd
 from harvester.checkpoint import Checkpoints, Position, State, StateInUse, lock_state_dir
 from harvester.coalesce import Coalescer, SetAside
 from harvester.config import Settings, state_dir
 from harvester.parse import Networks, Parser, rawlog_logins
 from harvester.sessions import Sessions
-from harvester.sinks.base import Store, StoreError, flush
+from harvester.sinks.base import Store
 from harvester.sources import Block, LineSource, open_source, rawlog
 from harvester.timeparse import Clock, resolve_timezone
+from harvester.writer import Batch, Writer
 
 if TYPE_CHECKING:
     from watchdog.observers.api import BaseObserver
 
 log = logging.getLogger(__name__)
-BACKOFF_MAX = 5.0  # a store that comes back is written to within this many seconds
 STOP_DEADLINE = 8.0  # seconds SIGTERM waits for the last write (systemd's TimeoutStopSec is longer)
-OUTAGE_REPEAT = 60.0  # while the store is down, say so again this often
 GLOB_RESCAN = 10.0  # seconds between looks for new files matching the followed globs
 SESSIONS_KEPT = 5000  # POP3 logins saved with a checkpoint, for deletions logged after a restart
 MIN_CYCLE = 0.1  # seconds: file notifications arrive per write; reading in bursts is cheaper
 RAWLOG_RIPE = timedelta(seconds=3)  # a rawlog session is taken this long after its start
-
-
-def notify(message: str) -> None:
-    """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET (nothing outside systemd)."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.sendto(message.encode(), addr)
-    except OSError as e:
-        log.debug("sd_notify %r: %s", message, e)
 
 
 @dataclass
@@ -76,128 +60,6 @@ class Followed:
     undecided_said: bool = False  # "no Dovecot line yet" was logged
     ref_minute: int = 0
     seen: dict = field(default_factory=dict)  # last stats pushed to the metrics
-
-
-@dataclass
-class Batch:
-    """What one write takes: the rows coalesced since the previous batch, and the checkpoint that
-    becomes true once the store acknowledged them (an empty batch only moves the checkpoint)."""
-
-    sink: Coalescer
-    state: State
-    read_at: list[float]  # monotonic read times of the blocks whose rows it holds
-
-
-class Writer(threading.Thread):
-    """Writes batches off the loop thread, one at a time: a store that is slow, locked or down never stops
-    reading, the watchdog or /metrics. A failed batch keeps the rows the store did not take and is retried
-    with backoff until it is stored, or the daemon stops (its checkpoint then stays unsaved: a replay)."""
-
-    def __init__(self, store: Store, checkpoints: Checkpoints, wake: threading.Event) -> None:
-        super().__init__(name="harvester-writer", daemon=True)
-        self.store = store
-        self.checkpoints = checkpoints
-        self.wake = wake  # the loop's: set when a batch is done, so the next one is cut at once
-        self.cond = threading.Condition()
-        self.batch: Batch | None = None
-        self.closing = False  # write what was handed over, then end
-        self.abandon = threading.Event()  # end now, even with a batch unwritten
-        self.store_up = True
-        self.down_since = 0.0
-        self.last_outage_log = 0.0
-        self.backoff = 0.0
-        self.newest_us = 0
-
-    # -- the loop thread's side -------------------------------------------------------
-    def idle(self) -> bool:
-        return self.batch is None
-
-    def in_flight(self) -> int:
-        """Rows handed over and not yet acknowledged (with those a write has taken out of the batch)."""
-        batch = self.batch
-        return batch.sink.waiting() if batch is not None else 0
-
-    def submit(self, batch: Batch) -> None:
-        with self.cond:
-            assert self.batch is None, "one batch at a time"
-            self.batch = batch
-            self.cond.notify_all()
-
-    def finish(self, seconds: float) -> bool:
-        """Write what was handed over within `seconds` (not retrying a store that is down), then end.
-        Returns whether everything handed over was stored."""
-        with self.cond:
-            self.closing = True
-            self.cond.notify_all()
-        if not self.store_up:
-            self.abandon.set()
-        self.join(seconds)
-        if self.is_alive():
-            self.abandon.set()
-            self.join(1.0)
-        return self.batch is None
-
-    # -- the writer thread -----------------------------------------------------------------
-    def run(self) -> None:
-        while not self.abandon.is_set():
-            with self.cond:
-                while self.batch is None and not self.closing:
-                    self.cond.wait()
-                batch = self.batch
-            if batch is None:
-                return
-            if self._attempt(batch):
-                with self.cond:
-                    self.batch = None
-                self.wake.set()
-            elif self.abandon.wait(self.backoff):
-                return
-
-    def _attempt(self, batch: Batch) -> bool:
-        waiting = len(batch.sink)
-        if waiting:
-            newest = batch.sink.newest()
-            t = time.monotonic()
-            try:
-                written = flush(batch.sink, self.store)
-            except Exception as e:  # StoreError, or anything unexpected: the rows stay, the daemon goes on
-                if not isinstance(e, StoreError):
-                    log.exception("unexpected error while writing to %s", self.store.url)
-                self._failed(e, len(batch.sink))
-                return False
-            metrics.WRITE_SECONDS.observe(time.monotonic() - t)
-            metrics.ROWS_WRITTEN.inc(written)
-            self.newest_us = max(self.newest_us, newest)
-            metrics.NEWEST.set(self.newest_us / 1e6)
-        now = time.monotonic()
-        for read_at in batch.read_at:
-            metrics.DELAY.observe(now - read_at)
-        if not self.store_up:
-            log.warning("store %s is back after %.0f s; caught up %d rows", self.store.url,
-                        now - self.down_since, waiting)
-        self.store_up, self.backoff = True, 0.0
-        metrics.STORE_UP.set(1)
-        try:
-            self.checkpoints.save(batch.state)
-        except OSError as e:  # the rows are stored; the next batch's checkpoint covers these lines too
-            log.error("%s: cannot save checkpoints: %s (they are saved again after the next write)",
-                      self.checkpoints.path, e)
-        return True
-
-    def _failed(self, e: Exception, waiting: int) -> None:
-        now = time.monotonic()
-        metrics.WRITE_ERRORS.inc()
-        metrics.STORE_UP.set(0)
-        if self.store_up:
-            log.error("store %s: %s; %d rows kept, checkpoints held, retrying with backoff", self.store.url, e,
-                      waiting)
-            self.store_up, self.down_since, self.last_outage_log = False, now, now
-        elif now - self.last_outage_log >= OUTAGE_REPEAT:
-            log.error("store %s still failing after %.0f s (%d rows in the batch being retried): %s",
-                      self.store.url, now - self.down_since, waiting, e)
-            self.last_outage_log = now
-        metrics.RETRIES.inc()
-        self.backoff = min(max(self.backoff * 2, 0.5), BACKOFF_MAX)
 
 
 class Daemon:
@@ -329,8 +191,8 @@ class Daemon:
             return 2
         self._watch()
         self.writer.start()
-        notify("READY=1\nSTATUS=following " + ", ".join(self.sources))
-        watchdog_every = _watchdog_interval()
+        systemd.notify("READY=1\nSTATUS=following " + ", ".join(self.sources))
+        watchdog_every = systemd.watchdog_interval()
         last_cut = last_scan = last_ping = time.monotonic()
         poll = self.settings.poll_interval_ms / 1000
         interval = self.settings.flush_interval_ms / 1000
@@ -360,7 +222,7 @@ class Daemon:
                     self._cut()
                     last_cut = now
                 if watchdog_every and now - last_ping >= watchdog_every and self.writer.is_alive():
-                    notify("WATCHDOG=1")
+                    systemd.notify("WATCHDOG=1")
                     last_ping = now
                 self._gauges()
                 if behind and self._waiting() < self.settings.max_waiting_rows:
@@ -375,7 +237,7 @@ class Daemon:
                 self.wake.wait(timeout)
                 self.wake.clear()
         finally:
-            notify("STOPPING=1")
+            systemd.notify("STOPPING=1")
             self._shutdown()
         return 0
 
@@ -513,7 +375,7 @@ class Daemon:
     def _reload(self) -> None:
         """SIGHUP: re-read the config file and pattern packs; positions and open sessions carry over."""
         self.reloading = False
-        notify("RELOADING=1")
+        systemd.notify("RELOADING=1")
         try:
             new = self.reload_settings() if self.reload_settings else self.settings
             if new.store != self.settings.store:
@@ -527,7 +389,7 @@ class Daemon:
             log.info("reloaded configuration and pattern packs")
         except Exception as e:  # a bad config on reload must not stop a running daemon
             log.error("reload failed, keeping the previous configuration: %s", e)
-        notify("READY=1")
+        systemd.notify("READY=1")
 
     def _shutdown(self) -> None:
         """SIGTERM: a last write and checkpoint if the store takes them within STOP_DEADLINE, then close.
@@ -552,12 +414,3 @@ class Daemon:
 def _rotated(path: str, how: str) -> None:
     metrics.ROTATIONS.labels(path, how).inc()
     log.info("%s: rotated (%s)", path, how)
-
-
-def _watchdog_interval() -> float:
-    """Half of systemd's WatchdogSec (WATCHDOG_USEC), or 0 when the watchdog is off."""
-    usec = os.environ.get("WATCHDOG_USEC")
-    pid = os.environ.get("WATCHDOG_PID")
-    if not usec or (pid and pid != str(os.getpid())):
-        return 0.0
-    return int(usec) / 2e6

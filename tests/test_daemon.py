@@ -241,10 +241,10 @@ def test_rows_a_write_has_taken_out_of_its_batch_count_as_waiting_until_their_sl
     the slice under way still count, each stored slice leaves the count, none reads 0 before the end."""
     import threading
 
-    from harvester import daemon
     from harvester.checkpoint import Checkpoints, State
     from harvester.coalesce import Coalescer
     from harvester.sinks import base
+    from harvester.writer import Batch, Writer
 
     monkeypatch.setattr(base, "WRITE_ROWS", 1000)
     sink = Coalescer()
@@ -262,9 +262,9 @@ def test_rows_a_write_has_taken_out_of_its_batch_count_as_waiting_until_their_sl
             seen.append(writer.in_flight())
             return len(rows)
 
-    writer = daemon.Writer(Store(), Checkpoints(tmp_path), threading.Event())
+    writer = Writer(Store(), Checkpoints(tmp_path), threading.Event())
     writer.start()
-    writer.submit(daemon.Batch(sink, State(), []))
+    writer.submit(Batch(sink, State(), []))
     assert writer.finish(10)
     assert seen == [3500, 2500, 1500, 500] and writer.in_flight() == 0
     assert (tmp_path / "checkpoints.json").exists()

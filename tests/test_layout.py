@@ -19,7 +19,7 @@ STAGES = [  # in data-flow order
     {"coalesce"},
     {"sinks", "sinks.base", "sinks.sqlite", "sinks.cassandra", "sinks.cql"},
 ]
-TOP = {"cli", "__main__", "config", "daemon", "backfill", "segments", "testpatterns"}
+TOP = {"cli", "__main__", "config", "daemon", "writer", "systemd", "backfill", "segments", "testpatterns"}
 
 
 def modules() -> list[str]:
