@@ -8,16 +8,14 @@ the two or to rule it out.
 
 from __future__ import annotations
 
-import importlib
 import os
-from typing import Any
 
 ENGINE = os.environ.get("HARVESTER_ENGINE", "auto")
-fastscan: Any  # the compiled module (its API: harvester/_fastscan.pyi), or None
+# The compiled module, typed by harvester/_fastscan.pyi for its callers (they check enabled() first), or None.
 try:
-    fastscan = importlib.import_module("harvester._fastscan")
+    from harvester import _fastscan as fastscan
 except ImportError:  # built without cargo
-    fastscan = None
+    fastscan = None  # type: ignore[assignment]
 
 
 def enabled() -> bool:

@@ -181,14 +181,15 @@ class Parser:
 
     def _native(self, compiled: Compiled):
         """The native scanner for one compiled (pack, prefix), or None to parse in Python."""
-        if not native.enabled():
+        lmtp = self.sessions.lmtp
+        if not native.enabled() or not isinstance(lmtp, native.fastscan.Sessions):  # sessions made without it
             return None
         specs = [(idx, spec.kind, spec.service, dict(zip(FIELDS, spec.fields, strict=True)), spec.extras)
                  for idx, spec in compiled.specs.items()]
         try:
             return native.fastscan.Scanner(
                 compiled.regex.pattern.decode("utf-8"), specs, _SERVICE, WEBMAIL,
-                self.sessions.lmtp, self.sessions.login_ip, self._join_services,
+                lmtp, self.sessions.login_ip, self._join_services,
                 self.webmail.__contains__ if self.webmail.nets else None, self.node, drop_oldest, self.sessions.limit,
                 self.max_user)
         except (ValueError, UnicodeDecodeError) as e:  # a regex only Python's engine takes: slower, not wrong
