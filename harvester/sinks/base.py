@@ -153,6 +153,7 @@ def write_taken(sink: Batch, store: Store) -> int:
         try:
             done += store.write(part)
             failed = []
+            metrics.STORE_UP.set(1)  # a slice was acknowledged: the store is up, however much is left to write
         except PartialWrite as e:
             set_aside(store.url, e.refused)
             failed = e.failed

@@ -453,3 +453,28 @@ def test_the_daemon_module_runs_from_this_checkout():
     out = subprocess.run([sys.executable, "-c", "import harvester; print(harvester.__file__)"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     assert out.strip().startswith(str(ROOT))
+
+
+def test_the_store_counts_as_up_from_its_first_acknowledged_slice_of_a_long_catch_up(monkeypatch):
+    """After an outage the writer works through everything that waited, a slice at a time (a minute for
+    500,000 rows into Cassandra here): harvester_store_up must say 1 as soon as one slice is stored, not
+    only after the last."""
+    from harvester import metrics
+    from harvester.sinks import base
+
+    monkeypatch.setattr(base, "WRITE_ROWS", 1000)
+    sink = Coalescer()
+    for i in range(3000):
+        sink.logins.put(f"u{i}".encode(), "imap", T0 + i, 0, b"192.0.2.1", b"mx1", "imap")
+    seen: list[float] = []
+
+    class Store:
+        url = "memory:"
+
+        def write(self, rows: list[Row]) -> int:
+            seen.append(metrics.STORE_UP._value.get())
+            return len(rows)
+
+    metrics.STORE_UP.set(0)
+    assert write_taken(sink, Store()) == 3000
+    assert seen == [0, 1, 1]
