@@ -79,13 +79,14 @@ class ReadAhead:
         self.ended = True  # the current file's _END or _ERROR was read
 
     def texts(self, index: int, on_long_line: Callable[[int], None]) -> Iterator[Text]:
-        """The texts of the index-th file (in the order given; a file not read to its end is skipped)."""
+        """The texts of the index-th file (in the order given). Files before it that nobody read, or read
+        to their end, are skipped: their messages are drained (slots given back), not handed on."""
         if self.at < index:
             self.ended = True  # what is left of the file before (its reader stopped early) is dropped
         while self.at < index:
             kind, _, a, _, _ = self._next(on_long_line)
             if kind == _FILE:
-                self.at, self.ended = a, False
+                self.at, self.ended = a, a != index  # a file before `index`: skipped too
         if self.at != index or self.ended:
             raise ValueError(f"file {index} of a read-ahead was read already")
         while True:
@@ -105,23 +106,25 @@ class ReadAhead:
                 return
 
     def _next(self, on_long_line: Callable[[int], None]) -> tuple[int, int, int, int, int]:
-        """The next message but long-line reports (handed to on_long_line); a skipped file's data is dropped."""
+        """The next message of the file being read, but long-line reports (handed to on_long_line); what a
+        skipped file sends is dropped (its slots given back), up to the next file's header."""
         while True:
             head = self.f.read(_HEAD.size)
             if len(head) < _HEAD.size:
                 raise ArchiveError("the reader process ended unexpectedly", partial=True)
             kind, slot, a, b, n = _HEAD.unpack(head)
-            if kind == _LONG:
-                on_long_line(a)
-                continue
-            if self.ended or kind == _FILE:
-                if kind == _SLOT:  # a file nobody reads (see texts): give its slot back
+            if kind == _FILE:
+                return kind, slot, a, b, n
+            if self.ended:  # a file nobody reads (see texts)
+                if kind == _SLOT:
                     with contextlib.suppress(BrokenPipeError):
                         os.write(self.free_w, bytes((slot,)))
                 elif kind in (_BLOCK, _ERROR):
                     self.f.read(n)
-                if kind != _FILE:
-                    continue
+                continue
+            if kind == _LONG:
+                on_long_line(a)
+                continue
             return kind, slot, a, b, n
 
     def close(self) -> None:

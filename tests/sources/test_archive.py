@@ -208,3 +208,33 @@ def test_a_plain_file_that_cannot_be_opened_is_damage_with_nothing_used(tmp_path
     with pytest.raises(ArchiveError, match="cannot open") as e:
         list(plain_texts(tmp_path / "gone", max_line=1024, on_long_line=print))
     assert not e.value.partial
+
+
+@pytest.mark.parametrize("slot", [1 << 20, 64])
+def test_one_read_ahead_for_several_files_skips_a_file_nobody_reads_and_hands_on_the_next(tmp_path, monkeypatch,
+                                                                                          slot):
+    """A backfill's one helper reads every compressed file in turn; a file the backfill skips (deleted by
+    logrotate after it was listed, unreadable) must not hold the helper up nor leak into the next file: its
+    blocks (through the ring or, larger than a slot, the pipe), long-line reports and errors are dropped."""
+    from harvester.sources import readahead
+
+    monkeypatch.setattr(readahead, "SLOT", slot)
+
+    def make(tag: bytes, blocks: int, fail: bool = False):
+        def produce(report):
+            for i in range(blocks):
+                report(i)
+                yield i * 100, tag * 150, i
+            if fail:
+                raise ArchiveError(f"{tag.decode()} ends early", partial=True)
+        return produce
+
+    helper = readahead.ReadAhead([make(b"a", 2), make(b"b", 6, fail=True), make(b"c", 2)])
+    longs: list[int] = []
+    try:
+        first = [t.data[1:t.end] for t in helper.texts(0, longs.append)]
+        last = [t.data[1:t.end] for t in helper.texts(2, longs.append)]  # file 1 skipped
+    finally:
+        helper.close()
+    assert first == [b"a" * 150] * 2 and last == [b"c" * 150] * 2
+    assert longs == [0, 1, 0, 1]  # a's and c's, none of b's
