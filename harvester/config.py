@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from harvester.options import Option, choice, cidrs, declared, listen, option, paths, text, whole
 from harvester.parse import MAX_USER_BYTES
 from harvester.sinks import STORES, store_options
+from harvester.sinks.base import StoreOptions
 from harvester.timeparse import FUTURE_TOLERANCE_S
 
 DEFAULT_CONFIG = Path("/etc/harvester/harvester.toml")
@@ -41,7 +42,7 @@ def _store(v: Any) -> str | None:
     if v is None:
         return None
     s = text(v)
-    if s.split(":", 1)[0] not in STORES:
+    if not any(s.startswith(cls.URL_PREFIX) for cls in STORES.values()):
         raise ValueError("expected " + " or ".join(cls.URL_HELP for cls in STORES.values()))
     return s
 
@@ -138,15 +139,27 @@ class Settings:
 
 
 # key -> (store Options class or None for Settings itself, field name, Option)
-_BY_KEY: dict[str, tuple[type | None, str, Option]] = {
+def _own(group: type[StoreOptions] | None, key: str) -> bool:
+    """Whether `key` is a store's own setting (it carries the store's prefix)."""
+    return group is not None and bool(group.PREFIX) and key.startswith(group.PREFIX)
+
+
+_DECLARED: list[tuple[type[StoreOptions] | None, str, str, Option]] = [(group, name, key, opt)
+             for group, prefix in [(None, ""), *((cls, cls.PREFIX) for cls in store_options())]
+             for name, key, opt in declared(Settings if group is None else group, prefix)]
+# In --help and error messages: the general settings, each store's own (prefixed), then the few that several
+# stores read (event_rows, event_ttl_days).
+_BY_KEY: dict[str, tuple[type[StoreOptions] | None, str, Option]] = {
     key: (group, name, opt)
-    for group, prefix in [(None, ""), *((cls, cls.PREFIX) for cls in store_options())]
-    for name, key, opt in declared(Settings if group is None else group, prefix)
+    for group, name, key, opt in sorted(_DECLARED, key=lambda d: (
+        0 if d[0] is None else 1 if _own(d[0], d[2]) else 2, "" if d[0] is None or _own(d[0], d[2]) else d[2]))
 }
 OPTIONS: tuple[Option, ...] = tuple(opt for _, _, opt in _BY_KEY.values())
 BY_KEY = {o.key: o for o in OPTIONS}
 _LISTS = ("patterns_dir", "follow", "rawlog")  # flags that may be given more than once
-STORE_KEYS = tuple(key for key, (group, _, _) in _BY_KEY.items() if group is not None)
+# The flags of the commands that open a store but read no logs (lookup, export, forget, schema): each store's
+# own prefixed settings (a store's unprefixed ones, event_rows and event_ttl_days, concern writing rows).
+STORE_KEYS = tuple(key for key, (group, _, _) in _BY_KEY.items() if _own(group, key))
 
 
 def config_path(explicit: str | None) -> Path | None:

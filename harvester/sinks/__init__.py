@@ -18,7 +18,7 @@ from harvester.sinks.sqlite import SqliteStore
 if TYPE_CHECKING:
     from harvester.config import Settings
 
-# URL scheme -> store class (its module is imported here; heavy drivers load when a store opens).
+# URL scheme -> store class (its URL_PREFIX) (its module is imported here; heavy drivers load when a store opens).
 STORES: dict[str, StoreClass] = {
     "sqlite": SqliteStore,
     "cassandra": CassandraStore,
@@ -40,7 +40,7 @@ def default_url() -> str:
 
 def store_class(url: str) -> StoreClass:
     """The class that opens `url`, by its scheme."""
-    cls = STORES.get(url.split(":", 1)[0])
+    cls = next((c for c in STORES.values() if url.startswith(c.URL_PREFIX)), None)
     if cls is None:
         raise StoreError(f"unknown store URL {url!r}: use " + " or ".join(c.URL_HELP for c in STORES.values()))
     return cls

@@ -121,6 +121,11 @@ class StoreClass(Protocol):
         """The URL forms it opens, for error messages."""
         ...
 
+    @property
+    def URL_PREFIX(self) -> str:  # noqa: N802
+        """How its URLs begin (the registry's and the config check's test)."""
+        ...
+
     def __call__(self, url: str, options: Any, *, create: bool = True) -> Store: ...
 
     def schema(self, url: str, options: Any) -> list[str]:

@@ -181,7 +181,8 @@ class CassandraStore:
     """Last-login rows in a Cassandra keyspace, in the layout the settings choose."""
 
     Options = CassandraOptions
-    URL_HELP = "cassandra://host1,host2[:port]/keyspace"
+    URL_HELP = "cassandra://host/keyspace"
+    URL_PREFIX = "cassandra://"
 
     def __init__(self, url: str, options: CassandraOptions | None = None, *, create: bool = True) -> None:
         from cassandra import ConsistencyLevel

@@ -120,6 +120,7 @@ class SqliteStore:
 
     Options = SqliteOptions
     URL_HELP = "sqlite:///relative.db, sqlite:////absolute.db"
+    URL_PREFIX = "sqlite:///"
 
     def __init__(self, url: str, options: SqliteOptions | None = None, *, create: bool = True) -> None:
         self.url = url
@@ -141,7 +142,7 @@ class SqliteStore:
 
     @staticmethod
     def schema(url: str, options: SqliteOptions) -> list[str]:
-        return [*(stmt.strip() for stmt in SCHEMA.split(";\n") if stmt.strip()), LOOKUP_SQL.strip()]
+        return [SCHEMA.strip().removesuffix(";"), LOOKUP_SQL.strip()]
 
     def apply_schema(self) -> tuple[list[str], str]:
         """The tables are made when the store opens; nothing is left to do."""
