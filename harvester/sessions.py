@@ -94,19 +94,23 @@ class Sessions:
 
     # -- checkpoints ---------------------------------------------------------------------
     def snapshot(self, login_ips: int) -> dict:
-        """Open LMTP sessions (address and deliveries so far: a Disconnect read after a restart may re-stamp
-        them) and the newest `login_ips` login addresses by pid, JSON-friendly (a checkpoint's)."""
-        lmtp = {pid.hex(): [_hex(ip), [[_hex(user), t, digits, *_node(node)] for user, t, digits, node in done]]
-                for pid, (ip, done) in self.lmtp.open().items()}
+        """Open LMTP sessions (address, and in "lmtp_deliveries" the deliveries so far: a Disconnect read
+        after a restart may re-stamp them) and the newest `login_ips` login addresses by pid, JSON-friendly
+        (a checkpoint's). "lmtp" keeps the earlier versions' form, so a downgrade still reads it."""
+        open_ = self.lmtp.open().items()
+        lmtp = {pid.hex(): _hex(ip) for pid, (ip, _) in open_}
+        deliveries = {pid.hex(): [[_hex(user), t, digits, *_node(node)] for user, t, digits, node in done]
+                      for pid, (_, done) in open_ if done}
         recent = list(self.login_ip.items())[-login_ips:]
         login = [[svc, pid.hex(), _hex(ip)] for (svc, pid), ip in recent]
-        return {"lmtp": lmtp, "login_ip": login}
+        return {"lmtp": lmtp, "lmtp_deliveries": deliveries, "login_ip": login}
 
     def restore(self, d: dict) -> None:
-        """Take back what `snapshot` gave (a restart from a checkpoint; one of the previous version keeps each
-        session's address only)."""
+        """Take back what `snapshot` gave (a restart from a checkpoint; one of an earlier version has no
+        deliveries)."""
+        deliveries = d.get("lmtp_deliveries", {})
         for pid, session in d.get("lmtp", {}).items():
-            ip, done = session if isinstance(session, list) else (session, [])
+            ip, done = session if isinstance(session, list) else (session, deliveries.get(pid, []))
             self.lmtp.start(bytes.fromhex(pid), _unhex(ip))
             for user, t, digits, node_hex, node_text in done:
                 node = node_text if node_hex is None else bytes.fromhex(node_hex)

@@ -105,6 +105,8 @@ def test_xclient_restamp_after_a_restart_reaches_deliveries_read_before_the_chec
     restarted = Parser(PACK, node="n1")
     restarted.sessions.restore(saved)
     assert restarted.sessions.snapshot(5000) == saved
+    # The earlier versions' form stays readable by them (a downgrade): pid -> the address's hex, or None.
+    assert saved["lmtp"] == {b"43268".hex(): b"127.0.0.1".hex()}
     restarted.begin("maillog", "syslog", Clock("bsd", UTC, year=2026))
     replay = Coalescer()
     restarted.feed(after, replay)
