@@ -102,7 +102,7 @@ def run(paths: list[str], settings: Settings, open_store: Callable[[], Store], *
                 summary.rows_written += flush(sink, store)
         summary.rows_written += flush(sink, store)
         summary.store_url = store.url
-        summary.skipped = Counter(getattr(store, "skipped", None) or {})
+        summary.skipped = Counter(store.skipped())
     finally:
         if store is not None:
             store.close()

@@ -12,7 +12,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from harvester import native, patterns
+from harvester import patterns
 from harvester.backfill import make_parser
 from harvester.coalesce import Coalescer
 from harvester.config import Settings
@@ -110,11 +110,12 @@ def report(path: Path, settings: Settings, *, max_events: int = 20, out=None) ->
     # list from a traced run of Python's. Both must agree, or the pack means two things.
     clock = Clock(pack.prefixes[prefix].style, resolve_timezone(settings.timezone), year=settings.year,
                   reference=path.stat().st_mtime, tolerance=settings.future_tolerance_s)
-    rows = _parsed(make_parser(settings), path, prefix, clock, data, Coalescer()).take()
+    backfills = make_parser(settings)
+    rows = _parsed(backfills, path, prefix, clock, data, Coalescer()).take()
     traced = _parsed(parser, path, prefix, clock, data, Coalescer(trace=True))
     events = traced.events()
-    engine = "native (PCRE2 JIT), as backfill and run use" if native.enabled() else \
-        "Python's re (the native module is not built)"
+    engine = "native (PCRE2 JIT), as backfill and run use" if backfills.engine == "native" else \
+        "Python's re, as backfill and run use (the native module is not built, or PCRE2 refused the pack)"
     print(f"\nengine:  {engine}", file=out)
     print(f"events:  {len(events):,} (showing {min(max_events, len(events))})", file=out)
     for event in events[:max_events]:

@@ -75,6 +75,10 @@ class Store(Protocol):
         the sink keeps what was not acknowledged, for a retry."""
         ...
 
+    def skipped(self) -> dict[str, int]:
+        """Rows the store has no place for, by service or kind (a Cassandra layout without their column)."""
+        ...
+
     def apply_schema(self) -> tuple[list[str], str]:
         """Create what is missing; returns the schema as `schema` gives it, and a note for the operator
         (what was created, how; a warning when writes are bound to fail)."""

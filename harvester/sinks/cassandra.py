@@ -197,7 +197,7 @@ class CassandraStore:
             self.layout = cql.layout(o, self.keyspace)
         except ValueError as e:
             raise StoreError(str(e)) from None
-        self.skipped: Counter = Counter()  # rows the layout has no column for, by service or kind
+        self._skipped: Counter = Counter()  # rows the layout has no column for, by service or kind
         self._prepared: dict[str, object] = {}
         self._kinds = _kinds()
         self._retry_log = [float("-inf"), 0]  # (when last logged, retries since)
@@ -432,7 +432,7 @@ class CassandraStore:
         for r in rows:
             p = self.layout.params(r)
             if p is None:
-                self.skipped[r.service if r.kind == "login" else r.kind] += 1
+                self._skipped[r.service if r.kind == "login" else r.kind] += 1
                 continue
             key, params = p
             if req is None or req.items[0][0].user != r.user or (
@@ -534,6 +534,9 @@ class CassandraStore:
 
     def flush(self, sink: Batch) -> int:
         return write_taken(sink, self)
+
+    def skipped(self) -> dict[str, int]:
+        return dict(self._skipped)
 
     def close(self) -> None:
         self.cluster.shutdown()
