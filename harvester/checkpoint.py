@@ -1,72 +1,22 @@
-"""Where each followed file was read up to, saved only once the store acknowledged what came before.
+"""Where each followed file was read up to (sources/identity.py's Positions) and the sessions open there,
+saved only once the store acknowledged what came before.
 
-A position names a file by device, inode *and* a fingerprint of its first
-bytes, because inodes are reused: a new maillog can get the inode of one
-logrotate just deleted. The state file is replaced atomically (write, fsync,
-rename, fsync the directory), so a crash leaves either the old or the new one.
+The state file is replaced atomically (write, fsync, rename, fsync the directory), so a crash leaves
+either the old or the new one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from harvester.sources.identity import Position
+
 log = logging.getLogger(__name__)
-HEAD_BYTES = 256  # fingerprint length: the first line of a syslog file is almost always unique
 VERSION = 1
-
-
-@dataclass
-class FileId:
-    """One file's identity: (dev, ino) plus sha1 of its first `n` bytes (n < HEAD_BYTES while it is short)."""
-
-    dev: int
-    ino: int
-    head: str
-    n: int
-
-    def same_inode(self, st: os.stat_result) -> bool:
-        return self.dev == st.st_dev and self.ino == st.st_ino
-
-
-def head_of(data: bytes) -> tuple[str, int]:
-    """(fingerprint, length) of a file's first bytes."""
-    data = data[:HEAD_BYTES]
-    return hashlib.sha1(data, usedforsecurity=False).hexdigest(), len(data)
-
-
-def identify(fd: int) -> FileId:
-    """The identity of an open file."""
-    st = os.fstat(fd)
-    head, n = head_of(os.pread(fd, HEAD_BYTES, 0))
-    return FileId(st.st_dev, st.st_ino, head, n)
-
-
-def still_same(fid: FileId, fd: int) -> bool:
-    """Whether the file open as `fd` still starts with the bytes `fid` was taken from (copytruncate
-    and a regrown file change them)."""
-    if fid.n == 0:
-        return True
-    return head_of(os.pread(fd, fid.n, 0))[0] == fid.head
-
-
-@dataclass
-class Position:
-    """Read up to `offset` (a line boundary) of file `id`."""
-
-    id: FileId
-    offset: int
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict) -> Position:
-        return cls(FileId(**d["id"]), int(d["offset"]))
 
 
 @dataclass

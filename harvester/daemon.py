@@ -28,13 +28,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from harvester import metrics, native, patterns, systemd
-from harvester.checkpoint import Checkpoints, Position, State, StateInUse, lock_state_dir
+from harvester.checkpoint import Checkpoints, State, StateInUse, lock_state_dir
 from harvester.coalesce import Coalescer, SetAside
 from harvester.config import Settings, state_dir
 from harvester.parse import Networks, Parser, rawlog_logins
 from harvester.sessions import Sessions
 from harvester.sinks.base import Store
 from harvester.sources import Block, LineSource, open_source, rawlog
+from harvester.sources.identity import Position
 from harvester.timeparse import Clock, resolve_timezone
 from harvester.writer import Batch, Writer
 

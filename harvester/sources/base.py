@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
-from harvester.checkpoint import FileId, Position
+from harvester.sources.identity import FileId, Position
 
 
 @dataclass

@@ -41,11 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from harvester.checkpoint import HEAD_BYTES, FileId, Position, head_of, identify, still_same
 from harvester.sources import archive, compression
 from harvester.sources.archive import drop_long_lines, line_blocks
 from harvester.sources.base import Block, ignored
 from harvester.sources.compression import ArchiveError, raw_chunks, sniff
+from harvester.sources.identity import HEAD_BYTES, FileId, Position, head_of, identify, still_same
 from harvester.sources.rotation import rotation_key
 
 log = logging.getLogger(__name__)

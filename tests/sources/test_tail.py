@@ -8,8 +8,9 @@ import shutil
 
 import pytest
 
-from harvester.checkpoint import Checkpoints, FileId, Position, State
+from harvester.checkpoint import Checkpoints, State
 from harvester.sources import tail
+from harvester.sources.identity import FileId, Position
 from harvester.sources.tail import Follower
 
 
