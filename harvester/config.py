@@ -181,7 +181,7 @@ def load_file(settings: Settings, path: Path) -> None:
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     for key, value in data.items():
-        if isinstance(value, dict) and key != "cassandra_columns":
+        if isinstance(value, dict) and not isinstance(getattr(BY_KEY.get(key), "default", None), dict):
             raise ConfigError(f"{path}: unknown section [{key}]")
         settings.set(key, value, str(path))
 

@@ -37,7 +37,7 @@ from harvester.sinks.base import Store
 from harvester.sources import Block, LineSource, open_source, rawlog
 from harvester.sources.identity import Position
 from harvester.timeparse import Clock, resolve_timezone
-from harvester.writer import Batch, Writer
+from harvester.writer import WriteJob, Writer
 
 if TYPE_CHECKING:
     from watchdog.observers.api import BaseObserver
@@ -354,7 +354,7 @@ class Daemon:
         state = State(dict(self.cut_positions),
                       {p: s.parser.sessions.snapshot(SESSIONS_KEPT) for p, s in self.sources.items()},
                       {str(t.root): t.mark for t in self.rawlog_trees})
-        self.writer.submit(Batch(self.sink, state, self.read_at))
+        self.writer.submit(WriteJob(self.sink, state, self.read_at))
         self.sink, self.read_at, self.dirty = Coalescer(set_aside=self.set_aside), [], False
 
     def _gauges(self) -> None:

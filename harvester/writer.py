@@ -19,7 +19,7 @@ OUTAGE_REPEAT = 60.0  # while the store is down, say so again this often
 
 
 @dataclass
-class Batch:
+class WriteJob:
     """What one write takes: the rows coalesced since the previous batch, and the checkpoint that
     becomes true once the store acknowledged them (an empty batch only moves the checkpoint)."""
 
@@ -39,7 +39,7 @@ class Writer(threading.Thread):
         self.checkpoints = checkpoints
         self.wake = wake  # the loop's: set when a batch is done, so the next one is cut at once
         self.cond = threading.Condition()
-        self.batch: Batch | None = None
+        self.batch: WriteJob | None = None
         self.closing = False  # write what was handed over, then end
         self.abandon = threading.Event()  # end now, even with a batch unwritten
         self.store_up = True
@@ -57,7 +57,7 @@ class Writer(threading.Thread):
         batch = self.batch
         return batch.sink.waiting() if batch is not None else 0
 
-    def submit(self, batch: Batch) -> None:
+    def submit(self, batch: WriteJob) -> None:
         with self.cond:
             assert self.batch is None, "one batch at a time"
             self.batch = batch
@@ -93,7 +93,7 @@ class Writer(threading.Thread):
             elif self.abandon.wait(self.backoff):
                 return
 
-    def _attempt(self, batch: Batch) -> bool:
+    def _attempt(self, batch: WriteJob) -> bool:
         waiting = len(batch.sink)
         if waiting:
             newest = batch.sink.newest()

@@ -244,7 +244,7 @@ def test_rows_a_write_has_taken_out_of_its_batch_count_as_waiting_until_their_sl
     from harvester.checkpoint import Checkpoints, State
     from harvester.coalesce import Coalescer
     from harvester.sinks import base
-    from harvester.writer import Batch, Writer
+    from harvester.writer import WriteJob, Writer
 
     monkeypatch.setattr(base, "WRITE_ROWS", 1000)
     sink = Coalescer()
@@ -264,7 +264,7 @@ def test_rows_a_write_has_taken_out_of_its_batch_count_as_waiting_until_their_sl
 
     writer = Writer(Store(), Checkpoints(tmp_path), threading.Event())
     writer.start()
-    writer.submit(Batch(sink, State(), []))
+    writer.submit(WriteJob(sink, State(), []))
     assert writer.finish(10)
     assert seen == [3500, 2500, 1500, 500] and writer.in_flight() == 0
     assert (tmp_path / "checkpoints.json").exists()
