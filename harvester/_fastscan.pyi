@@ -38,7 +38,8 @@ class Scanner:
     """parse.Parser.event's loop over a whole block (see native/src/lib.rs)."""
 
     def __init__(self, pattern: str,
-                 specs: list[tuple[int, str | None, str | None, dict[str, int], tuple[tuple[str, int], ...]]],
+                 specs: list[tuple[int, str | None, str | None, str | None, dict[str, int],
+                                   tuple[tuple[str, int], ...]]],
                  services: dict[bytes, str], webmail_name: str, lmtp: Sessions,
                  login_ip: dict[tuple[str, bytes], bytes | None], join: set[str],
                  webmail: Callable[[bytes], bool] | None, node: str | None,

@@ -50,6 +50,9 @@ MAX_USER_BYTES = 255
 _SAMPLES = 5
 # Kinds from a pack are equal strings, not the same objects; the hot loop compares with `is`.
 _CANON = {k: k for k in KINDS}
+# What the native scanner does with a kind (its role): kinds kept apart from logins share one; the others are
+# their own (a row kind it has no handling for is refused there, and the file is parsed in Python).
+_ROLE = {k: "other" for k in OTHER_KINDS}
 # A line's service text -> the one interned name (webmail is never a line's: it is decided by the client IP).
 _SERVICE = {s.encode(): s for s in SERVICES if s != WEBMAIL}
 
@@ -184,8 +187,8 @@ class Parser:
         lmtp = self.sessions.lmtp
         if not native.enabled() or not isinstance(lmtp, native.fastscan.Sessions):  # sessions made without it
             return None
-        specs = [(idx, spec.kind, spec.service, dict(zip(FIELDS, spec.fields, strict=True)), spec.extras)
-                 for idx, spec in compiled.specs.items()]
+        specs = [(idx, spec.kind, _ROLE.get(spec.kind or "", spec.kind), spec.service,
+                  dict(zip(FIELDS, spec.fields, strict=True)), spec.extras) for idx, spec in compiled.specs.items()]
         try:
             return native.fastscan.Scanner(
                 compiled.regex.pattern.decode("utf-8"), specs, _SERVICE, WEBMAIL,

@@ -276,3 +276,20 @@ def test_a_limited_take_hands_out_slices_in_key_order_and_keeps_the_rest_undecod
     assert [(r.user, r.time_us, r.ip) for r in rows] == [("u7", 107, "192.0.2.1"), ("u8", 300, "192.0.2.8"),
                                                          ("u9", 109, "192.0.2.1")]
     assert len(t) == 0 and t.newest() == 0 and t.items() == [] and t.take(Row, "login", 5) == ([], [])
+
+
+def test_a_kind_the_native_loop_has_no_handling_for_is_parsed_in_python_not_guessed(monkeypatch, caplog):
+    """The native scanner gets each kind's role by name and refuses one it does not know (say a row kind added
+    to events.py and not to lib.rs): the file is then parsed by Python's loop, with a warning."""
+    from zoneinfo import ZoneInfo
+
+    from harvester import parse, patterns
+    from harvester.timeparse import Clock
+
+    if not native.enabled():
+        pytest.skip("native module not built")
+    monkeypatch.setitem(parse._ROLE, "pop3_delete", "brand_new_role")
+    parser = parse.Parser(patterns.load("dovecot"), node="n")
+    parser.begin("f", "syslog", Clock("bsd", ZoneInfo("UTC"), year=2026))
+    assert parser.engine == "python"
+    assert "brand_new_role" in caplog.text

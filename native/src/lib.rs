@@ -24,8 +24,9 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use sessions::{Found, Sessions};
 use table::{Entry, Table};
 
-// What this loop does per event kind. The kinds come by name (harvester/events.py, the pack format's
-// `kind = "..."`): the codes are this file's own. Any kind not named here is kept apart from logins.
+// What this loop does per event kind. Each spec comes with its role by name (harvester/parse.py derives it
+// from harvester/events.py: a row kind's own name, a state kind's, or "other"): the codes are this file's
+// own, and a role it does not know is an error (the parser then runs Python's loop), never a guess.
 const WATCH: u8 = 0;
 const LOGIN: u8 = 1;
 const PROXY: u8 = 2;
@@ -34,16 +35,21 @@ const SESSION_START: u8 = 4;
 const SESSION_END: u8 = 5;
 const OTHER: u8 = 6;
 
-fn kind_code(name: Option<&str>) -> u8 {
-    match name {
+fn kind_code(role: Option<&str>) -> PyResult<u8> {
+    Ok(match role {
         None => WATCH,
         Some("login") => LOGIN,
         Some("proxy") => PROXY,
         Some("delivery") => DELIVERY,
         Some("session_start") => SESSION_START,
         Some("session_end") => SESSION_END,
-        Some(_) => OTHER,
-    }
+        Some("other") => OTHER,
+        Some(r) => {
+            return Err(PyValueError::new_err(format!(
+                "no native handling for event role {r:?}"
+            )))
+        }
+    })
 }
 
 // The fields an event's regex may capture, by their group names (patterns.FIELDS): a spec's field
@@ -148,9 +154,9 @@ impl Counts {
 
 #[pymethods]
 impl Scanner {
-    /// `specs`: (wrapper group, kind name or None for a watch pattern, fixed service or None,
-    /// {field name: group}, ((detail name, group), ...)) per alternative; `services`: service text
-    /// -> interned name.
+    /// `specs`: (wrapper group, kind name or None for a watch pattern, its role (see kind_code), fixed
+    /// service or None, {field name: group}, ((detail name, group), ...)) per alternative; `services`:
+    /// service text -> interned name.
     #[new]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -158,6 +164,7 @@ impl Scanner {
         specs: Vec<(
             usize,
             Option<Py<PyString>>,
+            Option<String>,
             Option<Py<PyString>>,
             HashMap<String, usize>,
             Vec<(String, usize)>,
@@ -187,7 +194,7 @@ impl Scanner {
                 PyValueError::new_err(format!("PCRE2 cannot compile the pack's regex: {e}"))
             })?;
         let mut built: Vec<Spec> = Vec::with_capacity(specs.len());
-        for (group, kind_name, service, named, extras) in specs {
+        for (group, kind_name, role, service, named, extras) in specs {
             let mut fields = [0usize; 9];
             for (i, name) in FIELD_NAMES.iter().enumerate() {
                 fields[i] = *named.get(*name).ok_or_else(|| {
@@ -201,7 +208,7 @@ impl Scanner {
             let kind_name = kind_name.unwrap_or_else(|| PyString::new(py, "").unbind());
             built.push(Spec {
                 group,
-                kind: kind_code(text.as_deref()),
+                kind: kind_code(role.as_deref())?,
                 kind_text: text.unwrap_or_default().into_bytes(),
                 kind_name,
                 service: service.map(|s| {
