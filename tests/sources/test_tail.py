@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -126,13 +127,20 @@ def test_restart_resumes_in_a_rotated_file_then_reads_the_new_one(tmp_path):
     assert lines(g) == [b"b", b"c"]
 
 
-def test_restart_after_the_unread_file_was_compressed_reads_its_rest_from_the_archive(tmp_path):
+def compressed_while_stopped(tmp_path: Path) -> tuple[Path, list]:
+    """A maillog read up to "a" when the daemon stopped, then rotated and compressed (the rest, "b", unread) and
+    a new maillog begun ("c"): the path and the checkpoint."""
     log = tmp_path / "maillog"
     append(log, "a\nb\n")
     saved = stopped_at(log, 2)
     gzip_to(log, tmp_path / "maillog.1.gz")
     os.unlink(log)
     append(log, "c\n")
+    return log, saved
+
+
+def test_restart_after_the_unread_file_was_compressed_reads_its_rest_from_the_archive(tmp_path):
+    log, saved = compressed_while_stopped(tmp_path)
     g = follow(log, saved, "end")
     assert lines(g) == [b"b", b"c"]
 
@@ -466,12 +474,7 @@ def test_copytruncate_compress_reads_the_unread_tail_once_from_whichever_form_of
 def test_an_archive_queued_at_a_restart_is_read_from_the_file_recognised_even_if_a_rotation_renames_it(tmp_path):
     """An archive found by its first bytes is held open from then on: a rotation during the catch-up shifts
     maillog.1.gz to maillog.2.gz and puts another file at its name, which must not be read in its place."""
-    log = tmp_path / "maillog"
-    append(log, "a\nb\n")
-    saved = stopped_at(log, 2)
-    gzip_to(log, tmp_path / "maillog.1.gz")
-    os.unlink(log)
-    append(log, "c\n")
+    log, saved = compressed_while_stopped(tmp_path)
     g = Follower(log)
     assert "maillog.1.gz from byte 2" in g.start(saved, "end")
     os.rename(tmp_path / "maillog.1.gz", tmp_path / "maillog.2.gz")  # logrotate again, before the first poll
