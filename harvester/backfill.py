@@ -131,16 +131,16 @@ def _in_sequence(files: list[Path], parser: Parser, sink: Coalescer, settings: S
     reader = readahead.ReadAhead(makes) if makes else None
     try:
         store = open_store()
+
+        def long_line(at: int) -> None:
+            parser.problem("long_line", at, b"(not shown)")
+
         n = 0
         for path, kind in _closing_on_error(store, zip(files, kinds, strict=True)):
             if isinstance(kind, str):
                 log.error("%s: %s, skipped", path, kind)
                 summary.files.append((str(path), kind))
                 continue
-
-            def long_line(at: int) -> None:
-                parser.problem("long_line", at, b"(not shown)")
-
             if kind:
                 assert reader is not None
                 texts = reader.texts(n, long_line)

@@ -169,7 +169,7 @@ class Coalescer:
         self.runs: list[tuple[bytes, bytes, int]] = []
         self.pending: list[Row] = []  # taken, not accepted by the store: written first at the next take
         self.out = 0  # rows `take` gave out that no `settle` has answered for yet (a write under way)
-        self._lock = threading.Lock()  # `waiting` is read from another thread than the one that takes
+        self._lock = threading.RLock()  # `waiting` is read from another thread than the one that takes
 
     def __len__(self) -> int:
         return len(self.logins) + len(self.others) + sum(n for _, _, n in self.runs) + len(self.pending)
@@ -206,22 +206,17 @@ class Coalescer:
         with self._lock:
             self.absorb_runs()
             if limit is None:
-                out, bad = self.logins.take(Row, "login")
-                self.note_bad_users(bad)
-                rows, bad = self.others.take(Row, None)
-                self.note_bad_users(bad)
-                pending, self.pending = self.pending, []
-                out = pending + out + rows if pending else out + rows
+                out, self.pending = self.pending, []
             else:
                 out, self.pending = self.pending[:limit], self.pending[limit:]
-                for table, kind in ((self.logins, "login"), (self.others, None)):
-                    room = limit - len(out)
-                    if room <= 0:
-                        break
-                    if len(table):
-                        rows, bad = table.take(Row, kind, room)
-                        self.note_bad_users(bad)
-                        out += rows
+            for table, kind in ((self.logins, "login"), (self.others, None)):
+                room = None if limit is None else limit - len(out)
+                if room is not None and room <= 0:
+                    break
+                if len(table):
+                    rows, bad = table.take(Row, kind, room)
+                    self.note_bad_users(bad)
+                    out += rows
             self.out += len(out)
             return out
 
@@ -230,7 +225,7 @@ class Coalescer:
         the others are done with (stored or set aside)."""
         with self._lock:
             if failed:
-                self.pending = failed + self.pending
+                self.put_back(failed)
             self.out = max(self.out - taken, 0)
 
     def native_tables(self) -> NativeTables | None:

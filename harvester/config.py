@@ -132,30 +132,31 @@ class Settings:
             raise ConfigError(f"{where}: bad value for {key!r}: {e}") from None
         self.source[key] = where
 
-    def get(self, key: str) -> Any:
-        """A setting's value by its key (the config file's name for it)."""
-        group, name, _ = _BY_KEY[key]
-        return getattr(self if group is None else self.stores[group], name)
 
-
-# key -> (store Options class or None for Settings itself, field name, Option)
 def _own(group: type[StoreOptions] | None, key: str) -> bool:
     """Whether `key` is a store's own setting (it carries the store's prefix)."""
     return group is not None and bool(group.PREFIX) and key.startswith(group.PREFIX)
 
 
-_DECLARED: list[tuple[type[StoreOptions] | None, str, str, Option]] = [(group, name, key, opt)
-             for group, prefix in [(None, ""), *((cls, cls.PREFIX) for cls in store_options())]
-             for name, key, opt in declared(Settings if group is None else group, prefix)]
-# In --help and error messages: the general settings, each store's own (prefixed), then the few that several
-# stores read (event_rows, event_ttl_days).
+_Declared = tuple[type[StoreOptions] | None, str, str, Option]
+
+
+def _declared() -> list[_Declared]:
+    """(store Options class or None for Settings itself, field name, key, Option), in the order --help and
+    error messages list them: the general settings, each store's own (prefixed), then the few that several
+    stores read (event_rows, event_ttl_days), by name."""
+    own: list[_Declared] = []
+    shared: list[_Declared] = []
+    for cls in store_options():
+        for name, key, opt in declared(cls, cls.PREFIX):
+            (own if _own(cls, key) else shared).append((cls, name, key, opt))
+    general: list[_Declared] = [(None, name, key, opt) for name, key, opt in declared(Settings)]
+    return [*general, *own, *sorted(shared, key=lambda d: d[2])]
+
+
 _BY_KEY: dict[str, tuple[type[StoreOptions] | None, str, Option]] = {
-    key: (group, name, opt)
-    for group, name, key, opt in sorted(_DECLARED, key=lambda d: (
-        0 if d[0] is None else 1 if _own(d[0], d[2]) else 2, "" if d[0] is None or _own(d[0], d[2]) else d[2]))
-}
+    key: (group, name, opt) for group, name, key, opt in _declared()}
 OPTIONS: tuple[Option, ...] = tuple(opt for _, _, opt in _BY_KEY.values())
-BY_KEY = {o.key: o for o in OPTIONS}
 _LISTS = ("patterns_dir", "follow", "rawlog")  # flags that may be given more than once
 # The flags of the commands that open a store but read no logs (lookup, export, forget, schema): each store's
 # own prefixed settings (a store's unprefixed ones, event_rows and event_ttl_days, concern writing rows).
@@ -181,7 +182,7 @@ def load_file(settings: Settings, path: Path) -> None:
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     for key, value in data.items():
-        if isinstance(value, dict) and not isinstance(getattr(BY_KEY.get(key), "default", None), dict):
+        if isinstance(value, dict) and not (key in _BY_KEY and isinstance(_BY_KEY[key][2].default, dict)):
             raise ConfigError(f"{path}: unknown section [{key}]")
         settings.set(key, value, str(path))
 

@@ -68,7 +68,6 @@ class PySessions:
         return {k: None if v is None else (v[0], v[1]) for k, v in self._d.items()}
 
 
-
 class Sessions:
     """The state that joins the lines of one stream (see the module's docstring).
 
@@ -109,14 +108,9 @@ class Sessions:
         """Take back what `snapshot` gave (a restart from a checkpoint; one of an earlier version has no
         deliveries)."""
         deliveries = d.get("lmtp_deliveries", {})
-        for pid, session in d.get("lmtp", {}).items():
-            ip, done = session if isinstance(session, list) else (session, deliveries.get(pid, []))
-            self.lmtp.start(bytes.fromhex(pid), _unhex(ip))
-            for user, t, digits, node_hex, node_text in done:
-                node = node_text if node_hex is None else bytes.fromhex(node_hex)
-                self.lmtp.deliver(bytes.fromhex(pid), _unhex(user), t, digits, node)
-        for svc, pid, ip in d.get("login_ip", []):
-            self.remember_login(svc, bytes.fromhex(pid), _unhex(ip))
+        open_sessions = {bytes.fromhex(pid): [_unhex(ip), [_delivery(*done) for done in deliveries.get(pid, [])]]
+                         for pid, ip in d.get("lmtp", {}).items()}
+        self.absorb(open_sessions, {(svc, bytes.fromhex(pid)): _unhex(ip) for svc, pid, ip in d.get("login_ip", [])})
 
     # -- a backfill's workers ------------------------------------------------------------------
     def part(self) -> tuple[dict[bytes, list], dict[tuple[str, bytes], bytes | None]]:
@@ -125,7 +119,7 @@ class Sessions:
         return self.lmtp.open(), self.login_ip
 
     def absorb(self, open_sessions: dict[bytes, list], login_ip: dict[tuple[str, bytes], bytes | None]) -> None:
-        """Carry on from a later segment's `part`: its sessions are the newest."""
+        """Carry on from a later segment's `part` (or a checkpoint's): its sessions are the newest."""
         for pid, (ip, deliveries) in open_sessions.items():
             self.lmtp.start(pid, ip)
             for user, t, digits, node in deliveries:
@@ -140,6 +134,11 @@ def _hex(b: bytes | None) -> str | None:
 
 def _unhex(s: str | None) -> bytes | None:
     return None if s is None else bytes.fromhex(s)
+
+
+def _delivery(user: str | None, t: int, digits: int, node_hex: str | None, node_text: str | None) -> tuple:
+    """A checkpoint's delivery back as the sessions keep it (see snapshot and _node)."""
+    return _unhex(user), t, digits, node_text if node_hex is None else bytes.fromhex(node_hex)
 
 
 def _node(node: bytes | str | None) -> tuple[str | None, str | None]:

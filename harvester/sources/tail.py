@@ -510,9 +510,9 @@ def _rotated(path: Path) -> list[_Sibling]:
         vanished = False
         plain = compression.strip_compression
         for name in sorted(names, key=lambda n: (plain(n), n != plain(n))):
-            p = Path(name)
+            p, base = Path(name), plain(name)
             key = rotation_key(p)
-            if key[1] != path.name or key[2] == 2 or compression.strip_compression(name) in out:
+            if key[1] != path.name or key[2] == 2 or base in out:
                 continue
             try:
                 sib = _peek(p)
@@ -520,7 +520,7 @@ def _rotated(path: Path) -> list[_Sibling]:
                 vanished = True
                 continue
             if sib is not None:
-                out[compression.strip_compression(name)] = sib
+                out[base] = sib
         if not vanished:
             break
     return sorted(out.values(), key=lambda s: rotation_key(s.path))
