@@ -39,10 +39,10 @@ class Scanner:
 
     def __init__(self, pattern: str,
                  specs: list[tuple[int, str | None, str | None, str | None, dict[str, int],
-                                   tuple[tuple[str, int], ...]]],
-                 services: dict[bytes, str], webmail_name: str, lmtp: Sessions,
-                 login_ip: dict[tuple[str, bytes], bytes | None], join: set[str],
-                 webmail: Callable[[bytes], bool] | None, node: str | None,
+                                   tuple[tuple[str, int], ...], str | None]],
+                 services: dict[bytes, str], dialects: dict[Any, str], cut_min: int, webmail_name: str,
+                 lmtp: Sessions, login_ip: dict[tuple[str, bytes], bytes | None], join: set[str],
+                 webmail: Callable[[bytes | None, bytes | None, bytes | None], bool] | None, node: str | None,
                  drop_oldest: Callable[[dict[Any, Any]], None], state_max: int, max_user: int) -> None: ...
     def feed(self, text: bytes, end: int, logins: Table, others: Table, counts: dict[Any, int], clock: Any,
              orphans: bool, slow: Callable[[int], None]) -> int: ...

@@ -21,7 +21,8 @@ from typing import TypeVar
 from harvester import patterns, segments
 from harvester.coalesce import Coalescer
 from harvester.config import Settings
-from harvester.parse import Networks, Parser, rawlog_logins
+from harvester.parse import Parser, Webmail, rawlog_logins
+from harvester.sessions import Sessions
 from harvester.sinks.base import Store, flush
 from harvester.sources import archive, compression, rawlog, readahead
 from harvester.sources.archive import line_blocks
@@ -57,12 +58,14 @@ class Summary:
         return [(p, s) for p, s in self.files if s != "ok"]
 
 
-def make_parser(settings: Settings) -> Parser:
+def make_parser(settings: Settings, sessions: Sessions | None = None) -> Parser:
+    """The parser `settings` describe (backfill's, and each file's of `run`, carrying on with `sessions`)."""
     pack = patterns.load(settings.pattern_pack, [Path(d) for d in settings.patterns_dir])
-    parser = Parser(pack, node=settings.node_name, webmail=Networks(settings.webmail_networks),
-                    max_user=settings.max_user_bytes)
-    if settings.rawlog:
-        parser.remember_logins()  # rawlog sessions without an address take their Login line's
+    parser = Parser(pack, node=settings.node_name,
+                    webmail=Webmail(settings.webmail_networks, settings.webmail_local_networks),
+                    max_user=settings.max_user_bytes, sessions=sessions)
+    if settings.rawlog:  # rawlog sessions without an address take the one of the Login line with their pid
+        parser.remember_logins()
     return parser
 
 
@@ -100,6 +103,10 @@ def run(paths: list[str], settings: Settings, open_store: Callable[[], Store], *
             log.info("%s: %d rawlog session(s), %d without a known address", root, n, no_ip)
             if len(sink) >= settings.flush_rows:
                 summary.rows_written += flush(sink, store)
+        cut = parser.release_held(sink)
+        if cut:
+            log.info("%d login(s) stored under the cut user name Dovecot logged (ending in \"...\"): no line "
+                     "of their mail process gave the whole name", cut)
         summary.rows_written += flush(sink, store)
         summary.store_url = store.url
         summary.skipped = Counter(store.skipped())

@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from harvester import metrics, native, patterns, systemd
+from harvester.backfill import make_parser
 from harvester.checkpoint import Checkpoints, State, StateInUse, lock_state_dir
 from harvester.coalesce import Coalescer, SetAside
 from harvester.config import Settings, state_dir
-from harvester.parse import Networks, Parser, rawlog_logins
-from harvester.sessions import Sessions
+from harvester.parse import Parser, rawlog_logins
+from harvester.sessions import CUT_WAIT_S, Sessions
 from harvester.sinks.base import Store
 from harvester.sources import Block, LineSource, open_source, rawlog
 from harvester.sources.identity import Position
@@ -92,13 +93,7 @@ class Daemon:
 
     # -- setup -----------------------------------------------------------------------
     def _parser(self, sessions: Sessions | None = None) -> Parser:
-        s = self.settings
-        pack = patterns.load(s.pattern_pack, [Path(d) for d in s.patterns_dir])
-        parser = Parser(pack, node=s.node_name, webmail=Networks(s.webmail_networks), max_user=s.max_user_bytes,
-                        sessions=sessions)
-        if s.rawlog:  # every parser, also after SIGHUP and for files a glob matches later: rawlog sessions
-            parser.remember_logins()  # take their address from the Login line with the same pid
-        return parser
+        return make_parser(self.settings, sessions)
 
     def _long_line(self, path: str, at: int) -> None:
         """A line over max_line_bytes in a followed file: its (current) parser counts it."""
@@ -351,6 +346,9 @@ class Daemon:
     def _cut(self) -> None:
         """Hand what was gathered, with the checkpoint it makes true, to the writer; gather anew."""
         self.cut_positions = self._positions()
+        before = time.monotonic() - CUT_WAIT_S  # logins held this long for their whole user name: stored as cut
+        for s in self.sources.values():
+            s.parser.release_held(self.sink, before)
         state = State(dict(self.cut_positions),
                       {p: s.parser.sessions.snapshot(SESSIONS_KEPT) for p, s in self.sources.items()},
                       {str(t.root): t.mark for t in self.rawlog_trees})

@@ -17,15 +17,21 @@ REFUSED = "refused"
 POP3_DELETE = "pop3_delete"
 OTHER_KINDS = frozenset({AUTH_FAIL, ABORTED, REFUSED, POP3_DELETE})
 
-# Kinds that only carry LMTP session state (the MTA's address), never emitted.
+# Kinds that only carry session state, never emitted: an LMTP session's MTA address, and a mail process's
+# full user name (a login line cuts names longer than 80 bytes).
 SESSION_START = "session_start"
 SESSION_END = "session_end"
-STATE_KINDS = frozenset({SESSION_START, SESSION_END})
+SESSION_USER = "session_user"
+STATE_KINDS = frozenset({SESSION_START, SESSION_END, SESSION_USER})
 
 KINDS = ROW_KINDS | OTHER_KINDS | STATE_KINDS
 
 WEBMAIL = "webmail"  # IMAP logins from webmail_networks
-SERVICES = ("imap", "pop3", "lmtp", "submission", "managesieve", WEBMAIL)
+# Services as Dovecot's own last_login plugin names them (its %{service}); ManageSieve is "sieve".
+SERVICES = ("imap", "pop3", "lmtp", "submission", "sieve", WEBMAIL)
+# A service's name in a log line (the login process "managesieve-login") -> its name above. Rows that
+# earlier versions stored under the old name are read (and, where a store can, migrated) under the new.
+SERVICE_RENAMES = {"managesieve": "sieve"}
 
 
 class Event(NamedTuple):

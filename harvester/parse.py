@@ -11,6 +11,7 @@ that splits a session still joins it.
 
 from __future__ import annotations
 
+import binascii
 import builtins
 import ipaddress
 import logging
@@ -29,13 +30,15 @@ from harvester.events import (
     LOGIN,
     OTHER_KINDS,
     PROXY,
+    SERVICE_RENAMES,
     SERVICES,
     SESSION_END,
     SESSION_START,
+    SESSION_USER,
     WEBMAIL,
 )
 from harvester.patterns import FIELDS, Compiled, Pack, compile_pack
-from harvester.sessions import PID_STATE_MAX, Sessions, drop_oldest
+from harvester.sessions import CUT_MIN, PID_STATE_MAX, Held, Sessions, drop_oldest, is_cut
 from harvester.timeparse import Clock, FutureError, TimeError
 
 if TYPE_CHECKING:
@@ -51,10 +54,13 @@ _SAMPLES = 5
 # Kinds from a pack are equal strings, not the same objects; the hot loop compares with `is`.
 _CANON = {k: k for k in KINDS}
 # What the native scanner does with a kind (its role): kinds kept apart from logins share one; the others are
-# their own (a row kind it has no handling for is refused there, and the file is parsed in Python).
-_ROLE = {k: "other" for k in OTHER_KINDS}
+# their own (a row kind it has no handling for is refused there, and the file is parsed in Python). Its
+# "python" role hands a line to Parser.event: a mail process's full user name (rare: only names Dovecot cut)
+# and events whose detail names depend on the node's Dovecot version.
+_ROLE = {k: "other" for k in OTHER_KINDS} | {SESSION_USER: "python"}
 # A line's service text -> the one interned name (webmail is never a line's: it is decided by the client IP).
-_SERVICE = {s.encode(): s for s in SERVICES if s != WEBMAIL}
+_SERVICE = {s.encode(): s for s in SERVICES if s != WEBMAIL} | {k.encode(): v for k, v in SERVICE_RENAMES.items()}
+_UNKNOWN = "unknown"  # a node whose Dovecot version no login line has shown yet (a pack's `names` key)
 
 
 @dataclass
@@ -113,15 +119,53 @@ class Networks:
         return hit
 
 
+def session_host(session: bytes) -> str | None:
+    """The address a login session id carries, or None. Dovecot's login processes (2.2.25 to 2.4) make the id
+    from 48 bits of time, the client's port and the address of the host that connected, base64-encoded: a
+    trusted webmail host's own address, even after its ID x-originating-ip replaced the client's in rip."""
+    try:
+        raw = binascii.a2b_base64(session)
+    except (binascii.Error, ValueError):
+        return None
+    if len(raw) == 12:
+        return str(ipaddress.IPv4Address(raw[8:]))
+    if len(raw) == 24:
+        return str(ipaddress.IPv6Address(raw[8:]))
+    return None
+
+
+class Webmail:
+    """Which IMAP logins are webmail (service "webmail"): those whose client address (rip, or a proxy's
+    real_rip) or whose session id's host (session_host) is in `networks`, the webmail servers; or whose local
+    address (lip) is in `local_networks`, addresses only the webmail servers connect to."""
+
+    def __init__(self, networks: Iterable[str] = (), local_networks: Iterable[str] = ()) -> None:
+        self.clients = Networks(networks)
+        self.local = Networks(local_networks)
+
+    def __bool__(self) -> bool:
+        return bool(self.clients.nets or self.local.nets)
+
+    def __call__(self, ip: bytes | str | None, lip: bytes | None = None, session: bytes | None = None) -> bool:
+        if self.clients.nets:
+            if ip is not None and ip in self.clients:
+                return True
+            if session:
+                host = session_host(session)
+                if host is not None and host in self.clients:
+                    return True
+        return bool(self.local.nets) and lip is not None and lip in self.local
+
+
 class Parser:
     """Turns blocks of complete lines into events, coalesced straight into a Coalescer."""
 
-    def __init__(self, pack: Pack, *, node: str | None = None, webmail: Networks | None = None,
+    def __init__(self, pack: Pack, *, node: str | None = None, webmail: Webmail | None = None,
                  max_user: int = MAX_USER_BYTES, sessions: Sessions | None = None) -> None:
         self.pack = pack
         self.max_user = max_user
         self.node = node
-        self.webmail = webmail or Networks(())
+        self.webmail = webmail or Webmail()
         self.stats = Stats()
         self._compiled: dict[str, tuple[Compiled, Any]] = {}  # prefix -> (regex, native scanner or None)
         self._table: list = []
@@ -171,7 +215,8 @@ class Parser:
         size = max(compiled.specs) + 1
         table: list = [None] * size
         for idx, spec in compiled.specs.items():
-            table[idx] = (_CANON.get(spec.kind or ""), spec.service, spec.fields, spec.extras, spec.name)
+            table[idx] = (_CANON.get(spec.kind or ""), spec.service, spec.fields, spec.extras, spec.name,
+                          spec.dialect, spec.names)
         self._table = table
         self._regex = compiled.regex
         self._clock = clock
@@ -187,13 +232,15 @@ class Parser:
         lmtp = self.sessions.lmtp
         if not native.enabled() or not isinstance(lmtp, native.fastscan.Sessions):  # sessions made without it
             return None
-        specs = [(idx, spec.kind, _ROLE.get(spec.kind or "", spec.kind), spec.service,
-                  dict(zip(FIELDS, spec.fields, strict=True)), spec.extras) for idx, spec in compiled.specs.items()]
+        specs = [(idx, spec.kind, "python" if spec.names else _ROLE.get(spec.kind or "", spec.kind), spec.service,
+                  dict(zip(FIELDS, spec.fields, strict=True)), spec.extras,
+                  None if spec.dialect is None else builtins.str(spec.dialect))
+                 for idx, spec in compiled.specs.items()]
         try:
             return native.fastscan.Scanner(
-                compiled.regex.pattern.decode("utf-8"), specs, _SERVICE, WEBMAIL,
+                compiled.regex.pattern.decode("utf-8"), specs, _SERVICE, self.sessions.dialects, CUT_MIN, WEBMAIL,
                 lmtp, self.sessions.login_ip, self._join_services,
-                self.webmail.__contains__ if self.webmail.nets else None, self.node, drop_oldest, self.sessions.limit,
+                self.webmail if self.webmail else None, self.node, drop_oldest, self.sessions.limit,
                 self.max_user)
         except (ValueError, UnicodeDecodeError) as e:  # a regex only Python's engine takes: slower, not wrong
             log.warning("pack %s, prefix %s: parsing in Python: %s", self.pack.name, compiled.prefix.name, e)
@@ -271,7 +318,7 @@ class Parser:
 
     def event(self, m: re.Match[bytes], text: bytes, sink: Coalescer, offset: int) -> None:
         """What one matched line does to the session state and the sink's tables."""
-        kind, service, fields, extras, name = self._table[m.lastindex or 0]
+        kind, service, fields, extras, name, dialect, names = self._table[m.lastindex or 0]
         if kind is None:
             self._not_understood(text, m.start() + 1, name, offset)
             return
@@ -300,12 +347,17 @@ class Parser:
         counts = self.stats.events
         trace = sink.trace
         if kind is LOGIN or kind is PROXY:
-            if self.webmail.nets and service == "imap":
-                probe = real_ip or ip
-                if probe is not None and probe in self.webmail:
-                    service = WEBMAIL
+            if service == "imap" and self.webmail and self.webmail(real_ip or ip, *self._webmail_extras(m, extras)):
+                service = WEBMAIL
             if service in self._join_services and pid is not None:
                 self.sessions.remember_login(service, pid, ip)
+            if dialect is not None:
+                self.sessions.dialects[node] = dialect
+            if pid is not None and user is not None and is_cut(user):  # completed by its mail process's lines
+                counts[kind, service] = counts.get((kind, service), 0) + 1
+                self._store_held(sink, self.sessions.hold(pid, Held(user, service, t, digits, ip, node,
+                                                                     time.monotonic())))
+                return
             table = sink.logins
             second = service
         elif kind is DELIVERY:
@@ -319,6 +371,10 @@ class Parser:
                     return
             table = sink.logins
             second = service
+        elif kind is SESSION_USER:
+            if pid is not None and user is not None:
+                self._complete(pid, user, sink, t, digits, node, service)
+            return
         elif kind is SESSION_START:
             self.sessions.lmtp.start(pid, None if ip == b"local" else ip)
             return
@@ -336,12 +392,17 @@ class Parser:
                         trace.append((DELIVERY, service, u, t0, d0, ip, n0, None))
             return
         else:
+            if pid is not None and user is not None and len(user) > CUT_MIN:
+                self._complete(pid, user, sink, t, digits, node, service)
             if ip is None and pid is not None:
                 ip = self.sessions.login_address(service, pid)
                 if ip is None and self.orphans is not None and not self.sessions.knows_login(service, pid) \
                         and service in self._join_services and user:
                     counts[kind, service] = counts.get((kind, service), 0) + 1
-                    self.orphans.append((kind, service, user, t, digits, node, pid, _detail(m, extras) or None))
+                    # Its login (in an earlier job) also tells the node's version: the stitcher words it.
+                    pairs = _pairs(m, extras)
+                    self.orphans.append((kind, service, user, t, digits, node, pid,
+                                         (pairs, names) if names else detail_text(pairs) or None))
                     return
             table = sink.others
             second = kind
@@ -351,12 +412,45 @@ class Parser:
             return
         detail = None
         if extras and (table is sink.others or trace is not None):  # a login row keeps no detail
-            detail = _detail(m, extras)
+            detail = detail_text(_pairs(m, extras), self._names(names, node))
         table.put(user, second, t, digits, ip, node, service, detail if table is sink.others else None)
         if trace is not None:
             trace.append((kind, service, user, t, digits, ip, node, detail))
 
     # -- helpers ------------------------------------------------------------------
+    @staticmethod
+    def _webmail_extras(m: re.Match[bytes], extras) -> tuple[bytes | None, bytes | None]:
+        """A login line's lip and session, where its event's regex has them."""
+        found = dict(extras)
+        return (m.group(found["lip"]) if "lip" in found else None,
+                m.group(found["session"]) if "session" in found else None)
+
+    def _names(self, names: dict[str, dict[str, str]], node) -> dict[str, str] | None:
+        return names_for(self.sessions, names, node)
+
+    def _complete(self, pid: bytes, full: bytes, sink: Coalescer, t: int, digits: int, node, service: str) -> None:
+        """A mail process's line gave its whole user name: store its held login under it. In segment mode a
+        name with no held login here may complete one of an earlier segment (the stitcher tries)."""
+        held = self.sessions.complete(pid, full)
+        if held is not None:
+            self._store_held(sink, [held._replace(user=full)])
+        elif self.orphans is not None and len(full) > CUT_MIN:
+            self.orphans.append((SESSION_USER, service, full, t, digits, node, pid, None))
+
+    def _store_held(self, sink: Coalescer, held: list[Held]) -> None:
+        """Store held logins as they are now (completed, or under the cut name when nothing completed them)."""
+        for h in held:
+            sink.logins.put(h.user, h.service, h.time_us, h.digits, h.ip, h.node, h.service)
+            if sink.trace is not None:
+                sink.trace.append((LOGIN, h.service, h.user, h.time_us, h.digits, h.ip, h.node, None))
+
+    def release_held(self, sink: Coalescer, before: float | None = None) -> int:
+        """Store the logins held for completion (all, or those held before monotonic time `before`) under the
+        name the log gave, ending in "...": no line of their mail process came to complete them."""
+        held = self.sessions.release(before)
+        self._store_held(sink, held)
+        return len(held)
+
     def _not_understood(self, text: bytes, start: int, name: str, offset: int) -> None:
         watch = name.split(":", 1)[1]
         self.stats.not_understood[watch] += 1
@@ -398,10 +492,21 @@ def _line(text: bytes, start: int) -> bytes:
     return text[start:end if end >= 0 else len(text)][:300]
 
 
-def _detail(m: re.Match[bytes], extras: list[tuple[str, int]]) -> str:
-    """A pack's other named groups as "name=value ..." (an optional group that did not take part: empty).
-    The one place both the row's detail and a segment's orphan events are made from."""
-    return " ".join(f"{k}={(m.group(i) or b'').decode('utf-8', 'replace')}" for k, i in extras)
+def _pairs(m: re.Match[bytes], extras: list[tuple[str, int]]) -> list[tuple[str, str]]:
+    """A pack's other named groups and their values (an optional group that did not take part: empty)."""
+    return [(k, (m.group(i) or b"").decode("utf-8", "replace")) for k, i in extras]
+
+
+def detail_text(pairs: list[tuple[str, str]], names: dict[str, str] | None = None) -> str:
+    """An event's detail, "name=value ...", each group under its name for the writer's Dovecot version
+    (`names`). The one place both the row's detail and a segment's orphan events are made from."""
+    names = names or {}
+    return " ".join(f"{names.get(k, k)}={v}" for k, v in pairs)
+
+
+def names_for(sessions: Sessions, names: dict[str, dict[str, str]], node) -> dict[str, str] | None:
+    """An event's detail names (a pack's `names`) for the Dovecot version its node's login lines show."""
+    return names.get(sessions.dialects.get(node, _UNKNOWN)) if names else None
 
 
 def rawlog_logins(sessions: Iterable[Session], sink: Coalescer, parser: Parser, node: str,
@@ -418,7 +523,7 @@ def rawlog_logins(sessions: Iterable[Session], sink: Coalescer, parser: Parser, 
         if ip is None:
             pid = s.pid.encode()
             ip, service = _joined(joins, service, pid)
-        elif service == "imap" and parser.webmail.nets and ip in parser.webmail:
+        elif service == "imap" and parser.webmail(ip):
             service = WEBMAIL
         if ip is None:
             no_ip += 1

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from harvester.events import KINDS, ROW_KINDS, STATE_KINDS
+from harvester.events import KINDS, LOGIN, PROXY, ROW_KINDS, STATE_KINDS
 
 # Fields a regex may capture, in the order Spec.fields extracts them.
 PREFIX_FIELDS = ("ts", "frac", "tz", "host")
@@ -46,6 +46,11 @@ class EventPattern:
     kind: str
     regex: str
     service: str | None = None
+    # A login shape only one Dovecot version writes ("2.4": "Logged in:"): it tells its node's version.
+    dialect: str | None = None
+    # Detail names per version of the node that wrote the line ("unknown": none seen yet), for a number
+    # whose meaning changed (POP3 del=N/M: M messages in 2.3, bytes in 2.4).
+    names: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,8 @@ class Spec:
     service: str | None  # fixed service, when the regex has no service group
     fields: tuple[int, ...]  # group indices in FIELDS order (missing ones: a never-set group)
     extras: tuple[tuple[str, int], ...] = ()  # other named groups -> detail
+    dialect: str | None = None  # see EventPattern
+    names: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -191,7 +198,8 @@ def _prefix(name: str, p: object, src: str) -> Prefix:
 
 
 def _event(name: str, e: object, src: str) -> EventPattern:
-    where, rx, groups, e = _entry("events", name, e, src, {"regex", "kind", "service"}, "kind", KINDS)
+    where, rx, groups, e = _entry("events", name, e, src, {"regex", "kind", "service", "dialect", "names"}, "kind",
+                                  KINDS)
     kind = e["kind"]
     clash = groups & set(PREFIX_FIELDS)
     if clash:
@@ -204,7 +212,14 @@ def _event(name: str, e: object, src: str) -> EventPattern:
             raise PackError(f"{where}: a {kind} event needs a (?P<pid>...) group")
     elif "user" not in groups:
         raise PackError(f"{where}: the regex needs a (?P<user>...) group")
-    return EventPattern(name, kind, rx, service)
+    dialect = e.get("dialect")
+    if dialect is not None and (not isinstance(dialect, str) or kind not in (LOGIN, PROXY)):
+        raise PackError(f"{where}: dialect is a version string, and only login and proxy events name one")
+    names = e.get("names", {})
+    if not (isinstance(names, dict) and all(isinstance(v, dict) and all(
+            isinstance(a, str) and isinstance(b, str) and a in groups for a, b in v.items()) for v in names.values())):
+        raise PackError(f"{where}: names is a table of version -> {{group = \"name\"}}, of the regex's groups")
+    return EventPattern(name, kind, rx, service, dialect, names)
 
 
 def _check_regex(rx: str, where: str) -> set[str]:
@@ -225,15 +240,15 @@ def compile_pack(pack: Pack, prefix_name: str) -> Compiled:
     """Join every event and watch regex of `pack` behind one prefix into a single pattern."""
     prefix = pack.prefixes[prefix_name]
     alts: list[str] = []
-    plans: list[tuple[str, str | None, str | None, list[str], str]] = []
-    for i, ev in enumerate(pack.events.values()):
+    plans: list[tuple[EventPattern | str, list[str], str]] = []
+    for i, event in enumerate(pack.events.values()):
         tag = f"e{i}"
-        alts.append(f"(?P<{tag}>{_rename(ev.regex, tag)})")
-        plans.append((ev.name, ev.kind, ev.service, sorted(_GROUP_DEF.findall(ev.regex)), tag))
+        alts.append(f"(?P<{tag}>{_rename(event.regex, tag)})")
+        plans.append((event, sorted(_GROUP_DEF.findall(event.regex)), tag))
     for i, (name, rx) in enumerate(pack.watch.items()):
         tag = f"w{i}"
         alts.append(f"(?P<{tag}>{_rename(rx, tag)})")
-        plans.append((f"watch:{name}", None, None, [], tag))
+        plans.append((f"watch:{name}", [], tag))
     gate = f"(?={pack.gate})" if pack.gate else ""
     source = "\\n" + prefix.regex + gate + "(?:" + "|".join(alts) + f")(?:(?!)(?P<{_NEVER}>))?"
     try:
@@ -243,12 +258,15 @@ def compile_pack(pack: Pack, prefix_name: str) -> Compiled:
     gi = regex.groupindex
     never = gi[_NEVER]
     compiled = Compiled(pack, prefix, regex)
-    for name, kind, service, groups, tag in plans:
+    for ev, groups, tag in plans:
         fields = tuple(gi.get(f, never) for f in PREFIX_FIELDS) + tuple(
             gi.get(f"{tag}_{f}", never) for f in EVENT_FIELDS
         )
         extras = tuple((g, gi[f"{tag}_{g}"]) for g in groups if g not in EVENT_FIELDS)
-        compiled.specs[gi[tag]] = Spec(name, kind, service, fields, extras)
+        if isinstance(ev, str):  # a watch alternative
+            compiled.specs[gi[tag]] = Spec(ev, None, None, fields, extras)
+        else:
+            compiled.specs[gi[tag]] = Spec(ev.name, ev.kind, ev.service, fields, extras, ev.dialect, ev.names)
     return compiled
 
 

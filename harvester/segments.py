@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harvester.coalesce import Coalescer
-from harvester.events import DELIVERY
-from harvester.parse import MAX_USER_BYTES, Parser, Stats
+from harvester.events import DELIVERY, SESSION_USER
+from harvester.parse import MAX_USER_BYTES, Parser, Stats, detail_text, names_for
 from harvester.sessions import Sessions
 from harvester.sources.archive import texts
 from harvester.sources.compression import ArchiveError, sniff
@@ -83,6 +83,8 @@ class Result:
     ended: dict
     open_sessions: dict
     login_ip: dict
+    cut: dict  # logins held for completion at the job's end (sessions.Held by mail-process pid)
+    dialects: dict  # node -> the Dovecot version its login lines showed
     stats: Stats
     errors: list[tuple[str, str, bool]]  # (path, what went wrong, whether the lines before it were used)
 
@@ -180,12 +182,19 @@ class Stitcher:
     def apply(self, r: Result, sink: Coalescer) -> None:
         logins, others, lmtp = sink.logins, sink.others, self.sessions.lmtp
         for kind, service, user, t, digits, node, pid, detail in r.orphans:
-            if kind == DELIVERY:
+            if kind == SESSION_USER:  # a whole user name for a login held in an earlier job
+                held = self.sessions.complete(pid, user)
+                if held is not None:
+                    logins.put(user, held.service, held.time_us, held.digits, held.ip, held.node, held.service)
+            elif kind == DELIVERY:
                 state, ip = lmtp.deliver(pid, user, t, digits, node)
                 if pid in r.ended:
                     ip = r.ended[pid] if state == "open" else None
                 logins.put(user, service, t, digits, ip, node, service)
             else:
+                if isinstance(detail, tuple):  # worded by the node's version, which earlier jobs told
+                    pairs, names = detail
+                    detail = detail_text(pairs, names_for(self.sessions, names, node)) or None
                 others.put(user, kind, t, digits, self.sessions.login_address(service, pid), node, service, detail)
         for pid, ip in r.ended.items():
             session = lmtp.pop(pid)
@@ -193,7 +202,7 @@ class Stitcher:
                 for user, t, digits, node in session[1]:
                     logins.put(user, "lmtp", t, digits, ip, node, "lmtp")
         sink.add_run(*r.take_rows(), r.entries)  # user names are checked as the runs are written
-        self.sessions.absorb(r.open_sessions, r.login_ip)
+        self.sessions.absorb(r.open_sessions, r.login_ip, r.cut, r.dialects)
 
 
 def pool(workers: int, pack, node, webmail, zone, year, max_line, spill: str, *, max_user: int = MAX_USER_BYTES,

@@ -2,18 +2,52 @@
 
 An LMTP delivery line has no client address: its session's Connect line, by pid, has the MTA's. A POP3
 deletion, and a rawlog session, have none either: the Login line with the same mail-process pid has it.
-`Sessions` holds both for one stream of lines. The parser (and the native scanner, sharing its objects)
+A login line cuts a user name longer than 80 bytes; the same mail process's own lines have it whole, so
+such a login is held (by mail-process pid) until one of them completes it. And a POP3 logout's del=N/M
+means messages or bytes depending on the Dovecot version, which the node's login lines tell.
+`Sessions` holds all of that for one stream of lines. The parser (and the native scanner, sharing its objects)
 fills it; the daemon saves it with each checkpoint and restores it on start; a backfill's stitcher
 carries it from one worker's segment to the next; rawlog sessions are joined against it.
 """
 
 from __future__ import annotations
 
+import time
 from itertools import islice
+from typing import NamedTuple
 
 from harvester import native
 
 PID_STATE_MAX = 100_000  # remembered LMTP sessions / logins before the oldest half is dropped
+
+# Dovecot's login processes print a user name through str_sanitize(name, 80): a longer one becomes its
+# first whole characters of at most 77 bytes and "...". A name printed so is held for completion.
+CUT_MARK = b"..."
+CUT_MIN = 77 - 3 + len(CUT_MARK)  # the shortest such name: 74 bytes (a 4-byte character cut off) + mark
+CUT_HELD_MAX = 10_000  # held logins; past it the oldest are stored under the cut name
+# How long `run` holds such a login for its mail process's first line (usually its logout, or a mail_log
+# line) before storing it under the cut name; a backfill holds it to the end of its input.
+CUT_WAIT_S = 3600.0
+
+
+def is_cut(user: bytes) -> bool:
+    """Whether a login line's user name is one Dovecot cut (see CUT_MARK)."""
+    return len(user) >= CUT_MIN and user.endswith(CUT_MARK)
+
+
+class Held(NamedTuple):
+    """A login whose user name the log cut, waiting for its mail process to give the whole name."""
+
+    user: bytes  # as printed, ending in CUT_MARK
+    service: str
+    time_us: int
+    digits: int
+    ip: bytes | None
+    node: bytes | str | None
+    since: float  # time.monotonic() when it was held (a restored one: when it was restored)
+
+    def completed_by(self, full: bytes) -> bool:
+        return len(full) > len(self.user) and full.startswith(self.user[:-len(CUT_MARK)])
 
 
 def drop_oldest(d: dict) -> None:
@@ -78,6 +112,31 @@ class Sessions:
         self.limit = limit
         self.lmtp = native.fastscan.Sessions(limit) if native.enabled() else PySessions(limit)
         self.login_ip: dict[tuple[str, bytes], bytes | None] = {}
+        self.cut: dict[bytes, Held] = {}  # mail-process pid -> its login, held (see Held)
+        # node (a line's host, or the configured name) -> the Dovecot version its login lines show
+        self.dialects: dict[bytes | str | None, str] = {}
+
+    def hold(self, pid: bytes, held: Held) -> list[Held]:
+        """Hold a login with a cut name; returns the oldest held ones it pushed out (to store as they are)."""
+        self.cut.pop(pid, None)
+        self.cut[pid] = held
+        if len(self.cut) <= CUT_HELD_MAX:
+            return []
+        old = list(islice(self.cut, len(self.cut) // 2))
+        return [self.cut.pop(k) for k in old]
+
+    def complete(self, pid: bytes, full: bytes) -> Held | None:
+        """The held login of mail process `pid` that `full` (a name its own line gave) completes, taken."""
+        held = self.cut.get(pid)
+        if held is None or not held.completed_by(full):
+            return None
+        return self.cut.pop(pid)
+
+    def release(self, before: float | None = None) -> list[Held]:
+        """Take the held logins (only those held before monotonic time `before`, if given): no line
+        completed them, so they are stored under the cut name."""
+        pids = [p for p, h in self.cut.items() if before is None or h.since < before]
+        return [self.cut.pop(p) for p in pids]
 
     def remember_login(self, service: str, pid: bytes, ip: bytes | None) -> None:
         self.login_ip[service, pid] = ip
@@ -102,7 +161,10 @@ class Sessions:
                       for pid, (_, done) in open_ if done}
         recent = list(self.login_ip.items())[-login_ips:]
         login = [[svc, pid.hex(), _hex(ip)] for (svc, pid), ip in recent]
-        return {"lmtp": lmtp, "lmtp_deliveries": deliveries, "login_ip": login}
+        cut = [[pid.hex(), h.user.hex(), h.service, h.time_us, h.digits, _hex(h.ip), *_node(h.node)]
+               for pid, h in self.cut.items()]
+        dialects = [[*_node(node), d] for node, d in self.dialects.items()]
+        return {"lmtp": lmtp, "lmtp_deliveries": deliveries, "login_ip": login, "cut": cut, "dialects": dialects}
 
     def restore(self, d: dict) -> None:
         """Take back what `snapshot` gave (a restart from a checkpoint; one of an earlier version has no
@@ -111,14 +173,21 @@ class Sessions:
         open_sessions = {bytes.fromhex(pid): [_unhex(ip), [_delivery(*done) for done in deliveries.get(pid, [])]]
                          for pid, ip in d.get("lmtp", {}).items()}
         self.absorb(open_sessions, {(svc, bytes.fromhex(pid)): _unhex(ip) for svc, pid, ip in d.get("login_ip", [])})
+        now = time.monotonic()
+        for pid, user, service, t, digits, ip, node_hex, node_text in d.get("cut", []):
+            self.hold(bytes.fromhex(pid), Held(bytes.fromhex(user), service, t, digits, _unhex(ip),
+                                               _unnode(node_hex, node_text), now))
+        self.dialects.update((_unnode(node_hex, node_text), dialect)
+                             for node_hex, node_text, dialect in d.get("dialects", []))
 
     # -- a backfill's workers ------------------------------------------------------------------
-    def part(self) -> tuple[dict[bytes, list], dict[tuple[str, bytes], bytes | None]]:
-        """What a worker hands on to the next segment: its open LMTP sessions (with their deliveries) and
-        its login addresses (picklable)."""
-        return self.lmtp.open(), self.login_ip
+    def part(self) -> tuple[dict[bytes, list], dict[tuple[str, bytes], bytes | None], dict[bytes, Held], dict]:
+        """What a worker hands on to the next segment: its open LMTP sessions (with their deliveries), its
+        login addresses, its held logins and its nodes' Dovecot versions (picklable)."""
+        return self.lmtp.open(), self.login_ip, self.cut, self.dialects
 
-    def absorb(self, open_sessions: dict[bytes, list], login_ip: dict[tuple[str, bytes], bytes | None]) -> None:
+    def absorb(self, open_sessions: dict[bytes, list], login_ip: dict[tuple[str, bytes], bytes | None],
+               cut: dict[bytes, Held] | None = None, dialects: dict | None = None) -> None:
         """Carry on from a later segment's `part` (or a checkpoint's): its sessions are the newest."""
         for pid, (ip, deliveries) in open_sessions.items():
             self.lmtp.start(pid, ip)
@@ -126,6 +195,9 @@ class Sessions:
                 self.lmtp.deliver(pid, user, t, digits, node)
         for (service, pid), ip in login_ip.items():
             self.remember_login(service, pid, ip)
+        for pid, held in (cut or {}).items():
+            self.hold(pid, held)
+        self.dialects.update(dialects or {})
 
 
 def _hex(b: bytes | None) -> str | None:
@@ -138,9 +210,13 @@ def _unhex(s: str | None) -> bytes | None:
 
 def _delivery(user: str | None, t: int, digits: int, node_hex: str | None, node_text: str | None) -> tuple:
     """A checkpoint's delivery back as the sessions keep it (see snapshot and _node)."""
-    return _unhex(user), t, digits, node_text if node_hex is None else bytes.fromhex(node_hex)
+    return _unhex(user), t, digits, _unnode(node_hex, node_text)
 
 
 def _node(node: bytes | str | None) -> tuple[str | None, str | None]:
     """A delivery's node as (hex of the line's host, or None; else the configured name): either type back."""
     return (node.hex(), None) if isinstance(node, bytes) else (None, node)
+
+
+def _unnode(node_hex: str | None, node_text: str | None) -> bytes | str | None:
+    return node_text if node_hex is None else bytes.fromhex(node_hex)

@@ -137,5 +137,6 @@ def report(path: Path, settings: Settings, *, max_events: int = 20, out=None) ->
 def _parsed(parser: Parser, path: Path, prefix: str, clock: Clock, data: bytes, sink: Coalescer) -> Coalescer:
     parser.begin(str(path), prefix, clock)
     parser.feed(data, sink)
+    parser.release_held(sink)
     parser.end()
     return sink

@@ -523,7 +523,8 @@ class _Gen:
             f"{prefix}{svc}-login: Login: user=<{user}>, method={method}, rip={text}, lip={lip}, "
             f"mpid={pid}{self._tls(ip)}, session=<{sid}>"
         )
-        service = "webmail" if web and svc == "imap" else svc
+        # Dovecot's last_login plugin stores ManageSieve logins under its mail process's name, "sieve".
+        service = "webmail" if web and svc == "imap" else {"managesieve": "sieve"}.get(svc, svc)
         self.last[(user, service)] = (sec, text)
         self.events["login"] += 1
         due = after + 1 + int(rnd() ** 3 * 400)

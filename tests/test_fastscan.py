@@ -15,7 +15,7 @@ import pytest
 
 from harvester import native, patterns
 from harvester.coalesce import Coalescer
-from harvester.parse import Networks, Parser
+from harvester.parse import Parser, Webmail
 from harvester.timeparse import Clock
 from tests import corpus
 
@@ -39,7 +39,7 @@ def both(blocks: list[bytes], *, webmail=("10.99.0.0/16",), orphans: bool = Fals
         old = native.ENGINE
         native.ENGINE = "python" if engine == "python" else "auto"
         try:
-            parser = Parser(PACK, node="n1", webmail=Networks(webmail))
+            parser = Parser(PACK, node="n1", webmail=Webmail(webmail))
             parser.begin("f", block_prefix, Clock(style, UTC, year=year, reference=reference))
             sink = Coalescer()
         finally:
@@ -288,7 +288,7 @@ def test_a_kind_the_native_loop_has_no_handling_for_is_parsed_in_python_not_gues
 
     if not native.enabled():
         pytest.skip("native module not built")
-    monkeypatch.setitem(parse._ROLE, "pop3_delete", "brand_new_role")
+    monkeypatch.setitem(parse._ROLE, "auth_fail", "brand_new_role")
     parser = parse.Parser(patterns.load("dovecot"), node="n")
     parser.begin("f", "syslog", Clock("bsd", ZoneInfo("UTC"), year=2026))
     assert parser.engine == "python"

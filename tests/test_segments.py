@@ -128,3 +128,34 @@ def test_rawlog_sessions_take_their_address_from_the_login_lines_whatever_the_wo
     assert got["2"] == got["1"]
     by_user = {(row[0], row[1]): row for row in got["2"]}
     assert by_user[("test1", "imap")][4] == "127.0.0.2"
+
+
+def test_a_cut_user_name_and_a_2_4_deletion_whose_login_is_in_the_other_workers_job_backfill_alike(
+        tmp_path, monkeypatch, capsys):
+    """The login line (user name cut at 80 bytes, 2.4's 'Logged in') in one job, the mail process's lines
+    that complete the name and word del= in the next: two workers store what one does."""
+    import sqlite3
+
+    from tests.conftest import run_cli
+
+    full = "long-" + "0123456789" * 7 + "012@example.com"
+    log = tmp_path / "maillog"
+    filler = b"".join(b"Nov 22 10:00:%02d mx1 postfix/smtpd[77]: connect from unknown[192.0.2.9] %05d\n" % (i % 60, i)
+                      for i in range(400))
+    log.write_bytes(
+        b"Nov 22 10:00:04 mx1 dovecot: pop3-login: Logged in: user=<%s...>, method=PLAIN, rip=192.0.2.27, "
+        b"lip=10.0.0.1, mpid=4243, session=<g8+xydNg/5V/AAAT>\n" % full[:77].encode() + filler
+        + b"Nov 22 10:09:05 mx1 dovecot: pop3(%s)<4243><g8+xydNg/5V/AAAT>: Disconnected: Logged out "
+        b"top=0/0, retr=3/900, del=3/900, size=900\n" % full.encode())
+    monkeypatch.setattr(segments, "MIN_SEGMENT", 1024)
+    assert len(segments.plan([source(log)], workers=2)) == 2
+    got = {}
+    for workers in ("1", "2"):
+        db = tmp_path / f"w{workers}.db"
+        assert run_cli("backfill", "--store", f"sqlite:///{db}", "--timezone", "UTC", "--year", "2026",
+                       "--workers", workers, str(log)) == 0
+        with sqlite3.connect(db) as c:
+            got[workers] = (c.execute("SELECT user, service, last_ip FROM last_login").fetchall(),
+                            c.execute("SELECT user, kind, ip, detail FROM last_event").fetchall())
+    assert got["2"] == got["1"] == ([(full, "pop3", "192.0.2.27")],
+                                    [(full, "pop3_delete", "192.0.2.27", "deleted=3 bytes=900")])

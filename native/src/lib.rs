@@ -34,6 +34,7 @@ const DELIVERY: u8 = 3;
 const SESSION_START: u8 = 4;
 const SESSION_END: u8 = 5;
 const OTHER: u8 = 6;
+const PYTHON: u8 = 7;
 
 fn kind_code(role: Option<&str>) -> PyResult<u8> {
     Ok(match role {
@@ -44,6 +45,8 @@ fn kind_code(role: Option<&str>) -> PyResult<u8> {
         Some("session_start") => SESSION_START,
         Some("session_end") => SESSION_END,
         Some("other") => OTHER,
+        // Lines Python handles whole (rare ones that need state the scanner does not keep).
+        Some("python") => PYTHON,
         Some(r) => {
             return Err(PyValueError::new_err(format!(
                 "no native handling for event role {r:?}"
@@ -76,6 +79,11 @@ struct Spec {
     service: Option<(Py<PyString>, Vec<u8>)>,
     fields: [usize; 9],
     extras: Vec<(String, usize)>,
+    /// The Dovecot version a login line of this shape identifies (recorded per node).
+    dialect: Option<Py<PyString>>,
+    /// Groups of the local address and the session id (webmail tells by them too), if the regex has them.
+    lip: Option<usize>,
+    session: Option<usize>,
 }
 
 /// The joined regex of one (pack, prefix), compiled for PCRE2's JIT, and the
@@ -84,7 +92,10 @@ struct Spec {
 struct Scanner {
     regex: Regex,
     specs: Vec<Spec>,
-    services: Vec<(Vec<u8>, Py<PyString>)>,
+    /// (service text in a line, its name, the name's bytes: the row key's second part)
+    services: Vec<(Vec<u8>, Py<PyString>, Vec<u8>)>,
+    dialects: Py<PyDict>,
+    cut_min: usize,
     webmail_name: Py<PyString>,
     lmtp: Py<Sessions>,
     login_ip: Py<PyDict>,
@@ -168,8 +179,11 @@ impl Scanner {
             Option<Py<PyString>>,
             HashMap<String, usize>,
             Vec<(String, usize)>,
+            Option<Py<PyString>>,
         )>,
         services: HashMap<Vec<u8>, Py<PyString>>,
+        dialects: Py<PyDict>,
+        cut_min: usize,
         webmail_name: Py<PyString>,
         lmtp: Py<Sessions>,
         login_ip: Py<PyDict>,
@@ -194,7 +208,7 @@ impl Scanner {
                 PyValueError::new_err(format!("PCRE2 cannot compile the pack's regex: {e}"))
             })?;
         let mut built: Vec<Spec> = Vec::with_capacity(specs.len());
-        for (group, kind_name, role, service, named, extras) in specs {
+        for (group, kind_name, role, service, named, extras, dialect) in specs {
             let mut fields = [0usize; 9];
             for (i, name) in FIELD_NAMES.iter().enumerate() {
                 fields[i] = *named.get(*name).ok_or_else(|| {
@@ -216,7 +230,10 @@ impl Scanner {
                     (s, b)
                 }),
                 fields,
+                lip: extras.iter().find(|(k, _)| k == "lip").map(|(_, i)| *i),
+                session: extras.iter().find(|(k, _)| k == "session").map(|(_, i)| *i),
                 extras,
+                dialect,
             });
         }
         let mut specs = built;
@@ -224,7 +241,15 @@ impl Scanner {
         Ok(Scanner {
             regex,
             specs,
-            services: services.into_iter().collect(),
+            services: services
+                .into_iter()
+                .map(|(k, name)| {
+                    let b = name.bind(py).to_string().into_bytes();
+                    (k, name, b)
+                })
+                .collect(),
+            dialects,
+            cut_min,
             webmail_name,
             lmtp,
             login_ip,
@@ -292,6 +317,7 @@ impl Scanner {
         let mut minutes: HashMap<Vec<u8>, i64, ahash::RandomState> = HashMap::default();
         let mut last_ts: (&[u8], Option<&[u8]>, i64) = (b"", None, i64::MIN);
         let mut last_host: Option<(&[u8], Bound<'_, PyAny>)> = None;
+        let mut last_dialect: Option<(Bound<'_, PyAny>, Bound<'_, PyString>)> = None;
         let mut pos = 0usize;
         loop {
             let m = match self.regex.captures_read_at(&mut locs, data, pos) {
@@ -346,8 +372,8 @@ impl Scanner {
             };
             // Service: the line's own, else the event's fixed one.
             let (mut service, mut svc_text): (Bound<'_, PyString>, &[u8]) = match get(SVC) {
-                Some(s) => match self.services.iter().find(|(k, _)| k.as_slice() == s) {
-                    Some((k, name)) => (name.bind(py).clone(), k.as_slice()),
+                Some(s) => match self.services.iter().find(|(k, _, _)| k.as_slice() == s) {
+                    Some((_, name, b)) => (name.bind(py).clone(), b.as_slice()),
                     None => (PyString::new(py, &String::from_utf8_lossy(s)), s),
                 },
                 None => match &spec.service {
@@ -378,13 +404,36 @@ impl Scanner {
             let mut session_ip: Option<Option<Box<[u8]>>> = None;
             match spec.kind {
                 LOGIN | PROXY => {
+                    if self.cut_min > 0
+                        && user.is_some_and(|u| u.len() >= self.cut_min && u.ends_with(b"..."))
+                    {
+                        slow.call1((start,))?; // a name Dovecot cut: Python completes it
+                        continue;
+                    }
+                    if let Some(d) = &spec.dialect {
+                        let d = d.bind(py);
+                        let known = match &last_dialect {
+                            Some((n, prev)) => n.is(&node) && prev.is(d),
+                            None => false,
+                        };
+                        if !known {
+                            self.dialects.bind(py).set_item(&node, d)?;
+                            last_dialect = Some((node.clone(), d.clone()));
+                        }
+                    }
                     if let Some(w) = webmail {
                         if svc_text == b"imap" {
-                            if let Some(probe) = get(REAL_IP).or(ip) {
-                                if w.call1((PyBytes::new(py, probe),))?.is_truthy()? {
-                                    service = webmail_name.clone();
-                                    svc_text = b"webmail";
-                                }
+                            let probe = get(REAL_IP).or(ip);
+                            let lip = spec.lip.and_then(|i| group(&locs, data, i));
+                            let session = spec.session.and_then(|i| group(&locs, data, i));
+                            let args = (
+                                opt_bytes(py, probe),
+                                opt_bytes(py, lip),
+                                opt_bytes(py, session),
+                            );
+                            if w.call1(args)?.is_truthy()? {
+                                service = webmail_name.clone();
+                                svc_text = b"webmail";
                             }
                         }
                     }
