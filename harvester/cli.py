@@ -144,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the pattern pack over FILE and report: lines matched per pattern, lines that look "
                     "like logins but matched nothing (with samples), and the events that would be stored.",
         epilog="example:\n  harvester test-patterns --pattern-pack ./mysite.toml /var/log/dovecot-info.log")
-    add_flags(p, ("pattern_pack", "patterns_dir", "prefix", "timezone", "year", "webmail_networks", "node",
-                  "log_level"))
+    add_flags(p, ("pattern_pack", "patterns_dir", "prefix", "timezone", "year", "webmail_networks",
+                  "webmail_local_networks", "node", "log_level"))
     p.add_argument("--events", type=int, default=20, metavar="N", help="how many events to show (default 20)")
     p.add_argument("file", metavar="FILE")
     return top
@@ -269,7 +269,7 @@ def cmd_lookup(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-_EVENT_NAMES = {"auth_fail": "failed login", "pop3_delete": "POP3 deletion", "refused": "refused (limit)",
+_EVENT_NAMES = {"auth_fail": "failed login", "pop3_delete": "POP3 deletion", "refused": "refused (after auth)",
                 "aborted": "aborted login"}
 
 

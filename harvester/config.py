@@ -62,8 +62,12 @@ class Settings:
     year: int | None = option(whole(1970, 9999), None,
         "year of 'Nov 22 01:52:03' timestamps (default: from each file's modification time)", "YYYY")
     webmail_networks: list[str] = option(cidrs, [],
-        "client networks of your webmail servers: IMAP logins from there count as service "
-        "'webmail' (comma-separated CIDRs)", "CIDR[,CIDR...]")
+        "networks of your webmail servers: IMAP logins from there count as service 'webmail', also "
+        "when the webmail forwards its user's address (ID x-originating-ip; the session id still "
+        "names the webmail host) (comma-separated CIDRs)", "CIDR[,CIDR...]")
+    webmail_local_networks: list[str] = option(cidrs, [],
+        "local addresses only your webmail servers connect to (a login line's lip=): IMAP logins to "
+        "them count as service 'webmail' (comma-separated CIDRs)", "CIDR[,CIDR...]")
     node: str = option(text, "",
         "name recorded for lines without a host name (Dovecot's own log files; default: this host)", "NAME")
     pattern_pack: str = option(text, "dovecot", "pattern pack: a name or a .toml file", "NAME|FILE")
