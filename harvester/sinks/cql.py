@@ -8,10 +8,12 @@ no lightweight transaction, and replays or two backends converge.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import groupby
 from typing import TYPE_CHECKING
 
-from harvester.events import Row
+from harvester.events import SERVICE_RENAMES, Row
 
 if TYPE_CHECKING:
     from harvester.sinks.cassandra import CassandraOptions
@@ -54,7 +56,7 @@ class PerService:
         ks, t = q(self.keyspace), q(self.table)
         return [
             f"CREATE TABLE IF NOT EXISTS {ks}.{t} (\n"
-            "    userid text,\n    service text,        -- imap, pop3, lmtp, submission, managesieve, webmail\n"
+            "    userid text,\n    service text,        -- imap, pop3, lmtp, submission, sieve, webmail\n"
             "    last_access timestamp, -- its write time is the same instant in microseconds\n"
             "    last_ip text,          -- client address; for lmtp the delivering MTA's\n"
             "    node text,             -- backend that logged it\n"
@@ -90,9 +92,9 @@ class PerService:
         return "event", (r.user, r.kind, r.service, ms, r.ip, r.node, r.detail, r.time_us, self.event_ttl)
 
     def lookup(self, session, user: str) -> list[Row]:
-        rows = [Row(user, svc, "login", *_instant(at, wt), ip, node)
-                for svc, at, ip, node, wt in session.execute(self._prepared(session, "lookup"), (user,))]
-        rows += [Row(user, svc, kind, *_instant(at, wt), ip, node, detail)
+        rows = _renamed(Row(user, svc, "login", *_instant(at, wt), ip, node)
+                        for svc, at, ip, node, wt in session.execute(self._prepared(session, "lookup"), (user,)))
+        rows += [Row(user, SERVICE_RENAMES.get(svc, svc), kind, *_instant(at, wt), ip, node, detail)
                  for kind, svc, at, ip, node, detail, wt in session.execute(self._prepared(session, "events"),
                                                                             (user,))]
         return sorted(rows, key=lambda r: (r.kind != "login", -r.time_us, r.service))
@@ -100,8 +102,10 @@ class PerService:
     def export(self, session):
         cql = (f"SELECT userid, service, last_access, last_ip, node, WRITETIME(last_access) "
                f"FROM {q(self.keyspace)}.{q(self.table)}")
-        for user, svc, at, ip, node, wt in session.execute(cql):
-            yield Row(user, svc, "login", *_instant(at, wt), ip, node)
+        rows = (Row(user, svc, "login", *_instant(at, wt), ip, node)
+                for user, svc, at, ip, node, wt in session.execute(cql))
+        for _, partition in groupby(rows, key=lambda r: r.user):  # a partition's rows come together
+            yield from _renamed(partition)
 
     def forget_plan(self, session, user: str, service: str | None) -> list[ForgetStep]:
         """(row, DELETE, its parameters, the tombstone's timestamp, keyspace.table) for what `forget` removes:
@@ -111,11 +115,11 @@ class PerService:
         ks, t = q(self.keyspace), q(self.table)
         sel = (f"SELECT service, last_access, last_ip, node, WRITETIME(last_access), WRITETIME(last_ip), "
                f"WRITETIME(node) FROM {ks}.{t} WHERE userid = %s")
-        args: tuple = (user,)
-        if service is not None:
-            sel, args = sel + " AND service = %s", (user, service)
+        found = session.execute(sel, (user,))
+        if service is not None:  # and the rows an earlier version stored under its old name
+            found = [r for r in found if SERVICE_RENAMES.get(r[0], r[0]) == service]
         out: list[ForgetStep] = []
-        for svc, at, ip, node, *wts in session.execute(sel, args):
+        for svc, at, ip, node, *wts in found:
             ts = _newest(wts)
             if ts is not None:
                 out.append((Row(user, svc, "login", *_instant(at, wts[0]), ip, node),
@@ -237,12 +241,24 @@ def layout(o: CassandraOptions, keyspace: str) -> Layout:
     kind = o.layout
     if kind == "per_service":
         return PerService(keyspace, o.table or "last_login", event_ttl=o.event_ttl_days * 86400)
-    columns = o.columns or (PER_USER_COLUMNS if kind == "per_user" else {})
+    columns = {SERVICE_RENAMES.get(svc, svc): cs  # a configuration written before a service was renamed
+               for svc, cs in (o.columns or (PER_USER_COLUMNS if kind == "per_user" else {})).items()}
     if kind == "custom" and not (o.table and o.columns):
         raise ValueError("cassandra_layout = custom needs cassandra_table and cassandra_columns "
                          "(and usually cassandra_user_column)")
     return Wide(keyspace, o.table or "dovecot_stats", o.user_column or "user",
                 columns, kind)
+
+
+def _renamed(rows: Iterable[Row]) -> list[Row]:
+    """One account's login rows with old service names read as new ones (events.SERVICE_RENAMES: rows an
+    earlier harvester stored as "managesieve" are "sieve"), the newer row kept where an account has both."""
+    out: dict[str, Row] = {}
+    for r in rows:
+        r = r._replace(service=SERVICE_RENAMES.get(r.service, r.service))
+        if r.service not in out or r.time_us > out[r.service].time_us:
+            out[r.service] = r
+    return list(out.values())
 
 
 def _instant(at, writetime: int | None) -> tuple[int, int]:

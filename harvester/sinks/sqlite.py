@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from harvester import native
-from harvester.events import Row
+from harvester.events import SERVICE_RENAMES, Row
 from harvester.options import choice, option
 from harvester.sinks.base import Batch, Forgotten, StoreError, write_taken
 from harvester.timeparse import rfc3339
@@ -22,7 +22,7 @@ from harvester.timeparse import rfc3339
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS last_login (
     user          TEXT    NOT NULL,
-    service       TEXT    NOT NULL,  -- imap, pop3, lmtp, submission, managesieve, webmail
+    service       TEXT    NOT NULL,  -- imap, pop3, lmtp, submission, sieve, webmail
     last_login    TEXT    NOT NULL,  -- RFC 3339 UTC at the log's precision
     last_login_us INTEGER NOT NULL,  -- the same instant, epoch microseconds (for ordering)
     last_ip       TEXT,              -- client address; for lmtp the delivering MTA's
@@ -42,14 +42,26 @@ CREATE TABLE IF NOT EXISTS last_event (
 ) WITHOUT ROWID;
 """
 
-UPSERT_LOGIN = """
-INSERT INTO last_login (user, service, last_login, last_login_us, last_ip, node)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+_LOGIN_UPDATE = """
 ON CONFLICT (user, service) DO UPDATE SET
     last_login = excluded.last_login, last_login_us = excluded.last_login_us,
     last_ip = excluded.last_ip, node = excluded.node
 WHERE excluded.last_login_us >= last_login.last_login_us
 """
+
+UPSERT_LOGIN = """
+INSERT INTO last_login (user, service, last_login, last_login_us, last_ip, node)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6)""" + _LOGIN_UPDATE
+
+# Version 1 of the file's contents (PRAGMA user_version): service names as events.SERVICES has them. A store
+# of an earlier harvester is brought to it once, when it is opened: rows of a renamed service (ManageSieve's
+# "managesieve" -> "sieve") join the new name's, the newer of the two kept.
+USER_VERSION = 1
+RENAME_SERVICE = ["""
+INSERT INTO last_login (user, service, last_login, last_login_us, last_ip, node)
+SELECT user, :new, last_login, last_login_us, last_ip, node FROM last_login WHERE service = :old""" + _LOGIN_UPDATE,
+                  "DELETE FROM last_login WHERE service = :old",
+                  "UPDATE last_event SET service = :new WHERE service = :old"]
 
 _EVENT_UPDATE = """
 ON CONFLICT (user, kind) DO UPDATE SET
@@ -136,9 +148,26 @@ class SqliteStore:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.executescript(PRAGMAS)
             self.db.executescript(SCHEMA)
+            if self.db.execute("PRAGMA user_version").fetchone()[0] < USER_VERSION:
+                self._upgrade()
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"{self.path}: cannot open SQLite store: {e}") from None
         self._writer: Any = None  # harvester._fastscan.SqliteWriter, made at the first native flush
+
+    def _upgrade(self) -> None:
+        """Bring a store written by an earlier harvester to USER_VERSION, in one transaction (another
+        process opening it meanwhile waits, then finds it done)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            if self.db.execute("PRAGMA user_version").fetchone()[0] < USER_VERSION:
+                for old, new in SERVICE_RENAMES.items():
+                    for sql in RENAME_SERVICE:
+                        self.db.execute(sql, {"old": old, "new": new})
+                self.db.execute(f"PRAGMA user_version = {USER_VERSION}")
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     @staticmethod
     def schema(url: str, options: SqliteOptions) -> list[str]:

@@ -344,3 +344,16 @@ def test_backfill_forks_its_helpers_before_the_cassandra_driver_starts_threads(c
             ("imap", "192.0.2.24"), ("pop3", "192.0.2.27")}
     finally:
         store.close()
+
+
+def test_rows_an_earlier_version_stored_as_managesieve_are_read_and_forgotten_as_sieve(store):
+    """No migration job: lookup and export read "managesieve" rows as "sieve" (the newer of the two where an
+    account has both), and forgetting "sieve" removes both."""
+    old = login(T0, "192.0.2.1", service="managesieve")
+    store.write([old, login(T0 - 1_000_000, "192.0.2.2", user="b@example.org", service="managesieve"),
+                 login(T0 + 1_000_000, "192.0.2.3", user="b@example.org", service="sieve")])
+    assert store.lookup("jane@example.org") == [old._replace(service="sieve")]
+    assert sorted((r.user, r.service, r.ip) for r in store.export()) == [
+        ("b@example.org", "sieve", "192.0.2.3"), ("jane@example.org", "sieve", "192.0.2.1")]
+    store.forget("b@example.org", "sieve")
+    assert store.lookup("b@example.org") == []

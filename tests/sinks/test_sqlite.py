@@ -189,3 +189,31 @@ def test_the_native_flush_stores_what_a_limited_take_left_in_the_tables(tmp_path
     fast.write(rows)
     assert fast.flush(sink) == 100 - 10 and len(sink) == 0
     assert dump(fast) == dump(ref)
+
+
+def test_a_store_of_an_earlier_version_gets_its_managesieve_rows_as_sieve_once_keeping_the_newer(tmp_path):
+    """Earlier versions stored ManageSieve logins as "managesieve"; opening the file renames them to "sieve"
+    (Dovecot's plugin's name), the newer row winning where an account has both, and marks the file done."""
+    import sqlite3
+
+    from harvester.sinks.sqlite import SCHEMA
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:  # as an earlier harvester left it: user_version 0
+        db.executescript(SCHEMA)
+        for user, svc, t, ip in [("a", "managesieve", 1, "192.0.2.1"), ("a", "sieve", 2, "192.0.2.2"),
+                                 ("b", "managesieve", 3, "192.0.2.3"), ("c", "sieve", 1, "192.0.2.4"),
+                                 ("c", "managesieve", 5, "192.0.2.5")]:
+            db.execute("INSERT INTO last_login VALUES (?, ?, ?, ?, ?, 'mx1')",
+                       (user, svc, f"1970-01-01T00:00:0{t}Z", t * 1_000_000, ip))
+        db.execute("INSERT INTO last_event VALUES ('b', 'auth_fail', 'managesieve', '1970-01-01T00:00:04Z', "
+                   "4000000, '192.0.2.6', 'mx1', 'attempts=1')")
+    s = open_store(f"sqlite:///{path}")
+    try:
+        assert [(r.user, r.service, r.ip) for r in s.export()] == [
+            ("a", "sieve", "192.0.2.2"), ("b", "sieve", "192.0.2.3"), ("c", "sieve", "192.0.2.5")]
+        assert [(r.kind, r.service) for r in s.lookup("b")] == [("login", "sieve"), ("auth_fail", "sieve")]
+    finally:
+        s.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
