@@ -329,10 +329,11 @@ class Dovecot:
     """A private Dovecot 2.3 (imap, pop3, lmtp, submission, managesieve on loopback) with the last_login plugin for
     all five services; submission relays to relay_port (an SmtpSink).
 
-    rawlog="dir": `rawlog_dir = ROOT/rawlog/%u` (a directory per user, made here, as Dovecot requires) and the
-    pre-login rawlog `imap-login -R rawlogs` / `pop3-login -R rawlogs` into BASE_DIR/login/rawlogs, where the
-    client's credentials are in plain text; rawlog="binary": the rawlog binary as a post-login script
-    (`script-login -d rawlog -t -I`), writing HOME/dovecot.rawlog/IP-YYYYMMDD-HHMMSS-PID.in|out."""
+    rawlog="dir": `rawlog_dir = ROOT/rawlog/%u` for imap and pop3 (a directory per user, made here, as Dovecot
+    requires) and the pre-login rawlog `imap-login -R rawlogs` / `pop3-login -R rawlogs` into
+    BASE_DIR/login/rawlogs, where the client's credentials are in plain text; rawlog="binary": the rawlog binary
+    as a post-login script of imap and pop3 (`script-login -d rawlog -t -I`), writing
+    HOME/dovecot.rawlog/IP-YYYYMMDD-HHMMSS-PID.in|out."""
 
     version = "2.3"
     rootfs: Path | None = None  # the root file system Dovecot runs chrooted into; None: the host's
@@ -372,9 +373,9 @@ class Dovecot:
     def write_config(self) -> None:
         self.prepare()
         mail = self.homes
-        rawlog_settings = login_executable = ""
-        if self.rawlog == "dir":
-            rawlog_settings = f"rawlog_dir = {self.rawlog_dir}/%u\n"
+        rawlog_settings = login_executable = protocol_rawlog = ""
+        if self.rawlog == "dir":  # for imap and pop3 only (submission and managesieve would write one too)
+            protocol_rawlog = f"  rawlog_dir = {self.rawlog_dir}/%u\n"
             for d in (self.rawlog_dir, *(self.rawlog_dir / u.name for u in USERS)):
                 d.mkdir(mode=0o700)
                 self.own(d)
@@ -463,11 +464,11 @@ service lmtp {{
 }}
 protocol imap {{
   mail_plugins = $mail_plugins last_login
-}}
+{protocol_rawlog}}}
 protocol pop3 {{
   mail_plugins = $mail_plugins last_login
   mail_max_userip_connections = 1
-}}
+{protocol_rawlog}}}
 protocol lmtp {{
   mail_plugins = $mail_plugins last_login
 }}
