@@ -495,9 +495,15 @@ plugin {{
                  str(self.syslog_socket), dovecot, str(self.conf), str(self.rootfs or ""), str(self.root)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
 
+        own_ns = os.readlink("/proc/self/ns/mnt")
+
         def listening() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"dovecot exited with {self.proc.returncode}:\n{self.output.read_text()}")
+            if self.mount_ns is None:  # known as soon as unshare made it, so that stop() finds it on a failure too
+                with contextlib.suppress(OSError):
+                    ns = os.readlink(f"/proc/{self.proc.pid}/ns/mnt")
+                    self.mount_ns = ns if ns != own_ns else None
             try:
                 for port in (self.ports.imap, self.ports.pop3, self.ports.lmtp, self.ports.submission,
                              self.ports.sieve):
@@ -507,7 +513,6 @@ plugin {{
             return True
 
         wait_until(listening, 20, f"Dovecot {self.version}'s listeners")
-        self.mount_ns = os.readlink(f"/proc/{self.proc.pid}/ns/mnt")
         if self.rawlog == "dir":  # the login processes, chrooted to BASE_DIR/login as dovenull, write here
             self.prelogin_rawlog_dir.mkdir(mode=0o700)
             self.own(self.prelogin_rawlog_dir, "dovenull")
