@@ -1,4 +1,4 @@
-"""A private, real mail stack for the end-to-end tests: Dovecot 2.3, rsyslogd, logrotate and real clients.
+"""A private, real mail stack for the end-to-end tests: Dovecot 2.3 or 2.4, rsyslogd, logrotate and real clients.
 
 Why real parts: the daemon must cope with what production hands it - Dovecot's own lines as a syslog
 daemon writes them, files renamed, truncated and compressed under it by logrotate - and the reference
@@ -12,11 +12,19 @@ How it stays private (nothing on the machine is used or changed, and several sta
   to the socket of a private rsyslogd (own config, pid file and work directory, TZ=UTC);
 - logrotate runs with its own config and state file.
 Dovecot's log_path file is not used at all: the lines reach the maillog the way they do in production.
+
+Two Dovecot versions, the same traffic (MailStack(version=...)): "2.3" is the host's (Debian 12's 2.3.19);
+"2.4" is Debian 13's 2.4.1 from a cached trixie root file system (scripts/dovecot24-root builds it into
+.dovecot24/root), run chrooted into it: in its mount namespace that root gets a /dev of its own whose /dev/log
+leads to the private rsyslogd, a /proc, and the stack's directory bind-mounted at the same path, so that the
+configuration, the sockets and the plugin's dict have one path inside and outside. Every mount lives only in
+that namespace: it is gone when the stack's last Dovecot process is (close() makes sure of that).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import ctypes
 import imaplib
 import os
@@ -27,6 +35,7 @@ import shutil
 import signal
 import smtplib
 import socket
+import socketserver
 import subprocess
 import tempfile
 import threading
@@ -38,9 +47,18 @@ from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
-DEPS_HINT = "run scripts/e2e-deps (it installs dovecot-core/-imapd/-pop3d/-lmtpd, rsyslog and logrotate)"
-PROGRAMS = {"dovecot": "dovecot-core", "rsyslogd": "rsyslog", "logrotate": "logrotate", "unshare": "util-linux"}
+DEPS_HINT = ("run scripts/e2e-deps (it installs dovecot-core/-imapd/-pop3d/-lmtpd/-submissiond/-managesieved, "
+             "rsyslog and logrotate)")
+PROGRAMS = {"dovecot": "dovecot-core", "rsyslogd": "rsyslog", "logrotate": "logrotate", "unshare": "util-linux",
+            "chroot": "coreutils"}
 PLUGIN = Path("/usr/lib/dovecot/modules/lib10_last_login_plugin.so")
+# What the host's 2.3 needs beyond imap/pop3/lmtp (the services' binaries; their settings come with them).
+EXTRA_BINARIES = {Path("/usr/lib/dovecot/submission"): "dovecot-submissiond",
+                  Path("/usr/lib/dovecot/managesieve"): "dovecot-managesieved"}
+VERSIONS = ("2.3", "2.4")
+REPO = Path(__file__).resolve().parents[2]
+ROOTFS_24 = REPO / ".dovecot24" / "root"  # scripts/dovecot24-root
+ROOTFS_HINT = "run scripts/dovecot24-root (scripts/test does: it builds Debian trixie's Dovecot 2.4.1 into .dovecot24/)"
 ROTATE_MODES = ("create", "copytruncate", "compress", "delaycompress")
 CLIENT_TIMEOUT = 15.0
 
@@ -60,12 +78,19 @@ TEST1, TEST2, TEST3 = User("test1", "pw-test1"), User("test2", "pw-test2"), User
 JANE = User("jane.doe@example.com", "pw-jane")
 OBRIEN = User("o-brien+tag@example.com", "pw-obrien")  # o'brien: auth fails with this passwd-file
 ODD = User("a>b,c d", "pw-odd")
-USERS: tuple[User, ...] = (TEST1, TEST2, TEST3, JANE, OBRIEN, ODD)
+# Logs in through a webmail host (WEBMAIL_HOST, in login_trusted_networks) that forwards the client's address.
+WEB = User("web.user@example.com", "pw-web")
+# 100 characters: Dovecot 2.4 cuts a user name to 80 in its log lines; the plugin stores the whole name.
+LONG = User("long-" + "".join(str(i % 10) for i in range(83)) + "@example.com", "pw-long")
+# POP3 allows one session per user and address (mail_max_userip_connections = 1): a second one is refused.
+LIMITED = User("limited@example.com", "pw-limited")
+USERS: tuple[User, ...] = (TEST1, TEST2, TEST3, JANE, OBRIEN, ODD, WEB, LONG, LIMITED)
 NOSUCH = User("nosuch", "whatever")
+WEBMAIL_HOST = "127.0.9.250"  # next_ip() never hands it out (its second octet is at least 1)
 # (user, service) pairs traffic_round() only ever fails to log in with: they must never be stored.
 FAILED_ONLY: frozenset[tuple[str, str]] = frozenset(
-    {(TEST2.name, "imap"), (TEST3.name, "pop3"), (NOSUCH.name, "imap"), (NOSUCH.name, "pop3"),
-     (NOSUCH.name, "lmtp")})
+    {(TEST2.name, "imap"), (TEST3.name, "pop3"), (TEST2.name, "submission"), (NOSUCH.name, "imap"),
+     (NOSUCH.name, "pop3"), (NOSUCH.name, "lmtp"), (NOSUCH.name, "sieve"), (NOSUCH.name, "managesieve")})
 
 
 class LastLogin(NamedTuple):
@@ -78,6 +103,8 @@ class Ports:
     imap: int
     pop3: int
     lmtp: int
+    submission: int
+    sieve: int
 
 
 def find_program(name: str) -> str:
@@ -88,12 +115,17 @@ def find_program(name: str) -> str:
     return path
 
 
-def check_dependencies() -> None:
+def check_dependencies(version: str = "2.3") -> None:
     """Fail early, with the fix in the message, instead of deep inside a start-up."""
+    if version not in VERSIONS:
+        raise ValueError(f"Dovecot version {version!r}: one of {VERSIONS}")
     for name in PROGRAMS:
         find_program(name)
     if not PLUGIN.exists():
         raise MissingDependency(f"{PLUGIN} (Dovecot's last_login plugin) is missing: {DEPS_HINT}")
+    for binary, package in EXTRA_BINARIES.items():
+        if not binary.exists():
+            raise MissingDependency(f"{binary} (Debian package {package}) is missing: {DEPS_HINT}")
     for account in ("dovecot", "dovenull"):
         try:
             pwd.getpwnam(account)
@@ -102,6 +134,25 @@ def check_dependencies() -> None:
     if os.geteuid() != 0:
         raise MissingDependency("the e2e tests must run as root: Dovecot switches users, and a private /dev/log "
                                 "needs a mount namespace")
+    if version == "2.4":
+        for part in ("usr/sbin/dovecot", "usr/lib/dovecot/modules/lib10_last_login_plugin.so",
+                     "usr/lib/dovecot/submission", "usr/lib/dovecot/managesieve"):
+            if not (ROOTFS_24 / part).exists():
+                raise MissingDependency(f"{ROOTFS_24 / part} (of Dovecot 2.4's root file system) is missing: "
+                                        f"{ROOTFS_HINT}")
+        chroot_ids(ROOTFS_24)
+
+
+def chroot_ids(rootfs: Path) -> dict[str, tuple[int, int]]:
+    """uid and gid of the accounts dovecot and dovenull in a root file system's /etc/passwd (not the host's)."""
+    ids = {}
+    for line in (rootfs / "etc" / "passwd").read_text().splitlines():
+        name, _, uid, gid, *_ = line.split(":")
+        if name in ("dovecot", "dovenull"):
+            ids[name] = (int(uid), int(gid))
+    if len(ids) != 2:
+        raise MissingDependency(f"{rootfs}/etc/passwd lacks the dovecot and dovenull accounts: {ROOTFS_HINT}")
+    return ids
 
 
 def free_port() -> int:
@@ -199,40 +250,135 @@ mail.* action(type="omfile" file="{self.precise_log}" template="RSYSLOG_FileForm
 RAWLOG_MODES = ("", "dir", "binary")
 
 
+class SmtpSink:
+    """The relay host Dovecot's submission service hands mail to: a tiny SMTP server on loopback that accepts
+    everything and keeps nothing (submission needs one: it connects to its relay right after the login)."""
+
+    def __init__(self) -> None:
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _SinkHandler)
+        self.server.daemon_threads = True
+        self.port: int = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, name="smtp-sink", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.server.shutdown()
+        self.server.server_close()
+
+
+class _SinkHandler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        def reply(text: str) -> None:
+            self.wfile.write(text.encode() + b"\r\n")
+            self.wfile.flush()
+
+        reply("220 sink.example ESMTP")
+        in_data = False
+        while line := self.rfile.readline():
+            if in_data:
+                if line.rstrip(b"\r\n") == b".":
+                    in_data = False
+                    reply("250 2.0.0 Ok: queued")
+                continue
+            verb = line.strip().split(b" ")[0].upper()
+            if verb == b"EHLO":
+                reply("250-sink.example\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 10240000")
+            elif verb == b"DATA":
+                in_data = True
+                reply("354 End data with <CR><LF>.<CR><LF>")
+            elif verb == b"QUIT":
+                reply("221 2.0.0 Bye")
+                return
+            else:
+                reply("250 2.0.0 Ok")
+
+
+# In a mount namespace of its own, /dev becomes a tmpfs with the few nodes Dovecot uses and a /dev/log that leads
+# to the private rsyslogd. `unshare`, `sh` (and `chroot`) exec, so the pid is Dovecot's master.
+# $1 syslog socket, $2 dovecot, $3 config, $4 the root Dovecot runs in ("" = the host's), $5 the stack's directory.
+START_SCRIPT = """set -e
+R="$4"
+if [ -n "$R" ]; then
+  mount -t tmpfs -o mode=1777,size=1m e2e-tmp "$R/tmp"
+  mkdir -p "$R$5"
+  mount --bind "$5" "$R$5"
+  mount -t proc e2e-proc "$R/proc"
+fi
+mount -t tmpfs -o mode=0755,size=64k e2e-dev "$R/dev"
+mknod -m 666 "$R/dev/null" c 1 3
+mknod -m 666 "$R/dev/zero" c 1 5
+mknod -m 666 "$R/dev/full" c 1 7
+mknod -m 666 "$R/dev/random" c 1 8
+mknod -m 666 "$R/dev/urandom" c 1 9
+ln -s /proc/self/fd "$R/dev/fd"
+ln -s /proc/self/fd/0 "$R/dev/stdin"
+ln -s /proc/self/fd/1 "$R/dev/stdout"
+ln -s /proc/self/fd/2 "$R/dev/stderr"
+ln -s "$1" "$R/dev/log"
+if [ -n "$R" ]; then
+  exec chroot "$R" "$2" -F -c "$3"
+fi
+exec "$2" -F -c "$3"
+"""
+
+
 class Dovecot:
-    """A private Dovecot 2.3 (imap, pop3, lmtp on loopback) with the last_login plugin for all three services.
+    """A private Dovecot 2.3 (imap, pop3, lmtp, submission, managesieve on loopback) with the last_login plugin for
+    all five services; submission relays to relay_port (an SmtpSink).
 
-    rawlog="dir": `rawlog_dir = ROOT/rawlog/%u` (a directory per user, made here, as Dovecot requires) and the
-    pre-login rawlog `imap-login -R rawlogs` / `pop3-login -R rawlogs` into BASE_DIR/login/rawlogs, where the
-    client's credentials are in plain text; rawlog="binary": the rawlog binary as a post-login script
-    (`script-login -d rawlog -t -I`), writing HOME/dovecot.rawlog/IP-YYYYMMDD-HHMMSS-PID.in|out."""
+    rawlog="dir": `rawlog_dir = ROOT/rawlog/%u` for imap and pop3 (a directory per user, made here, as Dovecot
+    requires) and the pre-login rawlog `imap-login -R rawlogs` / `pop3-login -R rawlogs` into
+    BASE_DIR/login/rawlogs, where the client's credentials are in plain text; rawlog="binary": the rawlog binary
+    as a post-login script of imap and pop3 (`script-login -d rawlog -t -I`), writing
+    HOME/dovecot.rawlog/IP-YYYYMMDD-HHMMSS-PID.in|out."""
 
-    def __init__(self, root: Path, syslog_socket: Path, rawlog: str = "") -> None:
+    version = "2.3"
+    rootfs: Path | None = None  # the root file system Dovecot runs chrooted into; None: the host's
+
+    def __init__(self, root: Path, syslog_socket: Path, relay_port: int, rawlog: str = "") -> None:
         if rawlog not in RAWLOG_MODES:
             raise ValueError(f"rawlog mode {rawlog!r}: one of {RAWLOG_MODES}")
-        self.root, self.syslog_socket, self.rawlog = root, syslog_socket, rawlog
+        self.root, self.syslog_socket, self.relay_port, self.rawlog = root, syslog_socket, relay_port, rawlog
         self.conf = root / "dovecot.conf"
         self.base_dir = root / "run"
         self.rawlog_dir = root / "rawlog"  # rawlog="dir"
         self.prelogin_rawlog_dir = self.base_dir / "login" / "rawlogs"  # rawlog="dir"
         self.homes = root / "mail"  # HOME = homes/USER; rawlog="binary" writes HOME/dovecot.rawlog
         self.dict_path = root / "dict" / "last_login.dict"
+        self.users_file = root / "users"
         self.output = root / "dovecot.out"
-        self.ports = Ports(free_port(), free_port(), free_port())
+        self.ports = Ports(*(free_port() for _ in range(5)))
+        self.ids = self.account_ids()
         self.proc: subprocess.Popen | None = None
+        self.mount_ns: str | None = None  # the master's mount namespace, /proc/PID/ns/mnt
+
+    def account_ids(self) -> dict[str, tuple[int, int]]:
+        return {name: (pwd.getpwnam(name).pw_uid, pwd.getpwnam(name).pw_gid) for name in ("dovecot", "dovenull")}
+
+    def own(self, path: Path, account: str = "dovecot") -> None:
+        os.chown(path, *self.ids[account])
+
+    def prepare(self) -> None:
+        """The directories and the passwd-file both versions use."""
+        for d in (self.homes, self.dict_path.parent, self.root / "state"):
+            d.mkdir()
+        for d in (self.homes, self.dict_path.parent):  # written by the mail processes, which run as dovecot
+            self.own(d)
+        self.users_file.write_text("".join(f"{u.name}:{{PLAIN}}{u.password}\n" for u in USERS))
+        self.users_file.chmod(0o644)
 
     def write_config(self) -> None:
-        mail = self.root / "mail"
-        for d in (mail, self.dict_path.parent, self.root / "state"):
-            d.mkdir()
-        for d in (mail, self.dict_path.parent):  # written by the mail processes, which run as dovecot
-            shutil.chown(d, "dovecot", "dovecot")
-        rawlog_settings = login_executable = ""
-        if self.rawlog == "dir":
-            rawlog_settings = f"rawlog_dir = {self.rawlog_dir}/%u\n"
+        self.prepare()
+        mail = self.homes
+        rawlog_settings = login_executable = protocol_rawlog = ""
+        if self.rawlog == "dir":  # for imap and pop3 only (submission and managesieve would write one too)
+            protocol_rawlog = f"  rawlog_dir = {self.rawlog_dir}/%u\n"
             for d in (self.rawlog_dir, *(self.rawlog_dir / u.name for u in USERS)):
                 d.mkdir(mode=0o700)
-                shutil.chown(d, "dovecot", "dovecot")
+                self.own(d)
             login_executable = "  executable = {service}-login -R rawlogs\n"
         elif self.rawlog == "binary":
             rawlog_settings = """\
@@ -251,10 +397,7 @@ service postlogin {
             for u in USERS:
                 for d in (mail / u.name, mail / u.name / "dovecot.rawlog"):
                     d.mkdir()
-                    shutil.chown(d, "dovecot", "dovecot")
-        users = self.root / "users"
-        users.write_text("".join(f"{u.name}:{{PLAIN}}{u.password}\n" for u in USERS))
-        users.chmod(0o644)
+                    self.own(d)
         # auth_username_chars empty: names like "a>b,c d" are allowed, as on sites that widened it.
         # recipient_delimiter empty: "o-brien+tag@..." is a user of its own, not o-brien with a +tag detail.
         self.conf.write_text(f"""\
@@ -262,7 +405,7 @@ base_dir = {self.base_dir}
 state_dir = {self.root}/state
 log_path = syslog
 syslog_facility = mail
-protocols = imap pop3 lmtp
+protocols = imap pop3 lmtp submission sieve
 listen = 127.0.0.1, ::1
 ssl = no
 auth_mechanisms = plain login
@@ -276,10 +419,12 @@ mail_location = maildir:{mail}/%u/Maildir
 mail_uid = dovecot
 mail_gid = dovecot
 first_valid_uid = 1
-login_trusted_networks =
+login_trusted_networks = {WEBMAIL_HOST}
+submission_relay_host = 127.0.0.1
+submission_relay_port = {self.relay_port}
 passdb {{
   driver = passwd-file
-  args = scheme=PLAIN username_format=%u {users}
+  args = scheme=PLAIN username_format=%u {self.users_file}
 }}
 userdb {{
   driver = static
@@ -301,6 +446,16 @@ service pop3-login {{
     port = 0
   }}
 }}
+service submission-login {{
+  inet_listener submission {{
+    port = {self.ports.submission}
+  }}
+}}
+service managesieve-login {{
+  inet_listener sieve {{
+    port = {self.ports.sieve}
+  }}
+}}
 service lmtp {{
   inet_listener lmtp {{
     address = 127.0.0.1
@@ -309,11 +464,18 @@ service lmtp {{
 }}
 protocol imap {{
   mail_plugins = $mail_plugins last_login
-}}
+{protocol_rawlog}}}
 protocol pop3 {{
   mail_plugins = $mail_plugins last_login
-}}
+  mail_max_userip_connections = 1
+{protocol_rawlog}}}
 protocol lmtp {{
+  mail_plugins = $mail_plugins last_login
+}}
+protocol submission {{
+  mail_plugins = $mail_plugins last_login
+}}
+protocol sieve {{
   mail_plugins = $mail_plugins last_login
 }}
 plugin {{
@@ -325,63 +487,188 @@ plugin {{
 
     def start(self) -> None:
         self.write_config()
-        # In a mount namespace of its own, /dev becomes a tmpfs with the few nodes Dovecot uses and a /dev/log
-        # that leads to the private rsyslogd. `unshare` and `sh` exec, so the pid is Dovecot's master.
-        script = """set -e
-mount -t tmpfs -o mode=0755,size=64k e2e-dev /dev
-mknod -m 666 /dev/null c 1 3
-mknod -m 666 /dev/zero c 1 5
-mknod -m 666 /dev/full c 1 7
-mknod -m 666 /dev/random c 1 8
-mknod -m 666 /dev/urandom c 1 9
-ln -s /proc/self/fd /dev/fd
-ln -s /proc/self/fd/0 /dev/stdin
-ln -s /proc/self/fd/1 /dev/stdout
-ln -s /proc/self/fd/2 /dev/stderr
-ln -s "$1" /dev/log
-exec "$2" -F -c "$3"
-"""
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "TZ": "UTC"}
+        dovecot = "/usr/sbin/dovecot" if self.rootfs else find_program("dovecot")
         with self.output.open("wb") as out:
             self.proc = subprocess.Popen(
-                [find_program("unshare"), "--mount", "--propagation", "private", "/bin/sh", "-c", script, "sh",
-                 str(self.syslog_socket), find_program("dovecot"), str(self.conf)],
+                [find_program("unshare"), "--mount", "--propagation", "private", "/bin/sh", "-c", START_SCRIPT, "sh",
+                 str(self.syslog_socket), dovecot, str(self.conf), str(self.rootfs or ""), str(self.root)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
+
+        own_ns = os.readlink("/proc/self/ns/mnt")
 
         def listening() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"dovecot exited with {self.proc.returncode}:\n{self.output.read_text()}")
+            if self.mount_ns is None:  # known as soon as unshare made it, so that stop() finds it on a failure too
+                with contextlib.suppress(OSError):
+                    ns = os.readlink(f"/proc/{self.proc.pid}/ns/mnt")
+                    self.mount_ns = ns if ns != own_ns else None
             try:
-                for port in (self.ports.imap, self.ports.pop3, self.ports.lmtp):
+                for port in (self.ports.imap, self.ports.pop3, self.ports.lmtp, self.ports.submission,
+                             self.ports.sieve):
                     socket.create_connection(("127.0.0.1", port), 1).close()
             except OSError:
                 return False
             return True
 
-        wait_until(listening, 20, "Dovecot's listeners")
+        wait_until(listening, 20, f"Dovecot {self.version}'s listeners")
         if self.rawlog == "dir":  # the login processes, chrooted to BASE_DIR/login as dovenull, write here
             self.prelogin_rawlog_dir.mkdir(mode=0o700)
-            shutil.chown(self.prelogin_rawlog_dir, "dovenull")
+            self.own(self.prelogin_rawlog_dir, "dovenull")
 
     def stop(self) -> None:
-        stop_process(self.proc, timeout=15)
+        """Stops the master, then waits for every process left in its mount namespace (and kills the stragglers):
+        when none is left, the namespace and its mounts are gone."""
+        try:
+            stop_process(self.proc, timeout=15)
+        finally:
+            if self.mount_ns is not None:
+                left = self.namespace_members()
+                deadline = time.monotonic() + 5
+                while left and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    left = self.namespace_members()
+                for pid in left:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                wait_until(lambda: not self.namespace_members(), 5, "the last process of Dovecot's mount namespace")
+
+    def namespace_members(self) -> list[int]:
+        pids = []
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{entry.name}/ns/mnt") == self.mount_ns:
+                        pids.append(int(entry.name))
+        return pids
+
+
+class Dovecot24(Dovecot):
+    """The same stack with Debian 13's Dovecot 2.4.1, chrooted into ROOTFS_24 (see the module's docstring), in
+    2.4's configuration syntax, the last_login plugin configured as in the shared 2.4.1 samples
+    (/work/shared/samples/dovecot-2.4.1/dovecot-syslog.conf.example). No rawlog modes."""
+
+    version = "2.4"
+    rootfs = ROOTFS_24
+
+    def __init__(self, root: Path, syslog_socket: Path, relay_port: int, rawlog: str = "") -> None:
+        if rawlog:
+            raise ValueError("the Dovecot 2.4 stack has no rawlog modes")
+        super().__init__(root, syslog_socket, relay_port)
+
+    def account_ids(self) -> dict[str, tuple[int, int]]:
+        return chroot_ids(ROOTFS_24)  # the chroot's own accounts, not the host's
+
+    def write_config(self) -> None:
+        self.prepare()
+        self.conf.write_text(f"""\
+dovecot_config_version = 2.4.1
+dovecot_storage_version = 2.4.1
+base_dir = {self.base_dir}
+state_dir = {self.root}/state
+log_path = syslog
+syslog_facility = mail
+protocols = imap pop3 lmtp submission sieve
+listen = 127.0.0.1, ::1
+ssl = no
+auth_mechanisms = plain login
+auth_allow_cleartext = yes
+auth_failure_delay = 0
+auth_username_chars =
+recipient_delimiter =
+default_login_user = dovenull
+default_internal_user = dovecot
+login_trusted_networks = {WEBMAIL_HOST}
+mail_driver = maildir
+mail_home = {self.homes}/%{{user}}
+mail_path = ~/Maildir
+mail_uid = dovecot
+mail_gid = dovecot
+first_valid_uid = 1
+submission_relay_host = 127.0.0.1
+submission_relay_port = {self.relay_port}
+passdb passwd-file {{
+  passwd_file_path = {self.users_file}
+  default_password_scheme = PLAIN
+}}
+userdb static {{
+  fields {{
+    uid = dovecot
+    gid = dovecot
+    home = {self.homes}/%{{user}}
+  }}
+}}
+service imap-login {{
+  inet_listener imap {{
+    port = {self.ports.imap}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+service pop3-login {{
+  inet_listener pop3 {{
+    port = {self.ports.pop3}
+  }}
+  inet_listener pop3s {{
+    port = 0
+  }}
+}}
+service submission-login {{
+  inet_listener submission {{
+    port = {self.ports.submission}
+  }}
+  inet_listener submissions {{
+    port = 0
+  }}
+}}
+service managesieve-login {{
+  inet_listener sieve {{
+    port = {self.ports.sieve}
+  }}
+}}
+service lmtp {{
+  inet_listener lmtp {{
+    listen = 127.0.0.1
+    port = {self.ports.lmtp}
+  }}
+}}
+protocol pop3 {{
+  mail_max_userip_connections = 1
+}}
+mail_plugins {{
+  last_login = yes
+}}
+last_login_key = last-login/%{{service}}/%{{user}}/%{{remote_ip}}
+last_login_precision = ms
+last_login {{
+  dict file {{
+    dict_file_path = {self.dict_path}
+  }}
+}}
+""")
 
 
 class MailStack:
     """rsyslogd + Dovecot + logrotate + clients in one temporary directory; a context manager that always cleans up.
-    rawlog: Dovecot's rawlog mode (see Dovecot).
+    version: "2.3" (the host's Dovecot) or "2.4" (Debian 13's, chrooted); rawlog: Dovecot's rawlog mode (2.3 only,
+    see Dovecot).
 
     HARVESTER_E2E_KEEP=1 leaves the directory (configs, maillog*, the plugin's dict) for a post-mortem."""
 
-    def __init__(self, rawlog: str = "") -> None:
-        check_dependencies()
+    def __init__(self, rawlog: str = "", version: str = "2.3") -> None:
+        check_dependencies(version)
+        self.version = version
         self.root = Path(tempfile.mkdtemp(prefix="hv-e2e-", dir="/tmp"))
         self.root.chmod(0o755)  # the mail processes (uid dovecot) must reach mail/ and dict/
         self.log_dir = self.root / "log"
         self.log_dir.mkdir()
         self.maillog = self.log_dir / "maillog"
         self.syslog = Rsyslog(self.root, self.root / "syslog.sock", self.maillog)
-        self.dovecot = Dovecot(self.root, self.syslog.socket_path, rawlog)
+        self.sink = SmtpSink()
+        dovecot_class = Dovecot24 if version == "2.4" else Dovecot
+        self.dovecot = dovecot_class(self.root, self.syslog.socket_path, self.sink.port, rawlog)
         self.logrotate_state = self.root / "logrotate.state"
         self._hosts = 0
         self._hosts_lock = threading.Lock()
@@ -390,9 +677,10 @@ class MailStack:
 
     def __enter__(self) -> MailStack:
         try:
+            self.sink.start()
             self.syslog.start()
             self.dovecot.start()
-            wait_until(lambda: "starting up for imap, pop3, lmtp" in self.log_text(), 10,
+            wait_until(lambda: "starting up for imap, pop3, lmtp, submission, sieve" in self.log_text(), 10,
                        "Dovecot's start-up line in the maillog, through rsyslogd")
         except BaseException as e:
             diagnostics = self.diagnostics()
@@ -410,6 +698,7 @@ class MailStack:
             self.dovecot.stop()
         finally:
             self.syslog.stop()
+            self.sink.stop()
             if os.environ.get("HARVESTER_E2E_KEEP"):
                 print(f"e2e mail stack kept in {self.root}")
             else:
@@ -476,12 +765,17 @@ class MailStack:
         return "::1" if ":" in src else "127.0.0.1"
 
     def imap(self, user: User, src: str, *, password: str | None = None, sasl: bool = False,
-             expunge: bool = False, logout: bool = True) -> bool:
+             expunge: bool = False, logout: bool = True, forwarded: str | None = None) -> bool:
         """One IMAP session from src; True if the login succeeded. sasl: AUTHENTICATE PLAIN instead of LOGIN
-        (needed for names with spaces). logout=False drops the connection instead of sending LOGOUT."""
+        (needed for names with spaces). logout=False drops the connection instead of sending LOGOUT.
+        forwarded: the client address a webmail host passes on before the login (`ID ("x-originating-ip" ...)`,
+        believed when src is in login_trusted_networks, i.e. WEBMAIL_HOST)."""
         pw = user.password if password is None else password
         client = _IMAP(self._server(src), self.dovecot.ports.imap, src)
         try:
+            if forwarded is not None:
+                typ, data = client.xatom("ID", f'("name" "e2e webmail" "x-originating-ip" "{forwarded}")')
+                assert typ == "OK", data
             try:
                 if sasl:
                     client.authenticate("PLAIN", lambda _: f"\0{user.name}\0{pw}".encode())
@@ -524,6 +818,75 @@ class MailStack:
         finally:
             client.quit()
 
+    def pop3_twice(self, user: User, src: str) -> tuple[bool, bool]:
+        """Two POP3 sessions of one user from one address at the same time (with mail_max_userip_connections = 1:
+        the second is refused after a successful authentication); whether each logged in."""
+        first = _POP3(self._server(src), self.dovecot.ports.pop3, src)
+        try:
+            try:
+                first.user(user.name)
+                first.pass_(user.password)
+            except poplib.error_proto:
+                return False, False
+            second = _POP3(self._server(src), self.dovecot.ports.pop3, src)
+            try:
+                second.user(user.name)
+                second.pass_(user.password)
+                second_ok = True
+            except poplib.error_proto:
+                second_ok = False
+            finally:
+                try:
+                    second.quit()
+                except (poplib.error_proto, OSError):
+                    second.close()
+            first.stat()
+            return True, second_ok
+        finally:
+            first.quit()
+
+    def submission(self, user: User, src: str, *, password: str | None = None, send: bool = True) -> bool:
+        """One submission session from src (AUTH PLAIN); True if the login succeeded. send: one message, which
+        Dovecot relays to the stack's SmtpSink."""
+        pw = user.password if password is None else password
+        with smtplib.SMTP(self._server(src), self.dovecot.ports.submission, source_address=(src, 0),
+                          timeout=CLIENT_TIMEOUT) as client:
+            client.ehlo("client.e2e.example")
+            code, _ = client.docmd("AUTH", "PLAIN " + base64.b64encode(f"\0{user.name}\0{pw}".encode()).decode())
+            if code != 235:
+                return False
+            if send:
+                client.sendmail("sender@example.org", ["rcpt@example.org"],
+                                b"Subject: via submission\r\n\r\nhello\r\n")
+            return True
+
+    def sieve(self, user: User, src: str, *, password: str | None = None) -> bool:
+        """One ManageSieve session from src (AUTHENTICATE "PLAIN", LISTSCRIPTS, LOGOUT); True if the login
+        succeeded."""
+        pw = user.password if password is None else password
+        with socket.create_connection((self._server(src), self.dovecot.ports.sieve), CLIENT_TIMEOUT,
+                                      source_address=(src, 0)) as sock, sock.makefile("rb") as reader:
+            def response() -> bytes:
+                """Lines up to the one that starts with OK, NO or BYE (the capabilities carry no literals)."""
+                while True:
+                    line = reader.readline()
+                    if not line:
+                        raise EOFError("the ManageSieve server closed the connection")
+                    if line[:2] in (b"OK", b"NO") or line[:3] == b"BYE":
+                        return line
+
+            response()  # the greeting: capabilities, then OK
+            token = base64.b64encode(f"\0{user.name}\0{pw}".encode())
+            sock.sendall(b'AUTHENTICATE "PLAIN" "' + token + b'"\r\n')
+            if not response().startswith(b"OK"):
+                sock.sendall(b"LOGOUT\r\n")
+                return False
+            sock.sendall(b"LISTSCRIPTS\r\n")
+            assert response().startswith(b"OK")
+            sock.sendall(b"LOGOUT\r\n")
+            response()
+            return True
+
     def lmtp(self, recipients: list[User], src: str, subject: str = "hello") -> list[User]:
         """One LMTP transaction from src (as an MTA would hand mail over); returns the recipients it delivered to."""
         msg = (f"From: sender@example.org\r\nSubject: {subject}\r\n"
@@ -548,8 +911,11 @@ class MailStack:
     def traffic_round(self, n: int) -> None:
         """Every kind of session once, each from a fresh source address (jane: ::1 every other round): LMTP
         deliveries (one rejected recipient), IMAP logins by LOGIN and AUTHENTICATE, POP3 sessions that delete
-        what was delivered; then failed logins, some for keys that logged in from another address just before
-        (a failure must not replace that row), some for keys that never succeed (FAILED_ONLY).
+        what was delivered, a submission login that sends a message, a ManageSieve login (the plugin's service
+        `sieve`), a webmail login (WEBMAIL_HOST forwards a client address, which the plugin stores), a user name
+        of 100 characters, two POP3 sessions at once of which the second is refused (connection limit); then
+        failed logins, some for keys that logged in from another address just before (a failure must not
+        replace that row), some for keys that never succeed (FAILED_ONLY).
 
         Successes run one after the other, so the log's order is the plugin's order. Dovecot answers a failed
         login only at its next failure flush (every 0.5 s even with auth_failure_delay = 0), so the failures
@@ -564,6 +930,11 @@ class MailStack:
         must(self.pop3(OBRIEN, self.next_ip(), sasl=True), True, "POP3 o-brien")
         if n % 2 == 1:
             must(self.pop3(ODD, self.next_ip(), sasl=True), True, "POP3 odd name")
+        must(self.submission(TEST1, self.next_ip()), True, "submission test1")
+        must(self.sieve(JANE, self.next_ip()), True, "ManageSieve jane")
+        must(self.imap(WEB, WEBMAIL_HOST, forwarded=f"198.51.100.{1 + n % 250}"), True, "IMAP through webmail")
+        must(self.imap(LONG, self.next_ip()), True, "IMAP with a 100-character user name")
+        must(self.pop3_twice(LIMITED, self.next_ip()), (True, False), "POP3 twice at once, over the limit")
         must(self.lmtp([TEST3], self.next_ip(), f"round {n} again"), [TEST3], "LMTP to test3 alone")
         failures: list[tuple[str, Callable[[], bool]]] = [
             ("IMAP test1 wrong pw", partial(self.imap, TEST1, self.next_ip(), password="wrong", logout=n % 2 == 0)),
@@ -572,6 +943,8 @@ class MailStack:
             ("POP3 odd name wrong pw", partial(self.pop3, ODD, self.next_ip(), password="wrong", sasl=True)),
             ("IMAP unknown user", partial(self.imap, NOSUCH, self.next_ip())),
             ("POP3 unknown user", partial(self.pop3, NOSUCH, self.next_ip())),
+            ("submission test2 wrong pw", partial(self.submission, TEST2, self.next_ip(), password="wrong")),
+            ("ManageSieve unknown user", partial(self.sieve, NOSUCH, self.next_ip())),
         ]
         with ThreadPoolExecutor(len(failures)) as pool:
             results = [(what, pool.submit(session)) for what, session in failures]

@@ -5,7 +5,10 @@ The reference is the plugin's dict (tests/e2e/dovecot.py reads it): per (user, s
 IP, and its time in ms. Every session comes from a source address of its own, so an IP that agrees proves
 the row came from the right session; the time must agree at the log's precision (traditional syslog: the
 second), allowing that rsyslogd stamps the line a few ms after the plugin, possibly in the next second.
-These tests need root and the Debian packages scripts/e2e-deps installs; without them they fail, never skip.
+Every test runs once against the host's Dovecot 2.3 and once against Debian 13's Dovecot 2.4.1 (chrooted, from the
+root file system scripts/dovecot24-root caches), with the same traffic: each version's own plugin is the reference.
+These tests need root, the Debian packages scripts/e2e-deps installs and that root file system; without them they
+fail, never skip.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from tests.e2e.dovecot import (
     OBRIEN,
     TEST1,
     USERS,
+    VERSIONS,
     LastLogin,
     MailStack,
     MissingDependency,
@@ -48,16 +52,17 @@ MAX_LAG_MS = 1000  # how much later than the plugin's stamp rsyslogd's may be (m
 StoredRows = dict[tuple[str, str], tuple[int, str]]  # (user, service) -> (epoch us, ip)
 
 
-@pytest.fixture
-def stack() -> Iterator[MailStack]:
+@pytest.fixture(params=VERSIONS, ids=[f"dovecot{v}" for v in VERSIONS])
+def stack(request: pytest.FixtureRequest) -> Iterator[MailStack]:
+    """A fresh stack per test, of each Dovecot version in turn."""
     missing = None
     try:
-        check_dependencies()
+        check_dependencies(request.param)
     except MissingDependency as e:
         missing = str(e)
     if missing:
         pytest.fail(missing, pytrace=False)  # never a skip: a suite that silently skips proves nothing
-    with MailStack() as s:
+    with MailStack(version=request.param) as s:
         yield s
 
 
