@@ -62,9 +62,9 @@ class Settings:
     year: int | None = option(whole(1970, 9999), None,
         "year of 'Nov 22 01:52:03' timestamps (default: from each file's modification time)", "YYYY")
     webmail_networks: list[str] = option(cidrs, [],
-        "networks of your webmail servers: IMAP logins from there count as service 'webmail', also "
-        "when the webmail forwards its user's address (ID x-originating-ip; the session id still "
-        "names the webmail host) (comma-separated CIDRs)", "CIDR[,CIDR...]")
+        "networks of your webmail servers: IMAP logins from there count as service 'webmail', with "
+        "Dovecot 2.4 also when the webmail forwards its user's address (ID x-originating-ip: the "
+        "session id still names the webmail host) (comma-separated CIDRs)", "CIDR[,CIDR...]")
     webmail_local_networks: list[str] = option(cidrs, [],
         "local addresses only your webmail servers connect to (a login line's lip=): IMAP logins to "
         "them count as service 'webmail' (comma-separated CIDRs)", "CIDR[,CIDR...]")

@@ -120,9 +120,10 @@ class Networks:
 
 
 def session_host(session: bytes) -> str | None:
-    """The address a login session id carries, or None. Dovecot's login processes (2.2.25 to 2.4) make the id
-    from 48 bits of time, the client's port and the address of the host that connected, base64-encoded: a
-    trusted webmail host's own address, even after its ID x-originating-ip replaced the client's in rip."""
+    """The address a login session id carries, or None. Dovecot's login processes make the id from 48 bits of
+    time, the client's port and address, base64-encoded. Dovecot 2.4 makes it when the connection opens, so it
+    names a trusted webmail host even after its ID x-originating-ip replaced the client's address in rip (2.3
+    makes it later, with the forwarded address)."""
     try:
         raw = binascii.a2b_base64(session)
     except (binascii.Error, ValueError):

@@ -47,6 +47,8 @@ from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
+from harvester.events import SERVICE_RENAMES
+
 DEPS_HINT = ("run scripts/e2e-deps (it installs dovecot-core/-imapd/-pop3d/-lmtpd/-submissiond/-managesieved, "
              "rsyslog and logrotate)")
 PROGRAMS = {"dovecot": "dovecot-core", "rsyslogd": "rsyslog", "logrotate": "logrotate", "unshare": "util-linux",
@@ -87,6 +89,7 @@ LIMITED = User("limited@example.com", "pw-limited")
 USERS: tuple[User, ...] = (TEST1, TEST2, TEST3, JANE, OBRIEN, ODD, WEB, LONG, LIMITED)
 NOSUCH = User("nosuch", "whatever")
 WEBMAIL_HOST = "127.0.9.250"  # next_ip() never hands it out (its second octet is at least 1)
+WEBMAIL_SERVER = "127.0.0.2"  # the address Dovecot listens on for the webmail host alone (its logins' lip)
 # (user, service) pairs traffic_round() only ever fails to log in with: they must never be stored.
 FAILED_ONLY: frozenset[tuple[str, str]] = frozenset(
     {(TEST2.name, "imap"), (TEST3.name, "pop3"), (TEST2.name, "submission"), (NOSUCH.name, "imap"),
@@ -191,7 +194,10 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: f
 
 def read_last_login_dict(path: Path) -> dict[tuple[str, str], LastLogin]:
     """The plugin's file dict (key line, value line; key shared/last-login/SERVICE/USER/IP, value epoch ms),
-    reduced to the newest entry per (user, service): the row the harvester must end up with."""
+    reduced to the newest entry per (user, service): the row the harvester must end up with.
+
+    Dovecot 2.3's plugin names ManageSieve logins "managesieve", 2.4's "sieve"; harvester stores "sieve" for
+    both (one row per account across an upgrade, README "What counts as what"), so 2.3's name is read as 2.4's."""
     if not path.exists():
         return {}
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -199,6 +205,7 @@ def read_last_login_dict(path: Path) -> dict[tuple[str, str], LastLogin]:
     for key, value in zip(lines[::2], lines[1::2], strict=True):
         shared, prefix, service, rest = key.split("/", 3)
         assert (shared, prefix) == ("shared", "last-login"), key
+        service = SERVICE_RENAMES.get(service, service)
         user, ip = rest.rsplit("/", 1)  # an IP never has a "/", a user name might
         entry = LastLogin(int(value), ip)
         if (user, service) not in rows or entry.time_ms > rows[user, service].time_ms:
@@ -406,7 +413,7 @@ state_dir = {self.root}/state
 log_path = syslog
 syslog_facility = mail
 protocols = imap pop3 lmtp submission sieve
-listen = 127.0.0.1, ::1
+listen = 127.0.0.1, {WEBMAIL_SERVER}, ::1
 ssl = no
 auth_mechanisms = plain login
 disable_plaintext_auth = no
@@ -570,7 +577,7 @@ state_dir = {self.root}/state
 log_path = syslog
 syslog_facility = mail
 protocols = imap pop3 lmtp submission sieve
-listen = 127.0.0.1, ::1
+listen = 127.0.0.1, {WEBMAIL_SERVER}, ::1
 ssl = no
 auth_mechanisms = plain login
 auth_allow_cleartext = yes
@@ -762,6 +769,8 @@ class MailStack:
         return f"127.{1 + k // 62500 % 250}.{1 + k // 250 % 250}.{1 + k % 250}"
 
     def _server(self, src: str) -> str:
+        if src == WEBMAIL_HOST:
+            return WEBMAIL_SERVER
         return "::1" if ":" in src else "127.0.0.1"
 
     def imap(self, user: User, src: str, *, password: str | None = None, sasl: bool = False,

@@ -36,6 +36,9 @@ from tests.e2e.dovecot import (
     TEST1,
     USERS,
     VERSIONS,
+    WEB,
+    WEBMAIL_HOST,
+    WEBMAIL_SERVER,
     LastLogin,
     MailStack,
     MissingDependency,
@@ -169,7 +172,8 @@ def disagreements(ours: StoredRows, ref: dict[tuple[str, str], LastLogin]) -> li
     return problems
 
 
-def assert_settles(daemon: Daemon, stack: MailStack, timeout: float = SETTLE_S) -> StoredRows:
+def assert_settles(daemon: Daemon, stack: MailStack, timeout: float = SETTLE_S,
+                   ours_as_plugin=lambda rows: rows) -> StoredRows:
     """Wait until the store agrees with the plugin on two polls in a row (the plugin writes its dict
     asynchronously: one agreement could be a moment when both lack the same last login); fail with every
     difference and the daemon's output."""
@@ -177,7 +181,7 @@ def assert_settles(daemon: Daemon, stack: MailStack, timeout: float = SETTLE_S) 
     agreed_on = None
     while True:
         ours, ref = daemon.rows(), stack.last_logins()
-        problems = disagreements(ours, ref)
+        problems = disagreements(ours_as_plugin(ours), ref)
         if not problems and ref:
             if ref == agreed_on:
                 return ours
@@ -372,3 +376,31 @@ def test_restart_after_two_rotations_meanwhile_also_reads_the_file_born_and_rota
     assert [p.name for p in stack.log_files()] == ["maillog", "maillog.1", "maillog.2.gz"]
     daemon.start()
     assert_ends_agreeing(daemon, stack, {(TEST1.name, "pop3"), (JANE.name, "pop3"), (OBRIEN.name, "imap")})
+
+
+@pytest.mark.parametrize("how", ["session-id", "lip"])
+def test_webmail_forwarding_its_users_address_is_stored_as_webmail_without_a_dovecot_change(
+        stack: MailStack, tmp_path: Path, how: str) -> None:
+    """The webmail host sends ID x-originating-ip: the login line's rip is its user's address. Two ways to tell
+    it is webmail with no Dovecot change, each with the forwarded address the plugin stored under imap:
+    - session-id: webmail_networks names the webmail host, which Dovecot 2.4's session id carries (it is made
+      when the connection opens). Dovecot 2.3.19 makes it after the ID command: it carries the forwarded
+      address, so there the login stays imap (README, "Webmail");
+    - lip: webmail_local_networks names the address Dovecot listens on for the webmail host alone."""
+    flag = ("--webmail-networks", f"{WEBMAIL_HOST}/32") if how == "session-id" else (
+        "--webmail-local-networks", f"{WEBMAIL_SERVER}/32")
+    told = how == "lip" or stack.version != "2.3"
+    daemon = Daemon(tmp_path, stack.maillog, *flag)
+    try:
+        daemon.start()
+        stack.traffic_round(0)
+
+        def as_plugin(rows: StoredRows) -> StoredRows:  # the plugin knows no webmail: it stores imap
+            return {(u, "imap" if s == "webmail" else s): v for (u, s), v in rows.items()}
+
+        rows = assert_settles(daemon, stack, ours_as_plugin=as_plugin)
+        assert ((WEB.name, "webmail") in rows) is told and ((WEB.name, "imap") in rows) is not told
+        assert not any(s == "webmail" for u, s in rows if u != WEB.name)
+    finally:
+        rc = daemon.stop()
+    assert rc == 0, daemon.output()

@@ -341,7 +341,8 @@ def test_backfill_forks_its_helpers_before_the_cassandra_driver_starts_threads(c
     store = CassandraStore(opened[0].url, options=settings.store_options(CassandraOptions))
     try:
         assert {(r.service, r.ip) for r in store.lookup("u24") if r.kind == "login"} == {
-            ("imap", "192.0.2.24"), ("pop3", "192.0.2.27")}
+            ("imap", "192.0.2.24"), ("pop3", "192.0.2.27"), ("submission", "192.0.2.35"), ("sieve", "192.0.2.36"),
+            ("lmtp", "192.0.2.40")}
     finally:
         store.close()
 
