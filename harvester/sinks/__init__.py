@@ -33,8 +33,8 @@ def store_options() -> list[type[StoreOptions]]:
 def default_url() -> str:
     """$STATE_DIRECTORY (systemd) or $XDG_STATE_HOME or ~/.local/state, then harvester/harvester.db."""
     base = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
-    xdg = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "harvester"
-    d = Path(base) if base else xdg
+    # Path.home() only without $STATE_DIRECTORY: a DynamicUser= service has no home directory at all.
+    d = Path(base) if base else Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "harvester"
     return "sqlite:///" + str((d / "harvester.db").absolute())
 
 
