@@ -15,6 +15,7 @@ from harvester import __version__, native, patterns
 from harvester.config import STORE_KEYS, ConfigError, Settings, add_flags, resolve
 from harvester.escape import for_csv, for_terminal, json_line, to_json
 from harvester.sinks import StoreError, default_url, open_store, store_class
+from harvester.sources import journal
 from harvester.timeparse import TimeError, resolve_timezone, rfc3339
 
 log = logging.getLogger("harvester")
@@ -48,19 +49,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "backfill", help="read log files (plain or compressed) once into the store",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Read Dovecot log files once, oldest first, and upsert the newest login per "
-                    "account and service into the store. Rotated sets are ordered for you.",
+        description="Read Dovecot log files (or systemd journals) once, oldest first, and upsert the newest "
+                    "login per account and service into the store. Rotated sets are ordered for you.",
         epilog=textwrap.dedent("""\
             examples:
               harvester backfill /var/log/mail.log /var/log/mail.log.*
               harvester backfill --timezone Europe/Berlin --webmail-networks 10.0.5.0/24 'archive/maillog-2025*'
               harvester backfill --store sqlite:////var/lib/harvester/h.db /var/log/dovecot-info.log
+              harvester backfill --journal --since 2026-11-01      # Debian 12 without rsyslog
+              harvester backfill --journal-dir /srv/copied/journal  # journals of another machine
 
             Quote globs to let harvester expand them. Times never move backwards in the store,
             so running a backfill twice, or over overlapping files, is safe."""))
     add_flags(p)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar (default: when stderr is a terminal)")
+    p.add_argument("--since", metavar="TIME", help="journals: entries from TIME on (journalctl's syntax: "
+                   "'2026-11-01', '2026-11-01 08:00:00', 'yesterday', '-2d')")
+    p.add_argument("--until", metavar="TIME", help="journals: entries up to TIME (same syntax)")
     p.add_argument("paths", nargs="*", metavar="PATH|GLOB")
 
     p = sub.add_parser("lookup", help="show one account's last logins, newest first",
@@ -207,11 +213,13 @@ def _logging(settings: Settings) -> None:
 def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
     from harvester import backfill
 
-    if not args.paths and not settings.rawlog:
-        print("harvester backfill: nothing to read: give log files (PATH|GLOB) or --rawlog DIR", file=sys.stderr)
+    journals = settings.journal == "yes" or settings.journal_dir or settings.journal_file
+    if not args.paths and not settings.rawlog and not journals:
+        print("harvester backfill: nothing to read: give log files (PATH|GLOB), --journal, --journal-dir DIR, "
+              "--journal-file FILE or --rawlog DIR", file=sys.stderr)
         return 2
     s = backfill.run(args.paths, settings, lambda: open_store(settings.store, settings=settings),
-                     progress=args.progress)
+                     progress=args.progress, since=args.since, until=args.until)
     rate = s.lines / s.seconds if s.seconds > 0 else 0.0
     ok = sum(1 for _, st in s.files if st == "ok")
     out = sys.stderr
@@ -297,9 +305,11 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from harvester.daemon import Daemon
 
-    if not settings.follow and not args.paths and not settings.rawlog:
-        print("harvester run: nothing to follow: give PATHs, --rawlog DIR, or set follow in the config",
-              file=sys.stderr)
+    journal_given = settings.journal == "yes" or settings.journal_dir or settings.journal_file
+    local_journal = settings.journal == "auto" and journal.local_journal_exists() and journal.available()
+    if not (settings.follow or args.paths or settings.rawlog or journal_given or local_journal):
+        print("harvester run: nothing to follow: give PATHs, --journal, --rawlog DIR, or set follow in the config "
+              "(this machine has no systemd journal to fall back to)", file=sys.stderr)
         return 2
     store = open_store(settings.store, settings=settings)
     try:

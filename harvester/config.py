@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from harvester.options import Option, choice, cidrs, declared, listen, option, paths, text, whole
+from harvester.options import Option, choice, cidrs, declared, listen, matches, option, paths, switch, text, whole
 from harvester.parse import MAX_USER_BYTES
 from harvester.sinks import STORES, store_options
 from harvester.sinks.base import StoreOptions
@@ -99,6 +99,17 @@ class Settings:
     # The live daemon (harvester run)
     follow: list[str] = option(paths, [],
         "run: files (or globs) to follow; the command line's PATHs are added", "PATH")
+    journal: str = option(switch, "auto",
+        "read the local systemd journal: yes, no, or auto (run: when none of the files to follow exists at "
+        "start, as on Debian 12 without rsyslog; files win where both exist, so no line is read twice)",
+        "yes|no|auto")
+    journal_dir: list[str] = option(paths, [],
+        "read the journal files in this directory (copied from another machine, a container's); repeatable",
+        "DIR")
+    journal_file: list[str] = option(paths, [], "read this journal file; repeatable", "FILE")
+    journal_match: list[str] = option(matches, ["SYSLOG_IDENTIFIER=dovecot"],
+        "which journal entries are Dovecot's: FIELD=VALUE (several of one field: any of them), e.g. "
+        "SYSLOG_IDENTIFIER=dovecot-2 for another instance_name", "FIELD=VALUE")
     state_dir: str = option(text, "",
         "run: where checkpoints live (default: $STATE_DIRECTORY, else ~/.local/state/harvester)", "DIR")
     metrics_listen: str = option(listen, "127.0.0.1:9854",
@@ -161,7 +172,9 @@ def _declared() -> list[_Declared]:
 _BY_KEY: dict[str, tuple[type[StoreOptions] | None, str, Option]] = {
     key: (group, name, opt) for group, name, key, opt in _declared()}
 OPTIONS: tuple[Option, ...] = tuple(opt for _, _, opt in _BY_KEY.values())
-_LISTS = ("patterns_dir", "follow", "rawlog")  # flags that may be given more than once
+# flags that may be given more than once
+_LISTS = ("patterns_dir", "follow", "rawlog", "journal_dir", "journal_file", "journal_match")
+_SWITCHES = ("journal",)  # flags that may stand alone: --journal is --journal yes
 # The flags of the commands that open a store but read no logs (lookup, export, forget, schema): each store's
 # own prefixed settings (a store's unprefixed ones, event_rows and event_ttl_days, concern writing rows).
 STORE_KEYS = tuple(key for key, (group, _, _) in _BY_KEY.items() if _own(group, key))
@@ -207,6 +220,10 @@ def add_flags(parser: argparse.ArgumentParser, keys: tuple[str, ...] | None = No
                         help=f"TOML config file (default: $HARVESTER_CONFIG, else {DEFAULT_CONFIG} if present)")
     for opt in OPTIONS:
         if keys is not None and opt.key not in keys:
+            continue
+        if opt.key in _SWITCHES:
+            parser.add_argument("--" + opt.key.replace("_", "-"), dest=opt.key, metavar=opt.metavar,
+                                default=None, nargs="?", const="yes", help=opt.help)
             continue
         parser.add_argument("--" + opt.key.replace("_", "-"), dest=opt.key, metavar=opt.metavar,
                             default=None, action="append" if opt.key in _LISTS else "store",

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).parent.parent / "harvester"
 FOUNDATION = {"events", "timeparse", "escape", "metrics", "native", "options"}
 STAGES = [  # in data-flow order
     {"sources", "sources.base", "sources.identity", "sources.compression", "sources.readahead", "sources.rotation",
-     "sources.archive", "sources.tail", "sources.rawlog"},
+     "sources.archive", "sources.tail", "sources.rawlog", "sources.journal"},
     {"patterns", "parse"},
     {"sessions"},
     {"coalesce"},
