@@ -139,7 +139,7 @@ class SqlStore:
             self.conn = self._connect()
         except Exception as e:  # each driver raises its own types for refused, unreachable, bad password, TLS
             raise StoreError(f"cannot connect to {self._where()}: {type(e).__name__}: {_first_line(e)}") from None
-        self._check(create)
+        self._created = self._check(create)  # what opening it made (apply_schema says so)
 
     # -- connections (per server) -----------------------------------------------------------------------
     def _connect(self) -> Any:
@@ -191,18 +191,19 @@ class SqlStore:
         self._load_columns()
         missing = {t: [c for c in cols if c not in self.kinds[t]] for t, cols in self.layout.required().items()}
         if create and self.layout.owned and any(missing.values()):
-            cur = self.conn.cursor()
-            for stmt in self.layout.ddl(self.d):
-                cur.execute(stmt)
-            for t, cols in missing.items():
-                if self.kinds[t]:  # an existing table (the plugin's, without node): add what it lacks
-                    for c in cols:
-                        cur.execute(f"ALTER TABLE {self.d.q(t)} ADD COLUMN {self.d.q(c)} "
-                                    f"{'BIGINT' if c in self._time_columns() else 'VARCHAR(255)'}")
-                        done.append(f"added column {t}.{c}")
-                else:
-                    done.append(f"created table {t}")
-            self.conn.commit()
+            try:
+                done = self._create(missing)
+            except Exception:  # noqa: BLE001 - another process creating them at the same moment: look again
+                self._rollback()
+                self._load_columns()
+                missing = {t: [c for c in cols if c not in self.kinds[t]] for t, cols in self.layout.required().items()}
+                if any(missing.values()):
+                    try:
+                        done = self._create(missing)
+                    except Exception as e:
+                        self._rollback()
+                        raise StoreError(f"{self._where()}: cannot create the tables: {type(e).__name__}: "
+                                         f"{_first_line(e)}") from None
             self._load_columns()
             missing = {t: [c for c in cols if c not in self.kinds[t]] for t, cols in self.layout.required().items()}
         for t, cols in missing.items():
@@ -218,6 +219,23 @@ class SqlStore:
             if self.kinds[target.table][target.time] == sl.TEXT:
                 raise StoreError(f"{self._where()}: column {target.table}.{target.time} holds text; a time "
                                  "column must be BIGINT (milliseconds), INT (Unix seconds) or a timestamp")
+        return done
+
+    def _create(self, missing: dict[str, list[str]]) -> list[str]:
+        """The owned tables (IF NOT EXISTS), and the columns an existing one lacks (the plugin's: node)."""
+        done = []
+        cur = self.conn.cursor()
+        for stmt in self.layout.ddl(self.d):
+            cur.execute(stmt)
+        for t, cols in missing.items():
+            if self.kinds[t]:
+                for c in cols:
+                    cur.execute(f"ALTER TABLE {self.d.q(t)} ADD COLUMN {self.d.q(c)} "
+                                f"{'BIGINT' if c in self._time_columns() else 'VARCHAR(255)'}")
+                    done.append(f"added column {t}.{c}")
+            elif cols:
+                done.append(f"created table {t}")
+        self.conn.commit()
         return done
 
     def _time_columns(self) -> set[str]:
@@ -236,7 +254,7 @@ class SqlStore:
         return [*out, lay.select(d) + f" WHERE {d.q(lay.user_column)} = ?"]
 
     def apply_schema(self) -> tuple[list[str], str]:
-        done = self._check(create=True)
+        done = self._created + self._check(create=True)
         return self.schema(self.url, self.options), (f"-- {', '.join(done)} in {self._where()}" if done else
                                                      f"-- {self._where()} has what sql_layout = "
                                                      f"{self.layout.name} needs")
