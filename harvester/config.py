@@ -140,17 +140,20 @@ class Settings:
         found = _BY_KEY.get(key)
         if found is None:
             raise ConfigError(f"{where}: unknown setting {key!r} (known: {', '.join(_BY_KEY)})")
-        group, name, opt = found
+        _, _, opt = found
         try:
-            setattr(self if group is None else self.stores[group], name, opt.check(value))
+            checked = opt.check(value)
+            for group, name in _HOLDERS[key]:  # a key several stores declare (store_password_file) sets each
+                setattr(self if group is None else self.stores[group], name, checked)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{where}: bad value for {key!r}: {e}") from None
         self.source[key] = where
 
 
 def _own(group: type[StoreOptions] | None, key: str) -> bool:
-    """Whether `key` is a store's own setting (it carries the store's prefix)."""
-    return group is not None and bool(group.PREFIX) and key.startswith(group.PREFIX)
+    """Whether `key` is a store's own setting (it carries the store's prefix, or store_: a connection setting
+    several stores share, such as store_password_file)."""
+    return group is not None and (bool(group.PREFIX) and key.startswith(group.PREFIX) or key.startswith("store_"))
 
 
 _Declared = tuple[type[StoreOptions] | None, str, str, Option]
@@ -171,6 +174,10 @@ def _declared() -> list[_Declared]:
 
 _BY_KEY: dict[str, tuple[type[StoreOptions] | None, str, Option]] = {
     key: (group, name, opt) for group, name, key, opt in _declared()}
+_HOLDERS: dict[str, list[tuple[type[StoreOptions] | None, str]]] = {}
+for _group, _name, _key, _ in _declared():
+    if (_group, _name) not in _HOLDERS.setdefault(_key, []):
+        _HOLDERS[_key].append((_group, _name))
 OPTIONS: tuple[Option, ...] = tuple(opt for _, _, opt in _BY_KEY.values())
 # flags that may be given more than once
 _LISTS = ("patterns_dir", "follow", "rawlog", "journal_dir", "journal_file", "journal_match")
