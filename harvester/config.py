@@ -124,6 +124,21 @@ class Settings:
         "run: stop reading while this many rows wait for a store that is slow or down (bounds memory)", "N")
     poll_interval_ms: int = option(whole(10, 60_000), 1000,
         "run: look at the files at least this often (file change notifications wake it earlier)", "MS")
+    # The lookup service (harvester serve)
+    serve_listen: str = option(listen, "127.0.0.1:9855",
+        "serve: ADDR:PORT of the read-only HTTP service (API, agents' page, /healthz, /metrics)", "ADDR:PORT")
+    serve_tokens_file: str = option(text, "/etc/harvester/tokens",
+        "serve: NAME:SHA256_HEX lines of the bearer tokens it accepts (harvester token add NAME; re-read on "
+        "SIGHUP)", "FILE")
+    serve_audit_file: str = option(text, "",
+        "serve: where every lookup is recorded (who, account, time, result) as JSON lines (default: "
+        "audit.log in the state directory)", "FILE")
+    serve_rate_limit: int = option(whole(1, 100_000), 10,
+        "serve: lookups a second per token (bursts of twice that); beyond it: 429", "N")
+    serve_tls_cert: str = option(text, "", "serve: certificate file: serve HTTPS (with serve_tls_key)", "FILE")
+    serve_tls_key: str = option(text, "", "serve: the certificate's key file", "FILE")
+    serve_client_ca: str = option(text, "",
+        "serve: CA file: a client certificate it signed is accepted instead of a token (HTTPS only)", "FILE")
     # Each registered store's own options (harvester/sinks/__init__.py), by Options class.
     stores: dict[type, Any] = field(default_factory=lambda: {cls: cls() for cls in store_options()}, repr=False)
     source: dict[str, str] = field(default_factory=dict, repr=False)  # key -> where it was set (not a setting)

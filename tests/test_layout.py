@@ -19,7 +19,8 @@ STAGES = [  # in data-flow order
     {"coalesce"},
     {"sinks", "sinks.base", "sinks.sqlite", "sinks.cassandra", "sinks.cql", "sinks.sql", "sinks.sql_layouts"},
 ]
-TOP = {"cli", "__main__", "config", "checkpoint", "daemon", "writer", "systemd", "backfill", "segments", "testpatterns"}
+TOP = {"cli", "__main__", "config", "checkpoint", "daemon", "writer", "systemd", "backfill", "segments", "testpatterns",
+       "answer", "serve", "tokens"}
 
 
 def modules() -> list[str]:
