@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
 from typing import TypeVar
 
@@ -24,7 +25,7 @@ from harvester.config import Settings
 from harvester.parse import Parser, Webmail, rawlog_logins
 from harvester.sessions import Sessions
 from harvester.sinks.base import Store, flush
-from harvester.sources import archive, compression, rawlog, readahead
+from harvester.sources import archive, compression, journal, rawlog, readahead
 from harvester.sources.archive import line_blocks
 from harvester.sources.base import Text
 from harvester.sources.compression import ArchiveError, raw_chunks
@@ -70,7 +71,7 @@ def make_parser(settings: Settings, sessions: Sessions | None = None) -> Parser:
 
 
 def run(paths: list[str], settings: Settings, open_store: Callable[[], Store], *,
-        progress: bool | None = None) -> Summary:
+        progress: bool | None = None, since: str | None = None, until: str | None = None) -> Summary:
     """Backfill `paths` (files or globs) into the store `open_store` opens; never raises for bad input.
 
     The store is opened once the helper processes (the compressed files' reader, the workers) are
@@ -95,6 +96,10 @@ def run(paths: list[str], settings: Settings, open_store: Callable[[], Store], *
             store = _in_parallel(files, parser, sink, settings, zone, open_store, summary, bar, workers)
         else:
             store = _in_sequence(files, parser, sink, settings, zone, open_store, summary, bar)
+        for spec in journal.specs(settings.journal == "yes", settings.journal_dir, settings.journal_file,
+                                  tuple(settings.journal_match)):
+            summary.files.append((spec.name, _one_journal(spec, parser, sink, settings, store, summary, since, until,
+                                                          progress)))
         for root in settings.rawlog:  # after the maillog: its Login lines give sessions their address
             n, no_ip = rawlog_logins(rawlog.Tree(Path(root), zone, settings.rawlog_user_regex).sessions(), sink,
                                       parser, settings.node_name)
@@ -169,11 +174,44 @@ def _one_file(path: Path, texts: Iterable[Text], parser: Parser, sink: Coalescer
     except OSError as e:
         log.error("%s: cannot read: %s, skipped", path, e.strerror)
         return f"cannot read: {e.strerror}"
+    status, done = _feed(str(path), texts, parser, sink, settings, zone, store, summary, bar, mtime)
+    if bar is not None:
+        bar.update(max(_size(path) - done, 0))
+    return status
+
+
+def _one_journal(spec: journal.Spec, parser: Parser, sink: Coalescer, settings: Settings, store: Store,
+                 summary: Summary, since: str | None, until: str | None, progress: bool | None) -> str:
+    """A journal's entries (journalctl's, between since and until) through the same parser as files."""
+    first, last = journal.edge(spec, newest=False), journal.edge(spec, newest=True)
+    if first is None or last is None:
+        log.warning("%s: no entry matches %s", spec.name, " ".join(spec.match))
+        return "ok"
+    start = int(first["__REALTIME_TIMESTAMP"]) // 1_000_000
+    bar = _progress(int(last["__REALTIME_TIMESTAMP"]) // 1_000_000 - start + 1, progress, unit="s", scale=False)
+    texts = journal.history(spec, since=since, until=until, max_line=settings.max_line_bytes,
+                            on_dropped=journal.count_dropped,
+                            on_long_line=lambda at: parser.problem("long_line", at, b"(not shown)"))
+    shifted = (t._replace(read=t.read - start) for t in texts)  # the bar counts the journal's seconds
+    try:
+        status, _ = _feed(spec.name, shifted, parser, sink, settings, UTC, store, summary, bar, time.time())
+    except OSError as e:
+        log.error("%s: %s", spec.name, e)
+        status = str(e)
+    finally:
+        if bar is not None:
+            bar.close()
+    return status
+
+
+def _feed(name: str, texts: Iterable[Text], parser: Parser, sink: Coalescer, settings: Settings, zone,
+          store: Store, summary: Summary, bar, reference: float) -> tuple[str, int]:
+    """One file's (or journal's) texts into the sink, flushed as it fills; (status, progress units done)."""
     status = "ok"
-    done_bytes = 0
+    done = 0
     prefix = None
     head = b""
-    parser.name(str(path))
+    parser.name(name)
     try:
         # Each text carries how far the reader was when it was cut, so the bar follows the parser.
         for text in texts:
@@ -187,25 +225,23 @@ def _one_file(path: Path, texts: Iterable[Text], parser: Parser, sink: Coalescer
                     parser.count_skipped(sample)
                     continue
                 style = parser.pack.prefixes[prefix].style
-                parser.begin(str(path), prefix, Clock(style, zone, year=settings.year, reference=mtime,
-                                                      tolerance=settings.future_tolerance_s))
+                parser.begin(name, prefix, Clock(style, zone, year=settings.year, reference=reference,
+                                                 tolerance=settings.future_tolerance_s))
             parser.feed_text(text.data, text.end, sink, text.offset)
             if len(sink) >= settings.flush_rows:
                 summary.rows_written += flush(sink, store)
-            if bar is not None and text.read > done_bytes:
-                bar.update(text.read - done_bytes)
-                bar.set_postfix_str(path.name, refresh=False)
-                done_bytes = text.read
+            if bar is not None and text.read > done:
+                bar.update(text.read - done)
+                bar.set_postfix_str(Path(name).name, refresh=False)
+                done = text.read
     except ArchiveError as e:
-        log.error("%s: %s; %s", path, e,
+        log.error("%s: %s; %s", name, e,
                   "the lines before the damage were used" if e.partial else "file skipped")
         status = str(e)
     if prefix is None and status == "ok":
-        status = _undecided(parser, path, head)
+        status = _undecided(parser, Path(name), head)
     parser.end()
-    if bar is not None:
-        bar.update(max(_size(path) - done_bytes, 0))
-    return status
+    return status, done
 
 
 def _in_parallel(files: list[Path], parser: Parser, sink: Coalescer, settings: Settings, zone,
@@ -298,11 +334,11 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _progress(total: int, wanted: bool | None):
-    """A progress bar on a terminal (by compressed bytes read), nothing otherwise."""
+def _progress(total: int, wanted: bool | None, unit: str = "B", scale: bool = True):
+    """A progress bar on a terminal (by compressed bytes read; a journal's: by its seconds), nothing otherwise."""
     if wanted is False or (wanted is None and not sys.stderr.isatty()):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+    return tqdm(total=total, unit=unit, unit_scale=scale, unit_divisor=1024, file=sys.stderr,
                 desc="backfill", dynamic_ncols=True)

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harvester.sources.identity import Position
+from harvester.sources.identity import Cursor, Position, position_from_json
 
 log = logging.getLogger(__name__)
 VERSION = 1
@@ -24,7 +24,7 @@ class State:
     """Everything a restart needs: positions per followed path (a file being drained after a rotation
     first, then the current one) and the parser's open sessions at exactly those positions."""
 
-    positions: dict[str, list[Position]] = field(default_factory=dict)
+    positions: dict[str, list[Position | Cursor]] = field(default_factory=dict)
     # path -> {"lmtp": {pid: [ip, deliveries]}, "login_ip": [...]}: Parser.sessions
     sessions: dict[str, dict] = field(default_factory=dict)
     rawlog: dict[str, float] = field(default_factory=dict)  # rawlog root -> Unix second: sessions named by then done
@@ -48,7 +48,7 @@ class Checkpoints:
             log.error("%s: cannot read checkpoints (%s); starting without them", self.path, e)
             return State()
         try:
-            return State({p: [Position.from_json(x) for x in xs] for p, xs in data["positions"].items()},
+            return State({p: [position_from_json(x) for x in xs] for p, xs in data["positions"].items()},
                          data.get("sessions", {}), data.get("rawlog", {}))
         except (KeyError, TypeError, ValueError) as e:
             log.error("%s: checkpoints in an unknown shape (%s); starting without them", self.path, e)

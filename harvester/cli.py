@@ -12,9 +12,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from harvester import __version__, native, patterns
+from harvester.answer import EVENT_NAMES, local, row_dict
 from harvester.config import STORE_KEYS, ConfigError, Settings, add_flags, resolve
 from harvester.escape import for_csv, for_terminal, json_line, to_json
 from harvester.sinks import StoreError, default_url, open_store, store_class
+from harvester.sources import journal
 from harvester.timeparse import TimeError, resolve_timezone, rfc3339
 
 log = logging.getLogger("harvester")
@@ -48,19 +50,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "backfill", help="read log files (plain or compressed) once into the store",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Read Dovecot log files once, oldest first, and upsert the newest login per "
-                    "account and service into the store. Rotated sets are ordered for you.",
+        description="Read Dovecot log files (or systemd journals) once, oldest first, and upsert the newest "
+                    "login per account and service into the store. Rotated sets are ordered for you.",
         epilog=textwrap.dedent("""\
             examples:
               harvester backfill /var/log/mail.log /var/log/mail.log.*
               harvester backfill --timezone Europe/Berlin --webmail-networks 10.0.5.0/24 'archive/maillog-2025*'
               harvester backfill --store sqlite:////var/lib/harvester/h.db /var/log/dovecot-info.log
+              harvester backfill --journal --since 2026-11-01      # Debian 12 without rsyslog
+              harvester backfill --journal-dir /srv/copied/journal  # journals of another machine
 
             Quote globs to let harvester expand them. Times never move backwards in the store,
             so running a backfill twice, or over overlapping files, is safe."""))
     add_flags(p)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar (default: when stderr is a terminal)")
+    p.add_argument("--since", metavar="TIME", help="journals: entries from TIME on (journalctl's syntax: "
+                   "'2026-11-01', '2026-11-01 08:00:00', 'yesterday', '-2d')")
+    p.add_argument("--until", metavar="TIME", help="journals: entries up to TIME (same syntax)")
     p.add_argument("paths", nargs="*", metavar="PATH|GLOB")
 
     p = sub.add_parser("lookup", help="show one account's last logins, newest first",
@@ -148,6 +155,37 @@ def build_parser() -> argparse.ArgumentParser:
                   "webmail_local_networks", "node", "log_level"))
     p.add_argument("--events", type=int, default=20, metavar="N", help="how many events to show (default 20)")
     p.add_argument("file", metavar="FILE")
+
+    p = sub.add_parser(
+        "serve", help="answer lookups over HTTP for support systems and agents (read-only)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="A read-only HTTP service over the store: GET /v1/accounts/USER (the JSON of lookup "
+                    "--json), a page for agents at /, /healthz and /metrics. Every lookup needs a token "
+                    "(harvester token add NAME) and is written to the audit log.",
+        epilog=textwrap.dedent("""            examples:
+              harvester token add helpdesk            # prints the token once; keep it in the support tool
+              harvester serve --listen 127.0.0.1:9855
+              curl -H "Authorization: Bearer $TOKEN" http://127.0.0.1:9855/v1/accounts/jane%40example.com
+
+            Percent-encode the account in the path (a "/" of a name is %2F). Signals: SIGHUP re-reads
+            the tokens file (a deleted line is a revoked token); SIGTERM stops."""))
+    add_flags(p, ("store", "timezone", "log_level", "log_format", "state_dir", "serve_listen", "serve_tokens_file",
+                  "serve_audit_file", "serve_rate_limit", "serve_tls_cert", "serve_tls_key", "serve_client_ca",
+                  *STORE_KEYS))
+    p.add_argument("--listen", dest="serve_listen", metavar="ADDR:PORT", default=None,
+                   help="the same as --serve-listen")
+    p.add_argument("--tokens-file", dest="serve_tokens_file", metavar="FILE", default=None,
+                   help="the same as --serve-tokens-file")
+
+    p = sub.add_parser("token", help="make a token for harvester serve",
+                       description="harvester token add NAME: a new random token for NAME, printed once; its "
+                                   "SHA-256 is appended to the tokens file. Revoke it by deleting its line, then "
+                                   "SIGHUP (systemctl reload harvester-serve).")
+    add_flags(p, ("serve_tokens_file", "log_level"))
+    p.add_argument("--tokens-file", dest="serve_tokens_file", metavar="FILE", default=None,
+                   help="the same as --serve-tokens-file")
+    p.add_argument("action", choices=("add",))
+    p.add_argument("name", metavar="NAME")
     return top
 
 
@@ -207,11 +245,13 @@ def _logging(settings: Settings) -> None:
 def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
     from harvester import backfill
 
-    if not args.paths and not settings.rawlog:
-        print("harvester backfill: nothing to read: give log files (PATH|GLOB) or --rawlog DIR", file=sys.stderr)
+    journals = settings.journal == "yes" or settings.journal_dir or settings.journal_file
+    if not args.paths and not settings.rawlog and not journals:
+        print("harvester backfill: nothing to read: give log files (PATH|GLOB), --journal, --journal-dir DIR, "
+              "--journal-file FILE or --rawlog DIR", file=sys.stderr)
         return 2
     s = backfill.run(args.paths, settings, lambda: open_store(settings.store, settings=settings),
-                     progress=args.progress)
+                     progress=args.progress, since=args.since, until=args.until)
     rate = s.lines / s.seconds if s.seconds > 0 else 0.0
     ok = sum(1 for _, st in s.files if st == "ok")
     out = sys.stderr
@@ -247,7 +287,7 @@ def cmd_lookup(args: argparse.Namespace, settings: Settings) -> int:
         store.close()
     zone = resolve_timezone(settings.timezone)
     if args.json:
-        print(to_json([_row_dict(r, zone) for r in rows], indent=2))
+        print(to_json([row_dict(r, zone) for r in rows], indent=2))
         return 0 if rows else 1
     if not rows:
         print(f"{for_terminal(args.user)}: no login recorded in {store.url}")
@@ -255,7 +295,7 @@ def cmd_lookup(args: argparse.Namespace, settings: Settings) -> int:
     print(for_terminal(args.user))
     table = [("SERVICE", "LAST LOGIN (local)", "LAST LOGIN (UTC)", "IP", "NODE")]
     for r in (r for r in rows if r.kind == "login"):
-        table.append((r.service, _local(r.time_us, r.digits, zone), rfc3339(r.time_us, r.digits),
+        table.append((r.service, local(r.time_us, r.digits, zone), rfc3339(r.time_us, r.digits),
                       r.ip or "-", r.node or "-"))
     _print_table(table)
     others = [r for r in rows if r.kind != "login"]
@@ -263,14 +303,10 @@ def cmd_lookup(args: argparse.Namespace, settings: Settings) -> int:
         print("\nother events (never logins):")
         table = [("EVENT", "SERVICE", "TIME (local)", "IP", "DETAIL")]
         for r in others:
-            table.append((_EVENT_NAMES.get(r.kind, r.kind), r.service, _local(r.time_us, r.digits, zone),
+            table.append((EVENT_NAMES.get(r.kind, r.kind), r.service, local(r.time_us, r.digits, zone),
                           r.ip or "-", r.detail or ""))
         _print_table(table)
     return 0
-
-
-_EVENT_NAMES = {"auth_fail": "failed login", "pop3_delete": "POP3 deletion", "refused": "refused (after auth)",
-                "aborted": "aborted login"}
 
 
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
@@ -297,9 +333,11 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from harvester.daemon import Daemon
 
-    if not settings.follow and not args.paths and not settings.rawlog:
-        print("harvester run: nothing to follow: give PATHs, --rawlog DIR, or set follow in the config",
-              file=sys.stderr)
+    journal_given = settings.journal == "yes" or settings.journal_dir or settings.journal_file
+    local_journal = settings.journal == "auto" and journal.local_journal_exists() and journal.available()
+    if not (settings.follow or args.paths or settings.rawlog or journal_given or local_journal):
+        print("harvester run: nothing to follow: give PATHs, --journal, --rawlog DIR, or set follow in the config "
+              "(this machine has no systemd journal to fall back to)", file=sys.stderr)
         return 2
     store = open_store(settings.store, settings=settings)
     try:
@@ -383,23 +421,32 @@ def cmd_test_patterns(args: argparse.Namespace, settings: Settings) -> int:
     return report(Path(args.file), settings, max_events=args.events)
 
 
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from harvester import serve
+
+    store = open_store(settings.store, create=False, settings=settings)
+    try:
+        return serve.run(settings, store)
+    finally:
+        store.close()
+
+
+def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
+    from harvester import tokens
+
+    try:
+        token = tokens.add(Path(settings.serve_tokens_file), args.name)
+    except (tokens.TokenError, OSError) as e:
+        print(f"harvester token: {e}", file=sys.stderr)
+        return 2
+    print(token)
+    print(f"(added {args.name!r} to {settings.serve_tokens_file}: keep the token, it is not stored; "
+          "SIGHUP makes a running serve read it)", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "backfill": cmd_backfill, "lookup": cmd_lookup, "export": cmd_export, "schema": cmd_schema,
-            "test-patterns": cmd_test_patterns, "forget": cmd_forget}
-
-
-def _row_dict(r, zone) -> dict:
-    d = {"user": r.user, "service": r.service, "kind": r.kind,
-         "last_login": rfc3339(r.time_us, r.digits), "local_time": _local(r.time_us, r.digits, zone),
-         "ip": r.ip, "node": r.node}
-    if r.detail:
-        d["detail"] = r.detail
-    return d
-
-
-def _local(time_us: int, digits: int, zone) -> str:
-    dt = datetime.fromtimestamp(time_us / 1e6, UTC).astimezone(zone)
-    frac = f".{time_us % 1_000_000:06d}"[: digits + 1] if digits else ""
-    return dt.strftime("%Y-%m-%d %H:%M:%S") + frac + " " + (dt.strftime("%Z") or dt.strftime("%z"))
+            "test-patterns": cmd_test_patterns, "forget": cmd_forget, "serve": cmd_serve, "token": cmd_token}
 
 
 def _print_table(table: Sequence[tuple[str, ...]]) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from harvester.options import Option, choice, cidrs, declared, listen, option, paths, text, whole
+from harvester.options import Option, choice, cidrs, declared, listen, matches, option, paths, switch, text, whole
 from harvester.parse import MAX_USER_BYTES
 from harvester.sinks import STORES, store_options
 from harvester.sinks.base import StoreOptions
@@ -99,6 +99,17 @@ class Settings:
     # The live daemon (harvester run)
     follow: list[str] = option(paths, [],
         "run: files (or globs) to follow; the command line's PATHs are added", "PATH")
+    journal: str = option(switch, "auto",
+        "read the local systemd journal: yes, no, or auto (run: when none of the files to follow exists at "
+        "start, as on Debian 12 without rsyslog; files win where both exist, so no line is read twice)",
+        "yes|no|auto")
+    journal_dir: list[str] = option(paths, [],
+        "read the journal files in this directory (copied from another machine, a container's); repeatable",
+        "DIR")
+    journal_file: list[str] = option(paths, [], "read this journal file; repeatable", "FILE")
+    journal_match: list[str] = option(matches, ["SYSLOG_IDENTIFIER=dovecot"],
+        "which journal entries are Dovecot's: FIELD=VALUE (several of one field: any of them), e.g. "
+        "SYSLOG_IDENTIFIER=dovecot-2 for another instance_name", "FIELD=VALUE")
     state_dir: str = option(text, "",
         "run: where checkpoints live (default: $STATE_DIRECTORY, else ~/.local/state/harvester)", "DIR")
     metrics_listen: str = option(listen, "127.0.0.1:9854",
@@ -113,6 +124,21 @@ class Settings:
         "run: stop reading while this many rows wait for a store that is slow or down (bounds memory)", "N")
     poll_interval_ms: int = option(whole(10, 60_000), 1000,
         "run: look at the files at least this often (file change notifications wake it earlier)", "MS")
+    # The lookup service (harvester serve)
+    serve_listen: str = option(listen, "127.0.0.1:9855",
+        "serve: ADDR:PORT of the read-only HTTP service (API, agents' page, /healthz, /metrics)", "ADDR:PORT")
+    serve_tokens_file: str = option(text, "/etc/harvester/tokens",
+        "serve: NAME:SHA256_HEX lines of the bearer tokens it accepts (harvester token add NAME; re-read on "
+        "SIGHUP)", "FILE")
+    serve_audit_file: str = option(text, "",
+        "serve: where every lookup is recorded (who, account, time, result) as JSON lines (default: "
+        "audit.log in the state directory)", "FILE")
+    serve_rate_limit: int = option(whole(1, 100_000), 10,
+        "serve: lookups a second per token (bursts of twice that); beyond it: 429", "N")
+    serve_tls_cert: str = option(text, "", "serve: certificate file: serve HTTPS (with serve_tls_key)", "FILE")
+    serve_tls_key: str = option(text, "", "serve: the certificate's key file", "FILE")
+    serve_client_ca: str = option(text, "",
+        "serve: CA file: a client certificate it signed is accepted instead of a token (HTTPS only)", "FILE")
     # Each registered store's own options (harvester/sinks/__init__.py), by Options class.
     stores: dict[type, Any] = field(default_factory=lambda: {cls: cls() for cls in store_options()}, repr=False)
     source: dict[str, str] = field(default_factory=dict, repr=False)  # key -> where it was set (not a setting)
@@ -129,17 +155,20 @@ class Settings:
         found = _BY_KEY.get(key)
         if found is None:
             raise ConfigError(f"{where}: unknown setting {key!r} (known: {', '.join(_BY_KEY)})")
-        group, name, opt = found
+        _, _, opt = found
         try:
-            setattr(self if group is None else self.stores[group], name, opt.check(value))
+            checked = opt.check(value)
+            for group, name in _HOLDERS[key]:  # a key several stores declare (store_password_file) sets each
+                setattr(self if group is None else self.stores[group], name, checked)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{where}: bad value for {key!r}: {e}") from None
         self.source[key] = where
 
 
 def _own(group: type[StoreOptions] | None, key: str) -> bool:
-    """Whether `key` is a store's own setting (it carries the store's prefix)."""
-    return group is not None and bool(group.PREFIX) and key.startswith(group.PREFIX)
+    """Whether `key` is a store's own setting (it carries the store's prefix, or store_: a connection setting
+    several stores share, such as store_password_file)."""
+    return group is not None and (bool(group.PREFIX) and key.startswith(group.PREFIX) or key.startswith("store_"))
 
 
 _Declared = tuple[type[StoreOptions] | None, str, str, Option]
@@ -160,8 +189,14 @@ def _declared() -> list[_Declared]:
 
 _BY_KEY: dict[str, tuple[type[StoreOptions] | None, str, Option]] = {
     key: (group, name, opt) for group, name, key, opt in _declared()}
+_HOLDERS: dict[str, list[tuple[type[StoreOptions] | None, str]]] = {}
+for _group, _name, _key, _ in _declared():
+    if (_group, _name) not in _HOLDERS.setdefault(_key, []):
+        _HOLDERS[_key].append((_group, _name))
 OPTIONS: tuple[Option, ...] = tuple(opt for _, _, opt in _BY_KEY.values())
-_LISTS = ("patterns_dir", "follow", "rawlog")  # flags that may be given more than once
+# flags that may be given more than once
+_LISTS = ("patterns_dir", "follow", "rawlog", "journal_dir", "journal_file", "journal_match")
+_SWITCHES = ("journal",)  # flags that may stand alone: --journal is --journal yes
 # The flags of the commands that open a store but read no logs (lookup, export, forget, schema): each store's
 # own prefixed settings (a store's unprefixed ones, event_rows and event_ttl_days, concern writing rows).
 STORE_KEYS = tuple(key for key, (group, _, _) in _BY_KEY.items() if _own(group, key))
@@ -207,6 +242,10 @@ def add_flags(parser: argparse.ArgumentParser, keys: tuple[str, ...] | None = No
                         help=f"TOML config file (default: $HARVESTER_CONFIG, else {DEFAULT_CONFIG} if present)")
     for opt in OPTIONS:
         if keys is not None and opt.key not in keys:
+            continue
+        if opt.key in _SWITCHES:
+            parser.add_argument("--" + opt.key.replace("_", "-"), dest=opt.key, metavar=opt.metavar,
+                                default=None, nargs="?", const="yes", help=opt.help)
             continue
         parser.add_argument("--" + opt.key.replace("_", "-"), dest=opt.key, metavar=opt.metavar,
                             default=None, action="append" if opt.key in _LISTS else "store",

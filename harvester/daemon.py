@@ -35,8 +35,8 @@ from harvester.config import Settings, state_dir
 from harvester.parse import Parser, rawlog_logins
 from harvester.sessions import CUT_WAIT_S, Sessions
 from harvester.sinks.base import Store
-from harvester.sources import Block, LineSource, open_source, rawlog
-from harvester.sources.identity import Position
+from harvester.sources import Block, LineSource, journal, open_source, rawlog
+from harvester.sources.base import AnyPosition
 from harvester.timeparse import Clock, resolve_timezone
 from harvester.writer import WriteJob, Writer
 
@@ -82,7 +82,7 @@ class Daemon:
         self.reloading = False
         self.read_at: list[float] = []  # monotonic read times of the blocks in self.sink
         self.dirty = True  # offsets moved since the last checkpoint handed to the writer (at start: maybe)
-        self.cut_positions: dict[str, list[Position]] = {}  # what that checkpoint says
+        self.cut_positions: dict[str, list[AnyPosition]] = {}  # what that checkpoint says
         self.lock_fd = -1
         self._observer: BaseObserver | None = None
         self.rawlog_trees: list[rawlog.Tree] = []
@@ -90,6 +90,8 @@ class Daemon:
         self.rawlog_done: dict[tuple[str, str, str, str], float] = {}
         self.rawlog_parser: Parser | None = None
         self.last_rawlog_scan = 0.0
+        self.journal_only = False  # journal = auto chose the local journal (see _choose_journal)
+        self.nothing_said = -journal.SAID_AGAIN_S
 
     # -- setup -----------------------------------------------------------------------
     def _parser(self, sessions: Sessions | None = None) -> Parser:
@@ -100,11 +102,46 @@ class Daemon:
         self.sources[path].parser.problem("long_line", at, b"(not shown)")
 
     def _expand(self) -> list[str]:
+        """The names of the sources to read: the files (globs expanded) and the journals."""
+        if self.journal_only:
+            return [journal.Spec().name]
         out = []
         for pat in [*self.settings.follow, *self.patterns_given]:
             hits = sorted(glob.glob(pat)) if glob.has_magic(pat) else [pat]
             out += [h for h in hits if h not in out]
-        return out
+        s = self.settings
+        return out + [j.name for j in journal.specs(s.journal == "yes", s.journal_dir, s.journal_file, ())]
+
+    def _choose_journal(self) -> None:
+        """journal = auto: the local journal alone when none of the files to follow exists now (Debian 12
+        without rsyslog has no /var/log/mail.log); the files alone otherwise. Decided at each start, so a
+        line is never read from both."""
+        s = self.settings
+        if s.journal != "auto" or s.journal_dir or s.journal_file:
+            return
+        files = [p for p in self._expand() if not p.startswith(journal.SCHEME + ":")]
+        if any(os.path.exists(p) for p in files):
+            return
+        if not journal.local_journal_exists() or not journal.available():
+            return
+        self.journal_only = True
+        log.info("reading Dovecot's lines from the systemd journal: %s (journal = auto; "
+                 "restart harvester to follow a file that appears later)",
+                 f"{', '.join(files)} does not exist" if files else "no file to follow")
+
+    def _reading(self) -> int:
+        """How many sources have something to read (a journal; a file that exists); 0 is said in the log
+        and in the harvester_sources_read gauge, every minute."""
+        n = sum(1 for name in self.sources if name.startswith(journal.SCHEME + ":") or os.path.exists(name))
+        metrics.SOURCES_READ.set(n)
+        now = time.monotonic()
+        if n == 0 and now - self.nothing_said >= journal.SAID_AGAIN_S:
+            self.nothing_said = now
+            names = [*self.settings.follow, *self.patterns_given]
+            log.warning("reading nothing: %s; no systemd journal to read either (journal = %s)",
+                        f"{', '.join(names)} does not exist" if names else "no file to follow",
+                        self.settings.journal)
+        return n
 
     def _add_sources(self, state: State | None, start_at: str) -> None:
         for path in self._expand():
@@ -112,7 +149,7 @@ class Daemon:
                 continue
             f = open_source(path, max_line=self.settings.max_line_bytes,
                             on_long_line=functools.partial(self._long_line, path),
-                            on_rotation=functools.partial(_rotated, path))
+                            on_rotation=functools.partial(_rotated, path), match=tuple(self.settings.journal_match))
             src = Followed(path, f, self._parser())
             positions = state.positions.get(path, []) if state else []  # a new path has none
             if state and path in state.sessions:
@@ -166,6 +203,7 @@ class Daemon:
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_reload)
         state = self.checkpoints.load()
+        self._choose_journal()
         self._add_sources(state, self.settings.start_at)
         zone = resolve_timezone(self.settings.timezone)
         for root in self.settings.rawlog:
@@ -239,7 +277,7 @@ class Daemon:
             self._shutdown()
         return 0
 
-    def _positions(self) -> dict[str, list[Position]]:
+    def _positions(self) -> dict[str, list[AnyPosition]]:
         return {p: s.follower.positions() for p, s in self.sources.items()}
 
     def _waiting(self) -> int:
@@ -363,6 +401,7 @@ class Daemon:
         metrics.WAITING.set(self._waiting())
         for p, s in self.sources.items():
             metrics.LAG.labels(p).set(s.follower.lag_bytes())
+        self._reading()
 
     # -- signals ---------------------------------------------------------------------
     def _on_stop(self, signum, frame) -> None:
@@ -388,9 +427,14 @@ class Daemon:
                 src.parser, src.prefix = parser, None
             self._add_sources(None, "beginning")
             log.info("reloaded configuration and pattern packs")
+            metrics.RELOADS.labels("ok").inc()
+            systemd.notify("READY=1\nSTATUS=reloaded")
         except Exception as e:  # a bad config on reload must not stop a running daemon
+            # `systemctl reload` has returned success already (it only sends SIGHUP): the journal, the
+            # unit's status line and harvester_reloads_total{result="failed"} say it failed.
             log.error("reload failed, keeping the previous configuration: %s", e)
-        systemd.notify("READY=1")
+            metrics.RELOADS.labels("failed").inc()
+            systemd.notify(f"READY=1\nSTATUS=reload failed, running with the previous configuration: {e}"[:400])
 
     def _shutdown(self) -> None:
         """SIGTERM: a last write and checkpoint if the store takes them within STOP_DEADLINE, then close.

@@ -32,6 +32,19 @@ LAG = Gauge("harvester_checkpoint_lag_bytes", "Bytes of a followed file after it
 NEWEST = Gauge("harvester_newest_stored_event_timestamp_seconds",
                "Unix time of the newest event the store acknowledged")
 ROTATIONS = Counter("harvester_rotations_total", "Rotations of a followed file seen", ["file", "how"])
+LINES_LOST = Counter("harvester_lines_lost_total",
+                     "Log lines lost before harvester could read them (journald's rate limit dropped them; "
+                     "a journal vacuumed past the checkpoint: see harvester_journal_lost_seconds_total)", ["reason"])
+JOURNAL_LOST = Counter("harvester_journal_lost_seconds_total",
+                       "Seconds of journal between the checkpointed entry and the oldest one left, when the "
+                       "journal was vacuumed while harvester was down", ["source"])
+SOURCES_READ = Gauge("harvester_sources_read",
+                     "Sources being read (files followed, journals); 0: harvester reads nothing")
+RELOADS = Counter("harvester_reloads_total", "Configuration reloads (SIGHUP), by result", ["result"])
+SERVE_REQUESTS = Counter("harvester_serve_requests_total", "Requests to harvester serve, by route and status",
+                         ["route", "status"])
+SERVE_SECONDS = Histogram("harvester_serve_request_duration_seconds", "Time to answer a request, by route",
+                          ["route"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 DELAY = Histogram("harvester_line_to_store_delay_seconds",
                   "From reading a block of lines to the store acknowledging its rows",
                   buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60))

@@ -101,6 +101,26 @@ def listen(v: Any) -> str:
     return s
 
 
+def switch(v: Any) -> str:
+    """yes, no or auto; TOML's true and false are yes and no."""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if v not in ("yes", "no", "auto"):
+        raise ValueError("must be true, false, yes, no or auto")
+    return v
+
+
+def matches(v: Any) -> list[str]:
+    """journalctl matches, FIELD=VALUE each (FIELD: capitals, digits, _)."""
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or not all(isinstance(s, str) and _MATCH.fullmatch(s) for s in items):
+        raise ValueError("expected FIELD=VALUE journal matches such as SYSLOG_IDENTIFIER=dovecot")
+    return items
+
+
+_MATCH = re.compile(r"_{0,2}[A-Z0-9][A-Z0-9_]*=.*")
+
+
 def choice(*choices: str) -> Callable[[Any], str]:
     def check(v: Any) -> str:
         if v not in choices:

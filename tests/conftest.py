@@ -127,3 +127,66 @@ def log_lines(tmp_path_factory) -> list[bytes]:
     src = tmp_path_factory.mktemp("corpus") / "maillog"
     corpus.write_maillog(src, lines=9000, users=400, tz="UTC")
     return src.read_bytes().splitlines(keepends=True)
+
+
+SQL_SERVERS = ("postgresql", "mariadb")
+
+
+@pytest.fixture(scope="session", params=SQL_SERVERS)
+def sql_server(request) -> dict:
+    """A real PostgreSQL or MariaDB (scripts/sql-dev start; reused when up, as scripts/test starts them).
+
+    Never skipped: if it cannot start, every test on it fails with the launcher's output."""
+    import subprocess
+
+    proc = subprocess.run([str(ROOT / "scripts" / "sql-dev"), "start", request.param], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, f"scripts/sql-dev start {request.param} failed:\n{proc.stderr[-4000:]}"
+    url = proc.stdout.strip().splitlines()[-1]
+    return {"server": request.param, "url": url, "password_file": str(ROOT / ".sql" / request.param / "password")}
+
+
+@pytest.fixture
+def sql_db(sql_server) -> dict:
+    """A fresh, empty database of its own on `sql_server`: {"url", "password_file", "server", "admin"}; admin
+    runs SQL in it (to make an iRedMail or Modoboa table as they are)."""
+    import uuid
+
+    name = "t_" + uuid.uuid4().hex[:12]
+    base, _, _ = sql_server["url"].rpartition("/")
+    password = Path(sql_server["password_file"]).read_text().splitlines()[0]
+    admin = SqlAdmin(sql_server["server"], base.split("@")[1], password)
+    admin.run(f"CREATE DATABASE {name}", database="harvester")
+    admin.database = name
+    yield {**sql_server, "url": f"{base}/{name}", "admin": admin}
+    admin.run(f"DROP DATABASE {name}", database="harvester")
+
+
+class SqlAdmin:
+    """Runs SQL as the test servers' user, outside the store (what an operator or Modoboa would do)."""
+
+    def __init__(self, server: str, hostport: str, password: str) -> None:
+        self.server, self.password = server, password
+        self.host, port = hostport.split(":")
+        self.port = int(port)
+        self.database = ""
+
+    def run(self, sql: str, params: tuple = (), database: str | None = None) -> list[tuple]:
+        if self.server == "postgresql":
+            import psycopg
+
+            with psycopg.connect(host=self.host, port=self.port, user="harvester", password=self.password,
+                                 dbname=database or self.database, autocommit=True) as c:
+                cur = c.execute(sql, params or None)
+                return list(cur.fetchall()) if cur.description else []
+        import pymysql
+
+        c = pymysql.connect(host=self.host, port=self.port, user="harvester", password=self.password,
+                            database=database or self.database, autocommit=True, charset="utf8mb4",
+                            init_command="SET time_zone = '+00:00'")
+        try:
+            cur = c.cursor()
+            cur.execute(sql, params or None)
+            return list(cur.fetchall())
+        finally:
+            c.close()

@@ -28,7 +28,7 @@ def test_file_values_and_flags_merge_flags_winning(tmp_path):
     ('webmail_networks = ["10.0.0.300/8"]', "bad value for 'webmail_networks'"),
     ('timezone = "Mars/Olympus"', "bad value for 'timezone'"),
     ("year = 12", "bad value for 'year'"),
-    ('store = "mysql://x"', "bad value for 'store'"),
+    ('store = "oracle://x"', "bad value for 'store'"),
     ("[cassandra]\nhosts = 1", "unknown section [cassandra]"),
     ("year = ", "not valid TOML"),
 ])

@@ -268,3 +268,91 @@ def test_rows_a_write_has_taken_out_of_its_batch_count_as_waiting_until_their_sl
     assert writer.finish(10)
     assert seen == [3500, 2500, 1500, 500] and writer.in_flight() == 0
     assert (tmp_path / "checkpoints.json").exists()
+
+
+def _daemon(tmp_path, *paths: str, **settings):
+    from harvester.config import Settings
+    from harvester.daemon import Daemon
+
+    s = Settings()
+    for k, v in settings.items():
+        s.set(k, v, "test")
+    s.set("state_dir", str(tmp_path / "state"), "test")
+
+    class Store:
+        url = "memory:"
+
+    return Daemon(s, Store(), list(paths))  # type: ignore[arg-type]
+
+
+def test_journal_auto_reads_the_journal_where_no_file_to_follow_exists_and_the_files_where_one_does(
+        tmp_path, monkeypatch):
+    """Debian 12 without rsyslog: no /var/log/mail.log, Dovecot's lines only in the journal. With rsyslog:
+    the file, and not the journal as well (no line read twice)."""
+    from harvester.sources import journal
+
+    monkeypatch.setattr(journal, "local_journal_exists", lambda: True)
+    monkeypatch.setattr(journal, "available", lambda: "/usr/bin/journalctl")
+    maillog = tmp_path / "mail.log"
+    d = _daemon(tmp_path, str(maillog))
+    d._choose_journal()
+    assert d._expand() == ["journal:local"]
+    maillog.write_text("")
+    d = _daemon(tmp_path, str(maillog))
+    d._choose_journal()
+    assert d._expand() == [str(maillog)]
+    d = _daemon(tmp_path, str(maillog), journal="yes", journal_dir=[str(tmp_path)])
+    d._choose_journal()
+    assert d._expand() == [str(maillog), f"journal:dir={tmp_path}", "journal:local"]
+    monkeypatch.setattr(journal, "local_journal_exists", lambda: False)
+    maillog.unlink()
+    d = _daemon(tmp_path, str(maillog))
+    d._choose_journal()
+    assert d._expand() == [str(maillog)]  # nothing to fall back to: wait for the file
+
+
+def test_a_daemon_that_reads_nothing_says_so_in_its_log_and_a_gauge_every_minute(tmp_path, caplog, monkeypatch):
+    from harvester import metrics
+    from harvester.sources import journal
+
+    monkeypatch.setattr(journal, "local_journal_exists", lambda: False)
+    d = _daemon(tmp_path, str(tmp_path / "mail.log"))
+    d._add_sources(None, "end")
+    assert d._reading() == 0
+    assert metrics.SOURCES_READ._value.get() == 0
+    assert "reading nothing" in caplog.text and "mail.log does not exist" in caplog.text
+    caplog.clear()
+    d._reading()
+    assert "reading nothing" not in caplog.text  # said again a minute later, not on every loop
+    (tmp_path / "mail.log").write_text("")
+    assert d._reading() == 1
+
+
+def test_a_reload_with_a_broken_config_keeps_running_and_says_it_failed(tmp_path, log_lines):
+    """`systemctl reload` only sends SIGHUP and reports success: the failure must show in the log, the
+    metric and the unit's status line."""
+    import urllib.request
+
+    from tests.e2e.dovecot import free_port
+
+    (tmp_path / "log").mkdir()
+    cfg = tmp_path / "h.toml"
+    cfg.write_text('log_level = "info"\n')
+    w = Writer(tmp_path / "log" / "maillog", log_lines)
+    db = tmp_path / "h.db"
+    port = free_port()
+    proc = start(tmp_path, f"sqlite:///{db}", "--config", str(cfg), "--metrics-listen", f"127.0.0.1:{port}")
+    try:
+        w.write(len(log_lines) // 2)
+        cfg.write_text('log_level = "loud"\n')
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        w.write(len(log_lines))
+        want = reference(tmp_path, log_lines)
+        assert settle(db, want, proc) == want  # still running, still storing
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        w.close()
+        err = stop(proc)
+    assert "reload failed, keeping the previous configuration" in err
+    assert 'harvester_reloads_total{result="failed"} 1.0' in text

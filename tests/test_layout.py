@@ -13,13 +13,14 @@ PACKAGE = Path(__file__).parent.parent / "harvester"
 FOUNDATION = {"events", "timeparse", "escape", "metrics", "native", "options"}
 STAGES = [  # in data-flow order
     {"sources", "sources.base", "sources.identity", "sources.compression", "sources.readahead", "sources.rotation",
-     "sources.archive", "sources.tail", "sources.rawlog"},
+     "sources.archive", "sources.tail", "sources.rawlog", "sources.journal"},
     {"patterns", "parse"},
     {"sessions"},
     {"coalesce"},
-    {"sinks", "sinks.base", "sinks.sqlite", "sinks.cassandra", "sinks.cql"},
+    {"sinks", "sinks.base", "sinks.sqlite", "sinks.cassandra", "sinks.cql", "sinks.sql", "sinks.sql_layouts"},
 ]
-TOP = {"cli", "__main__", "config", "checkpoint", "daemon", "writer", "systemd", "backfill", "segments", "testpatterns"}
+TOP = {"cli", "__main__", "config", "checkpoint", "daemon", "writer", "systemd", "backfill", "segments", "testpatterns",
+       "answer", "serve", "tokens"}
 
 
 def modules() -> list[str]:

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
-from harvester.sources.identity import FileId, Position
+from harvester.sources.identity import Cursor, FileId, Position
+
+AnyPosition = Position | Cursor  # a file's (tail.py) or a journal's (journal.py)
 
 
 @dataclass
@@ -44,7 +46,7 @@ class LineSource(Protocol):
     opener in sources.SOURCES with the callbacks it reports through: a line over max_line (its offset; the
     line is skipped) and a rotation (how: "rename", "copytruncate")."""
 
-    def start(self, positions: list[Position], start_at: str) -> str:
+    def start(self, positions: list[AnyPosition], start_at: str) -> str:
         """Resume from checkpointed positions (none: from the "end" or the "beginning"); says how, for the log."""
         ...
 
@@ -56,7 +58,7 @@ class LineSource(Protocol):
         """Whether more is readable already (catching up: no sleeping)."""
         ...
 
-    def positions(self) -> list[Position]:
+    def positions(self) -> list[AnyPosition]:
         """Where each part still to be read was read to, in reading order (what a checkpoint keeps)."""
         ...
 

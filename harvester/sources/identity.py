@@ -1,6 +1,6 @@
 """Which file is which: a file is named by device, inode *and* a fingerprint of its first bytes, because
 inodes are reused (a new maillog can get the inode of one logrotate just deleted), and a position is how
-far one such file was read (what a checkpoint keeps of a followed path)."""
+far one such file was read (what a checkpoint keeps of a followed path); a journal's is a cursor."""
 
 from __future__ import annotations
 
@@ -58,3 +58,18 @@ class Position:
     @classmethod
     def from_json(cls, d: dict) -> Position:
         return cls(FileId(**d["id"]), int(d["offset"]))
+
+
+@dataclass
+class Cursor:
+    """Read up to and including the journal entry journald's cursor `cursor` names."""
+
+    cursor: str
+
+    def to_json(self) -> dict:
+        return {"cursor": self.cursor}
+
+
+def position_from_json(d: dict) -> Position | Cursor:
+    """A checkpoint's position back: a file's or a journal's."""
+    return Cursor(str(d["cursor"])) if "cursor" in d else Position.from_json(d)

@@ -43,7 +43,7 @@ from typing import BinaryIO
 
 from harvester.sources import archive, compression
 from harvester.sources.archive import drop_long_lines, line_blocks
-from harvester.sources.base import Block, ignored
+from harvester.sources.base import AnyPosition, Block, ignored
 from harvester.sources.compression import ArchiveError, raw_chunks, sniff
 from harvester.sources.identity import HEAD_BYTES, FileId, Position, head_of, identify, still_same
 from harvester.sources.rotation import rotation_key
@@ -119,16 +119,17 @@ class Follower:
     said_at: float | None = None
 
     # -- start ---------------------------------------------------------------------
-    def start(self, positions: list[Position], start_at: str) -> str:
+    def start(self, positions: list[AnyPosition], start_at: str) -> str:
         """Resume from checkpointed positions, else start at the end (or beginning) of the file.
 
         The oldest checkpointed file still found is read from its offset, then every newer rotated
         file (from its checkpointed offset if it has one, else whole), then the live file.
         Returns how it started, for the log."""
+        files = [p for p in positions if isinstance(p, Position)]
         fd = self._open_path()
         here = identify(fd) if fd is not None else None
         for tries_left in range(LIST_TRIES - 1, -1, -1):
-            how = self._resume(positions, start_at, fd, here, last_try=not tries_left)
+            how = self._resume(files, start_at, fd, here, last_try=not tries_left)
             if how is not None:
                 return how
             for item in self.queue:  # a rotated file vanished before it was opened: list them again
@@ -251,7 +252,7 @@ class Follower:
         """Whether more is already readable than the last poll handed out (catching up: do not sleep)."""
         return self.more or any(isinstance(item, _Archive) and not item.done for item in self.queue)
 
-    def positions(self) -> list[Position]:
+    def positions(self) -> list[AnyPosition]:
         """Where each file still to be read was read to, in reading order: queued ones, then the current one
         (an empty file too: its identity lets a restart find it after a rotation)."""
         return [Position(o.id, o.offset) for o in [*self.queue, *([self.cur] if self.cur else [])]]

@@ -11,6 +11,7 @@
 //! begun in an earlier segment, XCLIENT address changes) is handed back to
 //! Python with the line's position: `slow(pos)`.
 
+mod journal;
 mod sessions;
 mod sqlite;
 mod table;
@@ -732,6 +733,7 @@ fn _fastscan(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sqlite_params, m)?)?;
     m.add_function(wrap_pyfunction!(newlines, m)?)?;
     m.add_function(wrap_pyfunction!(rfc3339, m)?)?;
+    m.add_function(wrap_pyfunction!(journal::journal_lines, m)?)?;
     m.add_class::<Scanner>()?;
     m.add_class::<Table>()?;
     m.add_class::<Sessions>()?;
