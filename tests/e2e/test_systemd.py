@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -157,6 +157,9 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         check_dependencies()
     except Missing as e:
         pytest.fail(str(e), pytrace=False)  # never a skip: a suite that silently skips proves nothing
+    if sys.version_info[:2] != (3, 11):  # the wheel's native module is built for the host's Python
+        pytest.fail(f"the systemd e2e test builds its wheel with this Python ({sys.version.split()[0]}), and Debian "
+                    "12's is 3.11: run the tests with a Python 3.11 venv", pytrace=False)
     out = tmp_path_factory.mktemp("wheel")
     env = {**os.environ, "PATH": os.environ.get("PATH", "") + ":" + str(Path.home() / ".cargo" / "bin")}
     started = time.monotonic()
@@ -231,7 +234,7 @@ class Container:
         self.cgroups = own_cgroups(f"harvester-e2e-{os.getpid()}-{tmp.name}")
         self.proc: subprocess.Popen | None = None
         self.pid1 = 0
-        self.booted_at = 0.0
+        self.boot_s = 0.0  # from starting nspawn to `systemctl is-system-running` saying running
 
     # -- before the boot: files in the upper layer ---------------------------------------------------------------
 
@@ -311,7 +314,7 @@ class Container:
             import ctypes
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: dies with the test
 
-        self.booted_at = time.monotonic()
+        booted_at = time.monotonic()
         with self.output.open("wb") as out:
             self.proc = subprocess.Popen(
                 ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", BOOT_SCRIPT, "sh",
@@ -339,6 +342,7 @@ class Container:
         if state != "running":
             failed = self.run("systemctl", "--failed", "--no-legend", "--plain").stdout
             raise RuntimeError(f"the container's systemd is {state!r}; failed units:\n{failed}\n{self.tail()}")
+        self.boot_s = time.monotonic() - booted_at
 
     def tail(self, n: int = 40) -> str:
         text = self.output.read_text(errors="replace") if self.output.exists() else ""
@@ -485,106 +489,120 @@ def sources_read(metrics: dict) -> set[str]:
 
 # --- the scenario -------------------------------------------------------------------------------------------------
 
-def the_unit_stores_logins_under_systemd(tmp_path: Path, wheel: Path, *, rsyslog: bool) -> None:
+def the_unit_stores_logins_under_systemd(c: Container, *, rsyslog: bool) -> None:
     source_fix = ("harvester must read the file it is given when it exists at start (rsyslog), else the journal "
                   "(issue #16 item 4: a journal source and the unit's fallback to it)")
-    with Container(tmp_path, wheel, rsyslog=rsyslog) as c:
-        try:
-            wait_until(lambda: c.show("ActiveState")["ActiveState"] == "active", 30, "harvester to be active")
-        except TimeoutError:
-            raise AssertionError(f"harvester.service did not become active\n{explain(c)}") from None
-        started = c.show("MainPID", "ExecMainStartTimestampMonotonic")
-        assert (c.path(MAILLOG).exists()) == rsyslog, f"{MAILLOG} should exist only with rsyslog"
+    try:
+        wait_until(lambda: c.show("ActiveState")["ActiveState"] == "active", 30, "harvester to be active")
+    except TimeoutError:
+        raise AssertionError(f"harvester.service did not become active\n{explain(c)}") from None
+    started = c.show("MainPID", "ExecMainStartTimestampMonotonic")
+    assert (c.path(MAILLOG).exists()) == rsyslog, f"{MAILLOG} should exist only with rsyslog"
 
-        # -- real traffic -> rows that agree with Dovecot's own plugin ---------------------------------------------
-        assert c.traffic(ROUND1) == [True] * 5 + [False]
-        rows = wait_for_rows(c, ROUND1_ROWS, source_fix)
-        boot_to_rows = time.monotonic() - c.booted_at
-        print(f"{'rsyslog' if rsyslog else 'journal only'}: boot to rows {boot_to_rows:.1f} s")
-        plugin = read_last_login_dict(c.path(PLUGIN_DICT))
-        agrees_with_plugin(rows, plugin, ROUND1_ROWS)
-        assert ("dave", "imap") not in rows, "a failed login was stored"
-        log = c.harvester_log()
-        m = c.metrics()
-        # Every login read exactly once: the file and the journal both hold these lines where rsyslog runs.
-        assert logins_counted(m) == ROUND1_LOGINS, (
-            f"logins read {logins_counted(m)}, expected each once: {ROUND1_LOGINS} (sources: {sources_read(m)})\n{log}")
-        # The daemon names its choice at start (journal = auto: files it is given win when one exists).
-        if rsyslog:
-            assert f"following {MAILLOG}" in log, log
-            assert JOURNAL_CHOSEN not in log, f"the journal is read although {MAILLOG} exists:\n{log}"
-            assert sources_read(m) == {MAILLOG}, f"read more than the file: {sources_read(m)}\n{log}"
-        else:
-            assert JOURNAL_CHOSEN in log, log
-            assert sources_read(m) == {"journal:local"}, f"read other than the journal: {sources_read(m)}\n{log}"
+    # -- real traffic -> rows that agree with Dovecot's own plugin ---------------------------------------------
+    sent = time.monotonic()
+    assert c.traffic(ROUND1) == [True] * 5 + [False]
+    rows = wait_for_rows(c, ROUND1_ROWS, source_fix)
+    print(f"{'rsyslog' if rsyslog else 'journal only'}: boot to harvester READY (system running) {c.boot_s:.1f} s, "
+          f"traffic to rows {time.monotonic() - sent:.1f} s")
+    plugin = read_last_login_dict(c.path(PLUGIN_DICT))
+    agrees_with_plugin(rows, plugin, ROUND1_ROWS)
+    assert ("dave", "imap") not in rows, "a failed login was stored"
+    log = c.harvester_log()
+    m = c.metrics()
+    # Every login read exactly once: the file and the journal both hold these lines where rsyslog runs.
+    assert logins_counted(m) == ROUND1_LOGINS, (
+        f"logins read {logins_counted(m)}, expected each once: {ROUND1_LOGINS} (sources: {sources_read(m)})\n{log}")
+    # The daemon names its choice at start (journal = auto: files it is given win when one exists).
+    if rsyslog:
+        assert f"following {MAILLOG}" in log, log
+        assert JOURNAL_CHOSEN not in log, f"the journal is read although {MAILLOG} exists:\n{log}"
+        assert sources_read(m) == {MAILLOG}, f"read more than the file: {sources_read(m)}\n{log}"
+    else:
+        assert JOURNAL_CHOSEN in log, log
+        assert sources_read(m) == {"journal:local"}, f"read other than the journal: {sources_read(m)}\n{log}"
 
-        # -- reload: works without /bin/kill; a broken config is said to have failed -------------------------------
-        conf = c.path("/etc/harvester/harvester.toml")
-        conf.parent.mkdir(mode=0o755, exist_ok=True)
-        conf.write_text("# written by tests/e2e/test_systemd.py\nmax_line_bytes = 65536\n")
-        conf.chmod(0o644)
+    # -- reload: works without /bin/kill; a broken config is said to have failed -------------------------------
+    conf = c.path("/etc/harvester/harvester.toml")
+    conf.parent.mkdir(mode=0o755, exist_ok=True)
+    conf.write_text("# written by tests/e2e/test_systemd.py\nmax_line_bytes = 65536\n")
+    conf.chmod(0o644)
 
-        def reload(expect: str, count: int) -> None:
-            r = c.run("systemctl", "reload", "harvester")
-            # systemd 252 reports only whether ExecReload= ran, not whether harvester's reload worked.
-            assert r.returncode == 0, f"systemctl reload failed: {r.stdout}{r.stderr}\n{explain(c)}"
-            wait_until(lambda: c.harvester_log().count(expect) >= count, 15, f"{expect!r} in harvester's log")
+    def reload(expect: str, count: int) -> None:
+        r = c.run("systemctl", "reload", "harvester")
+        # systemd 252 reports only whether ExecReload= ran, not whether harvester's reload worked.
+        assert r.returncode == 0, f"systemctl reload failed: {r.stdout}{r.stderr}\n{explain(c)}"
+        wait_until(lambda: c.harvester_log().count(expect) >= count, 15, f"{expect!r} in harvester's log")
 
-        reload("reloaded configuration and pattern packs", 1)
-        conf.write_text("max_line_bytes = [not toml\n")
-        reload("reload failed", 1)
-        assert c.show("ActiveState")["ActiveState"] == "active"
-        failed_reloads = c.metrics().get(("harvester_reloads_total", (("result", "failed"),)))  # asserted last
-        conf.write_text("max_line_bytes = 65536\n")
-        reload("reloaded configuration and pattern packs", 2)
+    reload("reloaded configuration and pattern packs", 1)
+    conf.write_text("max_line_bytes = [not toml\n")
+    reload("reload failed", 1)
+    assert c.show("ActiveState")["ActiveState"] == "active"
+    failed_reloads = c.metrics().get(("harvester_reloads_total", (("result", "failed"),)))
+    assert failed_reloads == 1, ('a failed reload must count in harvester_reloads_total{result="failed"} '
+                                 f"(issue #16 item 6), got {failed_reloads}")
+    conf.write_text("max_line_bytes = 65536\n")
+    reload("reloaded configuration and pattern packs", 2)
 
-        # -- alive past WatchdogSec: the same process, never restarted --------------------------------------------
-        # CLOCK_MONOTONIC is the host's inside the container too.
-        since = int(started["ExecMainStartTimestampMonotonic"]) / 1e6
-        time.sleep(max(0.0, since + WATCHDOG_S + 5 - time.monotonic()))
-        now = c.show("ActiveState", "SubState", "NRestarts", "MainPID", "Result")
-        assert now == {"ActiveState": "active", "SubState": "running", "NRestarts": "0",
-                       "MainPID": started["MainPID"], "Result": "success"}, f"{now}\n{explain(c)}"
+    # -- alive past WatchdogSec: the same process, never restarted --------------------------------------------
+    # CLOCK_MONOTONIC is the host's inside the container too.
+    since = int(started["ExecMainStartTimestampMonotonic"]) / 1e6
+    time.sleep(max(0.0, since + WATCHDOG_S + 5 - time.monotonic()))
+    now = c.show("ActiveState", "SubState", "NRestarts", "MainPID", "Result")
+    assert now == {"ActiveState": "active", "SubState": "running", "NRestarts": "0",
+                   "MainPID": started["MainPID"], "Result": "success"}, f"{now}\n{explain(c)}"
 
-        # -- stop flushes: traffic, harvester has read it (its events are counted), then at once `systemctl stop`:
-        # rows read and not yet written (a write every 500 ms) must be written on the way out. (Lines still unread
-        # at SIGTERM are not lost either: they lie after the checkpoint and are read at the next start.)
-        assert c.traffic(ROUND2) == [True, True]
-        expected = {**ROUND1_LOGINS}
-        for kind, *_ in ROUND2:
-            expected[kind] += 1
+    # -- stop flushes. A restart with rows written only every minute (the restart resumes from the checkpoint:
+    # round one is not stored again), traffic, harvester has read it (its events are counted) and holds its rows,
+    # then `systemctl stop`: the rows must be written on the way out. (Lines still unread at SIGTERM are not
+    # lost either: they lie after the checkpoint and are read at the next start.)
+    conf.write_text("flush_interval_ms = 60000\n")
+    c.run("systemctl", "restart", "harvester", check=True)
+    assert c.show("ActiveState")["ActiveState"] == "active", explain(c)
+    assert c.traffic(ROUND2) == [True, True]
+    expected = {service: 0 for service in ROUND1_LOGINS}  # the counters start again with the process
+    for kind, *_ in ROUND2:
+        expected[kind] += 1
 
-        def read() -> dict | None:
-            m = c.metrics()
-            return m if logins_counted(m) == expected else None
+    def read() -> bool:
+        counted = logins_counted(c.metrics())
+        return {k: counted.get(k, 0) for k in expected} == expected
 
-        try:
-            wait_until(read, 10, "harvester to read round two", 0.02)
-        except TimeoutError:
-            raise AssertionError(f"round two's logins were not read: {logins_counted(c.metrics())}, expected "
-                                 f"{expected}\n{explain(c)}") from None
-        stored_before = {k for k, ip in ROUND2_ROWS.items() if c.rows().get(k, (0, ""))[1] == ip}
-        stop = c.run("systemctl", "stop", "harvester")
-        assert stop.returncode == 0, stop.stderr
-        after = c.show("ActiveState", "Result", "ExecMainStatus")
-        assert after == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, after
-        rows = c.rows()
-        missing = {k: ip for k, ip in ROUND2_ROWS.items() if rows.get(k, (0, ""))[1] != ip}
-        assert not missing, f"rows of the traffic right before the stop are missing: {missing}\n{explain(c)}"
-        agrees_with_plugin(rows, read_last_login_dict(c.path(PLUGIN_DICT)), ROUND2_ROWS)
-        print(f"round two's rows written by the stop's flush: {len(ROUND2_ROWS) - len(stored_before)} "
-              f"of {len(ROUND2_ROWS)}")
-        assert failed_reloads == 1, ('a failed reload must count in harvester_reloads_total{result="failed"} '
-                                     f"(issue #16 item 6), got {failed_reloads}")
-    # Nothing left running: every process of the container's cgroups is gone, and with them the overlay's namespace.
-    assert c.proc is not None and c.proc.returncode is not None
-    assert not any(d.exists() for d in c.cgroups), c.cgroups
-
-
-def test_debian12_default_journal_only_the_unit_stores_logins_from_the_journal(tmp_path, wheel):
-    the_unit_stores_logins_under_systemd(tmp_path, wheel, rsyslog=False)
+    try:
+        wait_until(read, 10, "harvester to read round two", 0.05)
+    except TimeoutError:
+        raise AssertionError(f"round two's logins not read, or round one's read again after the restart: "
+                             f"{logins_counted(c.metrics())}, expected {expected}\n{explain(c)}") from None
+    held = {k for k, ip in ROUND2_ROWS.items() if c.rows().get(k, (0, ""))[1] != ip}
+    assert held == set(ROUND2_ROWS), f"rows written before the stop, though flush_interval_ms = 60000: {held}"
+    stop = c.run("systemctl", "stop", "harvester")
+    assert stop.returncode == 0, stop.stderr
+    after = c.show("ActiveState", "Result", "ExecMainStatus")
+    assert after == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, after
+    rows = c.rows()
+    missing = {k: ip for k, ip in ROUND2_ROWS.items() if rows.get(k, (0, ""))[1] != ip}
+    assert not missing, f"rows of the traffic right before the stop are missing: {missing}\n{explain(c)}"
+    agrees_with_plugin(rows, read_last_login_dict(c.path(PLUGIN_DICT)), ROUND2_ROWS)
 
 
-def test_with_rsyslog_the_unit_follows_mail_log_and_does_not_read_the_journal_too(tmp_path, wheel):
-    the_unit_stores_logins_under_systemd(tmp_path, wheel, rsyslog=True)
+@pytest.fixture(scope="module")
+def machines(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Container]]:
+    """Both machines booted at once, so that their waits for WatchdogSec overlap (each test counts from its own
+    service's start); both shut down and cleaned up afterwards, whatever happened."""
+    booted: dict[str, Container] = {}
+    with contextlib.ExitStack() as stack:
+        for name, rsyslog in (("journal", False), ("rsyslog", True)):
+            booted[name] = stack.enter_context(Container(tmp_path_factory.mktemp(name), wheel, rsyslog=rsyslog))
+        yield booted
+    # Nothing left running: every process of the containers' cgroups is gone, and with them the overlays' namespaces.
+    for c in booted.values():
+        assert c.proc is not None and c.proc.returncode is not None
+        assert not any(d.exists() for d in c.cgroups), c.cgroups
 
+
+def test_debian12_default_journal_only_the_unit_stores_logins_from_the_journal(machines):
+    the_unit_stores_logins_under_systemd(machines["journal"], rsyslog=False)
+
+
+def test_with_rsyslog_the_unit_follows_mail_log_and_does_not_read_the_journal_too(machines):
+    the_unit_stores_logins_under_systemd(machines["rsyslog"], rsyslog=True)
