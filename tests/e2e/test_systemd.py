@@ -336,12 +336,13 @@ class Container:
             return 0
 
         self.pid1 = int(wait_until(pid1, 90, "the container's systemd (PID 1)", 0.05))  # type: ignore[arg-type]
-        # PID 1 answers once its private socket exists; then wait for the boot to finish.
-        wait_until(lambda: self.run("systemctl", "is-system-running").stdout.strip(), 30, "systemctl to answer")
-        state = self.run("systemctl", "is-system-running", "--wait", timeout=90).stdout.strip()
-        if state != "running":
+        # PID 1 answers once its private socket exists (before, systemctl says "offline"); then wait for the boot.
+        wait_until(lambda: self.path("/run/systemd/private").is_socket(), 30, "PID 1's socket /run/systemd/private")
+        r = self.run("systemctl", "is-system-running", "--wait", timeout=90)
+        if r.stdout.strip() != "running":
             failed = self.run("systemctl", "--failed", "--no-legend", "--plain").stdout
-            raise RuntimeError(f"the container's systemd is {state!r}; failed units:\n{failed}\n{self.tail()}")
+            raise RuntimeError(f"the container's systemd is {r.stdout.strip()!r} ({r.stderr.strip()}); failed units:"
+                               f"\n{failed}\n{self.tail()}")
         self.boot_s = time.monotonic() - booted_at
 
     def tail(self, n: int = 40) -> str:
@@ -537,7 +538,8 @@ def the_unit_stores_logins_under_systemd(c: Container, *, rsyslog: bool) -> None
     reload("reloaded configuration and pattern packs", 1)
     conf.write_text("max_line_bytes = [not toml\n")
     reload("reload failed", 1)
-    assert c.show("ActiveState")["ActiveState"] == "active"
+    status = c.show("ActiveState", "StatusText")
+    assert status["ActiveState"] == "active" and status["StatusText"].startswith("reload failed"), status
     failed_reloads = c.metrics().get(("harvester_reloads_total", (("result", "failed"),)))
     assert failed_reloads == 1, ('a failed reload must count in harvester_reloads_total{result="failed"} '
                                  f"(issue #16 item 6), got {failed_reloads}")
