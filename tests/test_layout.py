@@ -17,7 +17,7 @@ STAGES = [  # in data-flow order
     {"patterns", "parse"},
     {"sessions"},
     {"coalesce"},
-    {"sinks", "sinks.base", "sinks.sqlite", "sinks.cassandra", "sinks.cql"},
+    {"sinks", "sinks.base", "sinks.sqlite", "sinks.cassandra", "sinks.cql", "sinks.redis"},
 ]
 TOP = {"cli", "__main__", "config", "checkpoint", "daemon", "writer", "systemd", "backfill", "segments", "testpatterns"}
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from harvester.sinks.base import Forgotten, PartialWrite, Store, StoreClass, StoreError, StoreOptions
 from harvester.sinks.cassandra import CassandraStore
+from harvester.sinks.redis import RedisStore
 from harvester.sinks.sqlite import SqliteStore
 
 if TYPE_CHECKING:
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 STORES: dict[str, StoreClass] = {
     "sqlite": SqliteStore,
     "cassandra": CassandraStore,
+    "redis": RedisStore,
 }
 
 
