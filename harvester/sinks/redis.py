@@ -173,6 +173,7 @@ class Template:
     def __init__(self, o: RedisOptions) -> None:
         self.prefix = o.key_prefix
         fmt, pattern = [_brace(o.key_prefix)], [re.escape(o.key_prefix)]
+        by_field = list(fmt)  # the same, "{0.user}" for "{user}": str.format reads the row's field
         self.names: list[str] = []
         head: str | None = None  # the key's literal text before its first variable
         literal, pos = o.key_prefix, 0
@@ -180,6 +181,7 @@ class Template:
             part = o.key[pos:m.start()] + ("%" if m[2] == "%" else "")
             literal += part
             fmt.append(_brace(part))
+            by_field.append(_brace(part))
             pattern.append(re.escape(part))
             pos = m.end()
             if m[2] == "%":
@@ -187,19 +189,27 @@ class Template:
             name = VARIABLES[m[1].replace(" ", "") if m[1] is not None else m[2]]
             head = literal if head is None else head
             fmt.append("{" + name + "}")
+            by_field.append("{0." + name + "}")
             pattern.append(f"(?P={name})" if name in self.names else _VAR_REGEX[name])
             self.names.append(name)
         fmt.append(_brace(o.key[pos:]))
+        by_field.append(_brace(o.key[pos:]))
         pattern.append(re.escape(o.key[pos:]))
         self.head = literal if head is None else head
         self.format = "".join(fmt).format
         self.regex = re.compile("".join(pattern), re.S)
         self.getters = {n: _GETTERS[n] for n in dict.fromkeys(self.names)}
+        # The usual templates name only the row's user and service: formatted from its fields directly.
+        self.plain: Callable[[Row], str] | None = None
+        if set(self.names) <= {"user", "service"}:
+            self.plain = "".join(by_field).format
         # A key that could be another key's companion is refused: only possible where the template
         # begins with a variable (or with "harvester/").
         self.companion_head = self.prefix + COMPANION + self.head[len(self.prefix):]
 
     def key(self, r: Row) -> str:
+        if self.plain is not None:
+            return self.plain(r)
         return self.format(**{n: get(r) for n, get in self.getters.items()})
 
     def companion(self, key: str) -> str:
@@ -243,6 +253,11 @@ def _glob_escape(s: str) -> str:
     return re.sub(r"([*?\[\]\\^])", r"\\\1", s)
 
 
+def _bulk(x: bytes) -> bytes:
+    """One bulk string of Redis' protocol."""
+    return b"$%d\r\n%b\r\n" % (len(x), x)
+
+
 def _b(s: str) -> bytes:
     """A name as Redis keeps it: its UTF-8 bytes (a name read as non-UTF-8 bytes round-trips too)."""
     return s.encode("utf-8", "surrogateescape")
@@ -273,6 +288,7 @@ class RedisStore:
         self.template = Template(o)
         self.unit, self.digits = PRECISION[o.precision]
         self._skipped: dict[str, int] = {}
+        self._bulk_cache: dict[object, bytes] = {}  # service, node or digits -> its bulk string (see _pack)
         tls: dict[str, Any] = {}
         if a.tls:
             tls = {"ssl": True, "ssl_ca_certs": o.tls_ca or None, "ssl_certfile": o.tls_cert or None,
@@ -382,16 +398,27 @@ class RedisStore:
             return e
 
     def _pack(self, call: list[tuple[Row, str]]) -> bytes:
-        """EVALSHA of one call in Redis' protocol (packed here: redis-py's general packer took most of a write)."""
-        companion, value = self.template.companion, self._value
+        """EVALSHA of one call in Redis' protocol (packed here: redis-py's general packer took most of a write):
+        a row's keys, then its arguments, each one format of bulk strings. Services, nodes and digits repeat:
+        their bulk strings are made once."""
+        companion, value, same = self.template.companion, self._value, self._bulk_cache
         keys: list[bytes] = []
-        args: list[bytes] = [b"%d" % (self.options.expire * 1000)]
+        args: list[bytes] = [_bulk(b"%d" % (self.options.expire * 1000))]
         for r, key in call:
-            keys += (_b(key), _b(companion(key)))
-            args += (value(r.time_us).encode(), b"%d" % r.time_us, b"%d" % r.digits, _b(r.service), _b(r.ip or ""),
-                     _b(r.node or ""), _b(r.user))
-        items = [b"EVALSHA", SHA, b"%d" % len(keys), *keys, *args]
-        return b"*%d\r\n" % len(items) + b"".join([b"$%d\r\n%b\r\n" % (len(x), x) for x in items])
+            k, c = _b(key), _b(companion(key))
+            keys.append(b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(k), k, len(c), c))
+            v, us, ip, user = value(r.time_us).encode(), b"%d" % r.time_us, _b(r.ip or ""), _b(r.user)
+            args.append(b"$%d\r\n%b\r\n$%d\r\n%b\r\n%b%b$%d\r\n%b\r\n%b$%d\r\n%b\r\n" % (
+                len(v), v, len(us), us,
+                same.get(r.digits) or same.setdefault(r.digits, _bulk(b"%d" % r.digits)),
+                same.get(r.service) or same.setdefault(r.service, _bulk(_b(r.service))),
+                len(ip), ip,
+                same.get(r.node) or same.setdefault(r.node, _bulk(_b(r.node or ""))),
+                len(user), user))
+        if len(same) > 10_000:  # node names come from log lines: bounded by what one call can add
+            same.clear()
+        head = b"*%d\r\n" % (4 + 9 * len(call)) + _bulk(b"EVALSHA") + _bulk(SHA) + _bulk(b"%d" % (2 * len(call)))
+        return head + b"".join(keys) + b"".join(args)
 
     # -- reads -------------------------------------------------------------------
     def lookup(self, user: str) -> list[Row]:
