@@ -211,6 +211,17 @@ def test_other_events_have_no_key_and_are_counted(db):
     assert len(raw(st)) == 2
 
 
+def test_forget_removes_the_keys_and_companions_of_one_service_or_of_every_one(db, capsys):
+    st = store(db, redis_key=PER_SERVICE)
+    user = HOSTILE[0]
+    st.write([login(user, "imap"), login(user, "pop3", T0 + 1), login("jane", "imap")])
+    assert run_cli("forget", "--store", db, "--redis-key", PER_SERVICE, user, "pop3") == 0
+    assert [r.service for r in st.lookup(user)] == ["imap"]
+    assert run_cli("forget", "--store", db, "--redis-key", PER_SERVICE, user) == 0
+    assert st.lookup(user) == []
+    assert set(raw(st)) == {b"last-login/imap/jane", f"{COMPANION}last-login/imap/jane".encode()}
+
+
 # -- keys the plugin wrote ----------------------------------------------------------------------------------------
 
 def plugin_set(st: RedisStore, key: str, value: str, expire: int = 0) -> None:
