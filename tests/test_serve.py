@@ -251,3 +251,20 @@ def test_an_agent_signs_in_looks_an_account_up_and_reads_the_verdict_in_chromium
     assert "203.0.113.7" in table and "CET" in table
     assert hostile == "<script>x</script>"  # shown as text, never run
     assert shot.stat().st_size > 1000
+
+
+def test_the_serve_unit_passes_systemd_analyze_and_stays_sandboxed(tmp_path):
+    """deploy/harvester-serve.service: verified by systemd itself, exposure at most the daemon unit's bound."""
+    import re
+
+    from tests.test_deploy import ENTRY_POINT, MAX_EXPOSURE, SYSTEMD_ANALYZE, _analyze
+
+    assert SYSTEMD_ANALYZE, "systemd-analyze is missing (Debian package systemd)"
+    unit = ROOT / "deploy" / "harvester-serve.service"
+    copy = tmp_path / unit.name
+    copy.write_text(unit.read_text().replace(f"ExecStart={ENTRY_POINT} ", "ExecStart=/bin/true "))
+    r = _analyze("verify", str(copy))
+    assert (r.returncode, r.stdout + r.stderr) == (0, "")
+    r = _analyze("security", "--offline=true", "--no-pager", str(copy))
+    m = re.search(r"Overall exposure level for harvester-serve\.service: (\d+\.\d+)", r.stdout)
+    assert m and float(m.group(1)) <= MAX_EXPOSURE, r.stdout
