@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from harvester.config import Settings
 from harvester.events import Row
 from harvester.sinks import open_store
 from tests.conftest import ROOT
@@ -268,3 +269,47 @@ def test_the_serve_unit_passes_systemd_analyze_and_stays_sandboxed(tmp_path):
     r = _analyze("security", "--offline=true", "--no-pager", str(copy))
     m = re.search(r"Overall exposure level for harvester-serve\.service: (\d+\.\d+)", r.stdout)
     assert m and float(m.group(1)) <= MAX_EXPOSURE, r.stdout
+
+
+def test_serve_over_the_real_sql_servers(sql_db, tmp_path):
+    """The same service over PostgreSQL and MariaDB (the plugin's table layout): nothing store-specific."""
+    from tests.sinks.test_sql import store as sql_store
+
+    s = sql_store(sql_db)
+    try:
+        s.write(rows())
+    finally:
+        s.close()
+    server = start(tmp_path, sql_db["url"], "--store-password-file", sql_db["password_file"])
+    try:
+        status, body, _ = server.get(account("jane@example.com"), server.token)
+        assert status == 200
+        got = {(r["service"], r["kind"], r["ip"]) for r in json.loads(body)}
+        assert {("pop3", "login", "203.0.113.7"), ("imap", "login", "198.51.100.4")} <= got
+        status, body, _ = server.get(account("o'brien \"q\"@example.com"), server.token)
+        assert status == 200 and json.loads(body)[0]["user"] == "o'brien \"q\"@example.com"
+        assert server.get(account("nobody@example.com"), server.token)[0] == 404
+    finally:
+        stop(server)
+
+
+def test_serve_over_the_real_redis_server(redis_server, tmp_path):
+    """Over Redis in the plugin's key layout (last-login/%{service}/%{user}: one key per service)."""
+    url = redis_server.rsplit("/", 1)[0] + "/13"
+    s = Settings()
+    s.set("redis_key", "last-login/%{service}/%{user}", "test")
+    st = open_store(url, settings=s)
+    try:
+        st.client.flushdb()  # type: ignore[attr-defined]
+        st.write(rows())
+    finally:
+        st.close()
+    server = start(tmp_path, url, "--redis-key", "last-login/%{service}/%{user}")
+    try:
+        status, body, _ = server.get(account("jane@example.com"), server.token)
+        assert status == 200
+        assert {(r["service"], r["ip"]) for r in json.loads(body)} == {
+            ("pop3", "203.0.113.7"), ("imap", "198.51.100.4"), ("lmtp", "192.0.2.25")}
+        assert server.get(account("a/b@example.com"), server.token)[0] == 200
+    finally:
+        stop(server)
