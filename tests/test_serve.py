@@ -313,3 +313,63 @@ def test_serve_over_the_real_redis_server(redis_server, tmp_path):
         assert server.get(account("a/b@example.com"), server.token)[0] == 200
     finally:
         stop(server)
+
+
+def _pki(d: Path) -> dict[str, Path]:
+    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate (CN=helpdesk), by openssl."""
+    def ssl_(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+    ssl_("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+         "-subj", "/CN=test CA")
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
+        ssl_("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj",
+             f"/CN={'127.0.0.1' if name == 'server' else 'helpdesk'}")
+        (d / f"{name}.ext").write_text(ext + "\n")
+        ssl_("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+             f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+    return {n: d / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+def test_over_https_a_client_certificate_of_the_configured_ca_is_let_in_without_a_token(tmp_path):
+    import ssl
+
+    pki = _pki(tmp_path)
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    store = open_store(url)
+    store.write(rows())
+    store.close()
+    tokens = tmp_path / "tokens"
+    tokens.write_text("")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "harvester", "serve", "--store", url, "--tokens-file", str(tokens),
+                             "--listen", f"127.0.0.1:{port}", "--serve-audit-file", str(tmp_path / "audit.log"),
+                             "--serve-tls-cert", str(pki["server.pem"]), "--serve-tls-key", str(pki["server.key"]),
+                             "--serve-client-ca", str(pki["ca.pem"])], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+
+    def get(cert: bool) -> int:
+        ctx = ssl.create_default_context(cafile=str(pki["ca.pem"]))
+        if cert:
+            ctx.load_cert_chain(str(pki["client.pem"]), str(pki["client.key"]))
+        try:
+            with urllib.request.urlopen(f"https://127.0.0.1:{port}{account('jane@example.com')}", context=ctx,
+                                        timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                status = get(cert=True)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+                time.sleep(0.1)
+        assert status == 200
+        assert get(cert=False) == 401
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    assert '"who": "cert:helpdesk"' in (tmp_path / "audit.log").read_text()
