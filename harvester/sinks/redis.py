@@ -273,6 +273,7 @@ class RedisStore:
     Options = RedisOptions
     URL_HELP = "redis://[user@]host:port/db, rediss://[user@]host:port/db (TLS)"
     URL_PREFIX = "redis"  # redis:// and rediss://
+    THREAD_SAFE_READS = True  # redis-py's client draws a connection per command from its pool
 
     def __init__(self, url: str, options: RedisOptions | None = None, *, create: bool = True) -> None:
         try:
