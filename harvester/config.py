@@ -53,8 +53,8 @@ class Settings:
     declared once; the config file's keys and the command line's flags are derived from these fields."""
 
     store: str | None = option(_store, None,
-        "where rows go: sqlite:///relative.db, sqlite:////absolute.db, or "
-        "cassandra://host1,host2[:port]/keyspace (default: "
+        "where rows go: sqlite:///relative.db, sqlite:////absolute.db, "
+        "cassandra://host1,host2[:port]/keyspace, or redis://[user@]host:port/db (rediss:// for TLS) (default: "
         "$STATE_DIRECTORY or ~/.local/state/harvester/harvester.db)", "URL")
     timezone: str | None = option(_timezone, None,
         "zone of year-less and offset-less log timestamps (IANA name, UTC or +02:00; "
@@ -155,13 +155,11 @@ class Settings:
         found = _BY_KEY.get(key)
         if found is None:
             raise ConfigError(f"{where}: unknown setting {key!r} (known: {', '.join(_BY_KEY)})")
-        _, _, opt = found
-        try:
-            checked = opt.check(value)
-            for group, name in _HOLDERS[key]:  # a key several stores declare (store_password_file) sets each
-                setattr(self if group is None else self.stores[group], name, checked)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{where}: bad value for {key!r}: {e}") from None
+        for group, name, opt in found:  # a key several stores declare (store_password_file) is set in each
+            try:
+                setattr(self if group is None else self.stores[group], name, opt.check(value))
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{where}: bad value for {key!r}: {e}") from None
         self.source[key] = where
 
 
@@ -187,19 +185,24 @@ def _declared() -> list[_Declared]:
     return [*general, *own, *sorted(shared, key=lambda d: d[2])]
 
 
-_BY_KEY: dict[str, tuple[type[StoreOptions] | None, str, Option]] = {
-    key: (group, name, opt) for group, name, key, opt in _declared()}
-_HOLDERS: dict[str, list[tuple[type[StoreOptions] | None, str]]] = {}
-for _group, _name, _key, _ in _declared():
-    if (_group, _name) not in _HOLDERS.setdefault(_key, []):
-        _HOLDERS[_key].append((_group, _name))
-OPTIONS: tuple[Option, ...] = tuple(opt for _, _, opt in _BY_KEY.values())
+def _by_key() -> dict[str, list[tuple[type[StoreOptions] | None, str, Option]]]:
+    """key -> where it goes: (group, field name, Option), one entry per store that declares it."""
+    out: dict[str, list[tuple[type[StoreOptions] | None, str, Option]]] = {}
+    for group, name, key, opt in _declared():
+        out.setdefault(key, []).append((group, name, opt))
+    return out
+
+
+_BY_KEY = _by_key()
+OPTIONS: tuple[Option, ...] = tuple(found[0][2] for found in _BY_KEY.values())
 # flags that may be given more than once
 _LISTS = ("patterns_dir", "follow", "rawlog", "journal_dir", "journal_file", "journal_match")
 _SWITCHES = ("journal",)  # flags that may stand alone: --journal is --journal yes
 # The flags of the commands that open a store but read no logs (lookup, export, forget, schema): each store's
-# own prefixed settings (a store's unprefixed ones, event_rows and event_ttl_days, concern writing rows).
-STORE_KEYS = tuple(key for key, (group, _, _) in _BY_KEY.items() if _own(group, key))
+# own prefixed settings and the store_ ones several share (a store's other unprefixed ones, event_rows and
+# event_ttl_days, concern writing rows).
+STORE_KEYS = tuple(key for key, found in _BY_KEY.items()
+                   if _own(found[0][0], key) or (found[0][0] is not None and key.startswith("store_")))
 
 
 def config_path(explicit: str | None) -> Path | None:
@@ -221,7 +224,7 @@ def load_file(settings: Settings, path: Path) -> None:
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     for key, value in data.items():
-        if isinstance(value, dict) and not (key in _BY_KEY and isinstance(_BY_KEY[key][2].default, dict)):
+        if isinstance(value, dict) and not (key in _BY_KEY and isinstance(_BY_KEY[key][0][2].default, dict)):
             raise ConfigError(f"{path}: unknown section [{key}]")
         settings.set(key, value, str(path))
 

@@ -190,3 +190,38 @@ class SqlAdmin:
             return list(cur.fetchall())
         finally:
             c.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> str:
+    """A real redis-server on loopback (scripts/redis-dev start: Debian's package, a private directory; reused
+    when up). Never skipped: if it cannot start, every Redis test fails with the launcher's output."""
+    import subprocess
+
+    proc = subprocess.run([str(ROOT / "scripts" / "redis-dev"), "start"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"scripts/redis-dev start failed (scripts/e2e-deps installs redis-server):\n" \
+                                 f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+    return proc.stdout.strip().splitlines()[-1]
+
+
+class PrivateRedis:
+    """A redis-server of a test's own (scripts/redis-dev --dir), stopped and started again mid-test: the restart
+    scenarios. Started on a free port; `start()` again reuses that port (and its append-only file)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.cmd = [str(ROOT / "scripts" / "redis-dev")]
+        self.dir = ["--dir", str(directory)]
+        self.url = ""
+
+    def start(self) -> str:
+        import subprocess
+
+        proc = subprocess.run([*self.cmd, "start", *self.dir], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        self.url = proc.stdout.strip().splitlines()[-1]
+        return self.url
+
+    def stop(self, check: bool = True) -> None:
+        import subprocess
+
+        subprocess.run([*self.cmd, "stop", *self.dir], check=check, capture_output=True, timeout=60)

@@ -17,7 +17,8 @@ STAGES = [  # in data-flow order
     {"patterns", "parse"},
     {"sessions"},
     {"coalesce"},
-    {"sinks", "sinks.base", "sinks.sqlite", "sinks.cassandra", "sinks.cql", "sinks.sql", "sinks.sql_layouts"},
+    {"sinks", "sinks.base", "sinks.sqlite", "sinks.cassandra", "sinks.cql", "sinks.sql", "sinks.sql_layouts",
+     "sinks.redis"},
 ]
 TOP = {"cli", "__main__", "config", "checkpoint", "daemon", "writer", "systemd", "backfill", "segments", "testpatterns",
        "answer", "serve", "tokens"}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from harvester.config import Settings
 from harvester.events import Row
 from harvester.sinks import open_store
 from tests.conftest import ROOT
@@ -251,3 +252,124 @@ def test_an_agent_signs_in_looks_an_account_up_and_reads_the_verdict_in_chromium
     assert "203.0.113.7" in table and "CET" in table
     assert hostile == "<script>x</script>"  # shown as text, never run
     assert shot.stat().st_size > 1000
+
+
+def test_the_serve_unit_passes_systemd_analyze_and_stays_sandboxed(tmp_path):
+    """deploy/harvester-serve.service: verified by systemd itself, exposure at most the daemon unit's bound."""
+    import re
+
+    from tests.test_deploy import ENTRY_POINT, MAX_EXPOSURE, SYSTEMD_ANALYZE, _analyze
+
+    assert SYSTEMD_ANALYZE, "systemd-analyze is missing (Debian package systemd)"
+    unit = ROOT / "deploy" / "harvester-serve.service"
+    copy = tmp_path / unit.name
+    copy.write_text(unit.read_text().replace(f"ExecStart={ENTRY_POINT} ", "ExecStart=/bin/true "))
+    r = _analyze("verify", str(copy))
+    assert (r.returncode, r.stdout + r.stderr) == (0, "")
+    r = _analyze("security", "--offline=true", "--no-pager", str(copy))
+    m = re.search(r"Overall exposure level for harvester-serve\.service: (\d+\.\d+)", r.stdout)
+    assert m and float(m.group(1)) <= MAX_EXPOSURE, r.stdout
+
+
+def test_serve_over_the_real_sql_servers(sql_db, tmp_path):
+    """The same service over PostgreSQL and MariaDB (the plugin's table layout): nothing store-specific."""
+    from tests.sinks.test_sql import store as sql_store
+
+    s = sql_store(sql_db)
+    try:
+        s.write(rows())
+    finally:
+        s.close()
+    server = start(tmp_path, sql_db["url"], "--store-password-file", sql_db["password_file"])
+    try:
+        status, body, _ = server.get(account("jane@example.com"), server.token)
+        assert status == 200
+        got = {(r["service"], r["kind"], r["ip"]) for r in json.loads(body)}
+        assert {("pop3", "login", "203.0.113.7"), ("imap", "login", "198.51.100.4")} <= got
+        status, body, _ = server.get(account("o'brien \"q\"@example.com"), server.token)
+        assert status == 200 and json.loads(body)[0]["user"] == "o'brien \"q\"@example.com"
+        assert server.get(account("nobody@example.com"), server.token)[0] == 404
+    finally:
+        stop(server)
+
+
+def test_serve_over_the_real_redis_server(redis_server, tmp_path):
+    """Over Redis in the plugin's key layout (last-login/%{service}/%{user}: one key per service)."""
+    url = redis_server.rsplit("/", 1)[0] + "/13"
+    s = Settings()
+    s.set("redis_key", "last-login/%{service}/%{user}", "test")
+    st = open_store(url, settings=s)
+    try:
+        st.client.flushdb()  # type: ignore[attr-defined]
+        st.write(rows())
+    finally:
+        st.close()
+    server = start(tmp_path, url, "--redis-key", "last-login/%{service}/%{user}")
+    try:
+        status, body, _ = server.get(account("jane@example.com"), server.token)
+        assert status == 200
+        assert {(r["service"], r["ip"]) for r in json.loads(body)} == {
+            ("pop3", "203.0.113.7"), ("imap", "198.51.100.4"), ("lmtp", "192.0.2.25")}
+        assert server.get(account("a/b@example.com"), server.token)[0] == 200
+    finally:
+        stop(server)
+
+
+def _pki(d: Path) -> dict[str, Path]:
+    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate (CN=helpdesk), by openssl."""
+    def ssl_(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+    ssl_("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+         "-subj", "/CN=test CA")
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
+        ssl_("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj",
+             f"/CN={'127.0.0.1' if name == 'server' else 'helpdesk'}")
+        (d / f"{name}.ext").write_text(ext + "\n")
+        ssl_("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+             f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+    return {n: d / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+def test_over_https_a_client_certificate_of_the_configured_ca_is_let_in_without_a_token(tmp_path):
+    import ssl
+
+    pki = _pki(tmp_path)
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    store = open_store(url)
+    store.write(rows())
+    store.close()
+    tokens = tmp_path / "tokens"
+    tokens.write_text("")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "harvester", "serve", "--store", url, "--tokens-file", str(tokens),
+                             "--listen", f"127.0.0.1:{port}", "--serve-audit-file", str(tmp_path / "audit.log"),
+                             "--serve-tls-cert", str(pki["server.pem"]), "--serve-tls-key", str(pki["server.key"]),
+                             "--serve-client-ca", str(pki["ca.pem"])], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+
+    def get(cert: bool) -> int:
+        ctx = ssl.create_default_context(cafile=str(pki["ca.pem"]))
+        if cert:
+            ctx.load_cert_chain(str(pki["client.pem"]), str(pki["client.key"]))
+        try:
+            with urllib.request.urlopen(f"https://127.0.0.1:{port}{account('jane@example.com')}", context=ctx,
+                                        timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                status = get(cert=True)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+                time.sleep(0.1)
+        assert status == 200
+        assert get(cert=False) == 401
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    assert '"who": "cert:helpdesk"' in (tmp_path / "audit.log").read_text()

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from harvester.sinks.base import Forgotten, PartialWrite, Store, StoreClass, StoreError, StoreOptions
 from harvester.sinks.cassandra import CassandraStore
+from harvester.sinks.redis import RedisStore
 from harvester.sinks.sql import MariadbStore, MysqlStore, PostgresStore
 from harvester.sinks.sqlite import SqliteStore
 
@@ -26,6 +27,7 @@ STORES: dict[str, StoreClass] = {
     "postgresql": PostgresStore,
     "mysql": MysqlStore,
     "mariadb": MariadbStore,
+    "redis": RedisStore,
 }
 
 

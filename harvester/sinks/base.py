@@ -66,7 +66,10 @@ class Batch(Protocol):
 
 
 class Store(Protocol):
-    """A sink. `write` applies rows so that a stored time never moves backwards."""
+    """A sink. `write` applies rows so that a stored time never moves backwards.
+
+    A store class whose `lookup` may run in several threads at once says so with THREAD_SAFE_READS = True
+    (`serve` then does not take turns); without it, lookups are made one at a time."""
 
     url: str
 

@@ -183,6 +183,7 @@ class CassandraStore:
     Options = CassandraOptions
     URL_HELP = "cassandra://host/keyspace"
     URL_PREFIX = "cassandra://"
+    THREAD_SAFE_READS = True  # the driver's session takes requests from many threads at once
 
     def __init__(self, url: str, options: CassandraOptions | None = None, *, create: bool = True) -> None:
         from cassandra import ConsistencyLevel

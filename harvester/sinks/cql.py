@@ -51,6 +51,7 @@ class PerService:
     table: str = "last_login"
     name: str = "per_service"
     event_ttl: int = 0  # seconds a last_event row lives after its write (0: for good)
+    _statements: dict = field(default_factory=dict, repr=False, compare=False)  # (session, which) -> prepared
 
     def schema(self) -> list[str]:
         ks, t = q(self.keyspace), q(self.table)
@@ -92,11 +93,13 @@ class PerService:
         return "event", (r.user, r.kind, r.service, ms, r.ip, r.node, r.detail, r.time_us, self.event_ttl)
 
     def lookup(self, session, user: str) -> list[Row]:
+        # Both tables at once: a lookup costs one round trip, not two.
+        logins = session.execute_async(self._prepared(session, "lookup"), (user,))
+        events = session.execute_async(self._prepared(session, "events"), (user,))
         rows = _renamed(Row(user, svc, "login", *_instant(at, wt), ip, node)
-                        for svc, at, ip, node, wt in session.execute(self._prepared(session, "lookup"), (user,)))
+                        for svc, at, ip, node, wt in logins.result())
         rows += [Row(user, SERVICE_RENAMES.get(svc, svc), kind, *_instant(at, wt), ip, node, detail)
-                 for kind, svc, at, ip, node, detail, wt in session.execute(self._prepared(session, "events"),
-                                                                            (user,))]
+                 for kind, svc, at, ip, node, detail, wt in events.result()]
         return sorted(rows, key=lambda r: (r.kind != "login", -r.time_us, r.service))
 
     def export(self, session):
@@ -138,10 +141,14 @@ class PerService:
         return out
 
     def _prepared(self, session, which: str):
-        cql = self.lookup_cql() if which == "lookup" else (
-            f"SELECT kind, service, time, ip, node, detail, WRITETIME(time) "
-            f"FROM {q(self.keyspace)}.last_event WHERE userid = ?")
-        return session.prepare(cql)
+        """A lookup statement, prepared once per session (preparing is a round trip of its own)."""
+        key = (id(session), which)
+        if key not in self._statements:
+            cql = self.lookup_cql() if which == "lookup" else (
+                f"SELECT kind, service, time, ip, node, detail, WRITETIME(time) "
+                f"FROM {q(self.keyspace)}.last_event WHERE userid = ?")
+            self._statements[key] = session.prepare(cql)
+        return self._statements[key]
 
 
 @dataclass
@@ -153,6 +160,7 @@ class Wide:
     user_column: str
     columns: dict[str, list[str]] = field(default_factory=dict)
     name: str = "per_user"
+    _statements: dict = field(default_factory=dict, repr=False, compare=False)  # session -> prepared lookup
 
     def schema(self) -> list[str]:
         cols = [f"    {q(self.user_column)} text PRIMARY KEY"]
@@ -191,7 +199,9 @@ class Wide:
 
     def lookup(self, session, user: str) -> list[Row]:
         out = []
-        for row in session.execute(session.prepare(self.lookup_cql()), (user,)):
+        if id(session) not in self._statements:  # prepared once per session (a round trip of its own)
+            self._statements[id(session)] = session.prepare(self.lookup_cql())
+        for row in session.execute(self._statements[id(session)], (user,)):
             i = 0
             for svc, cs in self.columns.items():
                 at, wt = row[i], row[i + 1]
