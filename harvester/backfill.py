@@ -220,7 +220,7 @@ def _feed(name: str, texts: Iterable[Text], parser: Parser, sink: Coalescer, set
                 # lines); texts before it hold no event under any prefix, so skipping them loses nothing.
                 sample = text.data[1:text.end]
                 head = head or sample[:SNIFF_BYTES]
-                prefix = _prefix_for(parser, settings, sample)
+                prefix = _prefix_for(parser, settings, sample, detect=name.startswith(journal.SCHEME + ":"))
                 if prefix is None:
                     parser.count_skipped(sample)
                     continue
@@ -304,9 +304,10 @@ def _closing_on_error(store: Store, items: Iterable[T]) -> Iterator[T]:
         raise
 
 
-def _prefix_for(parser: Parser, settings: Settings, block: bytes) -> str | None:
-    """The configured prefix, or the one the first Dovecot line of `block` decides (None: not yet)."""
-    if settings.prefix != "auto":
+def _prefix_for(parser: Parser, settings: Settings, block: bytes, detect: bool = False) -> str | None:
+    """The configured prefix, or the one the first Dovecot line of `block` decides (None: not yet); `detect`:
+    always decided by the lines (a journal's, whose shape the journal source writes)."""
+    if settings.prefix != "auto" and not detect:
         if settings.prefix not in parser.pack.prefixes:
             raise SystemExit(f"prefix {settings.prefix!r} is not in pack {parser.pack.name!r} "
                              f"(it has: {', '.join(parser.pack.prefixes)})")

@@ -19,6 +19,7 @@ from harvester.options import Option, choice, cidrs, declared, listen, matches, 
 from harvester.parse import MAX_USER_BYTES
 from harvester.sinks import STORES, store_options
 from harvester.sinks.base import StoreOptions
+from harvester.sources.journal import DEFAULT_MATCH as DOVECOT_ENTRIES
 from harvester.timeparse import FUTURE_TOLERANCE_S
 
 DEFAULT_CONFIG = Path("/etc/harvester/harvester.toml")
@@ -107,7 +108,7 @@ class Settings:
         "read the journal files in this directory (copied from another machine, a container's); repeatable",
         "DIR")
     journal_file: list[str] = option(paths, [], "read this journal file; repeatable", "FILE")
-    journal_match: list[str] = option(matches, ["SYSLOG_IDENTIFIER=dovecot"],
+    journal_match: list[str] = option(matches, list(DOVECOT_ENTRIES),
         "which journal entries are Dovecot's: FIELD=VALUE (several of one field: any of them), e.g. "
         "SYSLOG_IDENTIFIER=dovecot-2 for another instance_name", "FIELD=VALUE")
     state_dir: str = option(text, "",

@@ -112,22 +112,28 @@ class Daemon:
         s = self.settings
         return out + [j.name for j in journal.specs(s.journal == "yes", s.journal_dir, s.journal_file, ())]
 
-    def _choose_journal(self) -> None:
-        """journal = auto: the local journal alone when none of the files to follow exists now (Debian 12
-        without rsyslog has no /var/log/mail.log); the files alone otherwise. Decided at each start, so a
-        line is never read from both."""
+    def _choose_journal(self) -> bool:
+        """journal = auto: the local journal alone when none of the files to follow exists and the journal
+        holds Dovecot's entries (Debian 12 without rsyslog has no /var/log/mail.log); the files alone
+        otherwise. Decided at start, and again while nothing is read (Dovecot installed after harvester), so
+        a line is never read from both. Returns whether it chose the journal now."""
         s = self.settings
-        if s.journal != "auto" or s.journal_dir or s.journal_file:
-            return
+        if self.journal_only or s.journal != "auto" or s.journal_dir or s.journal_file:
+            return False
         files = [p for p in self._expand() if not p.startswith(journal.SCHEME + ":")]
         if any(os.path.exists(p) for p in files):
-            return
+            return False
         if not journal.local_journal_exists() or not journal.available():
-            return
+            return False
+        if journal.edge(journal.Spec(match=tuple(s.journal_match)), newest=True) is None:
+            return False  # no Dovecot entry (yet): a file may still be the way its lines come
         self.journal_only = True
+        for name in [n for n in self.sources if not n.startswith(journal.SCHEME + ":")]:
+            self.sources.pop(name).follower.close()  # files that do not exist: never both
         log.info("reading Dovecot's lines from the systemd journal: %s (journal = auto; "
                  "restart harvester to follow a file that appears later)",
                  f"{', '.join(files)} does not exist" if files else "no file to follow")
+        return True
 
     def _reading(self) -> int:
         """How many sources have something to read (a journal; a file that exists); 0 is said in the log
@@ -237,6 +243,8 @@ class Daemon:
                 if self.reloading:
                     self._reload()
                 if started - last_scan >= GLOB_RESCAN:
+                    if not self._reading() and self._choose_journal():
+                        self._add_sources(None, "beginning")  # Dovecot's first entries since harvester started
                     self._add_sources(None, "beginning")  # a file that appears later is new all through
                     last_scan = started
                 behind = False
@@ -350,9 +358,10 @@ class Daemon:
         return self.rawlog_parser
 
     def _prefix(self, src: Followed, data: bytes) -> str | None:
-        """The configured prefix, or the one the file's first Dovecot line decides (None: not yet seen)."""
+        """The configured prefix, or the one the file's first Dovecot line decides (None: not yet seen). A
+        journal's lines have the shape the journal source writes: always detected, whatever `prefix` says."""
         s = self.settings
-        if s.prefix != "auto":
+        if s.prefix != "auto" and not src.path.startswith(journal.SCHEME + ":"):
             return s.prefix
         name, _ = patterns.detect_prefix(src.parser.pack, data)
         if name is None and not src.undecided_said:
@@ -442,6 +451,12 @@ class Daemon:
         if self._observer is not None:
             self._observer.stop()
         deadline = time.monotonic() + STOP_DEADLINE
+        if self.writer.is_alive() and self.writer.store_up and self._waiting() < self.settings.max_waiting_rows:
+            # What was written just before the stop is stored with it (else only at the next start).
+            try:
+                self._read_all()
+            except Exception as e:  # a last read must not keep the rest of the shutdown from running
+                log.warning("last read before stopping failed: %s", e)
         if self.writer.is_alive():
             while not self.writer.idle() and self.writer.store_up and time.monotonic() < deadline:
                 time.sleep(0.02)

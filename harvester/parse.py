@@ -432,7 +432,7 @@ class Parser:
     def _complete(self, pid: bytes, full: bytes, sink: Coalescer, t: int, digits: int, node, service: str) -> None:
         """A mail process's line gave its whole user name: store its held login under it. In segment mode a
         name with no held login here may complete one of an earlier segment (the stitcher tries)."""
-        held = self.sessions.complete(pid, full)
+        held = self.sessions.complete(pid, full, node)
         if held is not None:
             self._store_held(sink, [held._replace(user=full)])
         elif self.orphans is not None and len(full) > CUT_MIN:

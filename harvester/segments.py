@@ -183,7 +183,7 @@ class Stitcher:
         logins, others, lmtp = sink.logins, sink.others, self.sessions.lmtp
         for kind, service, user, t, digits, node, pid, detail in r.orphans:
             if kind == SESSION_USER:  # a whole user name for a login held in an earlier job
-                held = self.sessions.complete(pid, user)
+                held = self.sessions.complete(pid, user, node)
                 if held is not None:
                     logins.put(user, held.service, held.time_us, held.digits, held.ip, held.node, held.service)
             elif kind == DELIVERY:
@@ -202,7 +202,8 @@ class Stitcher:
                 for user, t, digits, node in session[1]:
                     logins.put(user, "lmtp", t, digits, ip, node, "lmtp")
         sink.add_run(*r.take_rows(), r.entries)  # user names are checked as the runs are written
-        self.sessions.absorb(r.open_sessions, r.login_ip, r.cut, r.dialects)
+        for h in self.sessions.absorb(r.open_sessions, r.login_ip, r.cut, r.dialects):  # stored as logged
+            logins.put(h.user, h.service, h.time_us, h.digits, h.ip, h.node, h.service)
 
 
 def pool(workers: int, pack, node, webmail, zone, year, max_line, spill: str, *, max_user: int = MAX_USER_BYTES,

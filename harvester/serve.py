@@ -19,6 +19,7 @@ import html
 import json
 import logging
 import signal
+import socket
 import ssl
 import threading
 import time
@@ -88,6 +89,10 @@ class Service:
         self.tls = settings.serve_tls_cert != ""
 
     def reload_tokens(self) -> None:
+        """SIGHUP: the tokens file again, and the audit log reopened (logrotate renamed it)."""
+        with self.audit_lock:
+            self.audit_file.close()
+            self.audit_file = self.audit_path.open("a", encoding="utf-8", buffering=1)
         try:
             self.tokens = Tokens.load(self.tokens_path)
             log.info("re-read %s: %d token(s)", self.tokens_path, len(self.tokens.entries))
@@ -110,6 +115,16 @@ class Handler(BaseHTTPRequestHandler):
     # Headers and body leave in two writes: with Nagle's algorithm the second waits for the client's
     # delayed ACK, 40 ms a request (measured: p50 44 ms before, see bench/serve).
     disable_nagle_algorithm = True
+    timeout = 30  # seconds a connection may stay silent (a slow or idle client holds a thread, no more)
+    tls: ssl.SSLContext | None = None  # set on the class made per server (make_server)
+
+    def setup(self) -> None:
+        """TLS is negotiated here, in the connection's own thread and under its timeout: in accept() a
+        client that connects and says nothing would hold up every other."""
+        if self.tls is not None:
+            self.request.settimeout(self.timeout)
+            self.request = self.tls.wrap_socket(self.request, server_side=True)
+        super().setup()
     server_version = "harvester"
     sys_version = ""
     service: Service  # set on the class made per server (make_server)
@@ -182,7 +197,12 @@ class Handler(BaseHTTPRequestHandler):
         if not user or len(user) > MAX_NAME_CHARS:
             self.service.audit(gate, user[:MAX_NAME_CHARS], "api", 400)
             return self._error(400, "an account name is 1 to 255 characters")
-        rows = self.service.lookup(user)
+        try:
+            rows = self.service.lookup(user)
+        except Exception as e:  # the store is down or refuses: said, audited, counted; the service goes on
+            log.warning("lookup failed: %s", e)
+            self.service.audit(gate, user, "api", 503)
+            return self._error(503, "the store does not answer; try again later")
         status = 200 if rows else 404
         self.service.audit(gate, user, "api", status)
         if not rows:
@@ -199,8 +219,11 @@ class Handler(BaseHTTPRequestHandler):
         return self._send(200, b'{"status": "ok"}', "application/json")
 
     def _login(self) -> int:
-        length = min(int(self.headers.get("Content-Length") or 0), 4096)
-        form = urllib.parse.parse_qs(self.rfile.read(length).decode("utf-8", "replace"))
+        length = self.headers.get("Content-Length") or "0"
+        if not length.isdigit() or int(length) > 4096:  # a form of one token: anything else is no sign-in
+            self.close_connection = True
+            return self._error(413 if length.isdigit() else 400, "a sign-in form is at most 4096 bytes")
+        form = urllib.parse.parse_qs(self.rfile.read(int(length)).decode("utf-8", "replace"))
         token = form.get("token", [""])[0].strip()
         if self.service.tokens.name_of(token) is None:
             return self._send(401, _page("", [], None, "That token is not valid.").encode(), "text/html; charset=utf-8")
@@ -221,7 +244,13 @@ class Handler(BaseHTTPRequestHandler):
         if len(account) > MAX_NAME_CHARS:
             return self._send(400, _page(account[:MAX_NAME_CHARS], [], None, "An account name is at most 255 "
                                          "characters.").encode(), "text/html; charset=utf-8")
-        rows = self.service.lookup(account)
+        try:
+            rows = self.service.lookup(account)
+        except Exception as e:
+            log.warning("lookup failed: %s", e)
+            self.service.audit(gate, account, "page", 503)
+            return self._send(503, _page(account, [], None, "The store does not answer; try again later.")
+                              .encode(), "text/html; charset=utf-8")
         self.service.audit(gate, account, "page", 200 if rows else 404)
         return self._send(200 if rows else 404, _page(account, rows, self.service.zone, None).encode(),
                           "text/html; charset=utf-8")
@@ -296,11 +325,10 @@ def _page(account: str, rows: list, zone, note: str | None, *, sign_in: bool = F
 
 
 def make_server(settings: Settings, store: Store) -> tuple[ThreadingHTTPServer, Service]:
+    if not settings.serve_listen:
+        raise OSError("serve_listen is empty: give ADDR:PORT, e.g. 127.0.0.1:9855 or [::1]:9855")
     service = Service(settings, store)
-    handler = type("BoundHandler", (Handler,), {"service": service})
-    addr, _, port = settings.serve_listen.rpartition(":")
-    server = ThreadingHTTPServer((addr.strip("[]") or "127.0.0.1", int(port)), handler)
-    server.daemon_threads = True
+    ctx = None
     if settings.serve_tls_cert:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -308,15 +336,19 @@ def make_server(settings: Settings, store: Store) -> tuple[ThreadingHTTPServer, 
         if settings.serve_client_ca:
             ctx.load_verify_locations(settings.serve_client_ca)
             ctx.verify_mode = ssl.CERT_OPTIONAL  # a token still works without a certificate
-        server.socket = ctx.wrap_socket(server.socket, server_side=True)
-    return server, service
+    handler = type("BoundHandler", (Handler,), {"service": service, "tls": ctx})
+    addr, _, port = settings.serve_listen.rpartition(":")
+    host = addr.strip("[]") or "127.0.0.1"
+    family = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0][0]
+    server_class = type("Server", (ThreadingHTTPServer,), {"address_family": family, "daemon_threads": True})
+    return server_class((host, int(port)), handler), service
 
 
 def run(settings: Settings, store: Store) -> int:
     """Serve until SIGTERM/SIGINT; SIGHUP re-reads the tokens file."""
     try:
         server, service = make_server(settings, store)
-    except (OSError, TokenError, ssl.SSLError) as e:
+    except (OSError, TokenError, ssl.SSLError, ValueError) as e:
         log.error("serve_listen %s: %s", settings.serve_listen, e)
         return 2
     if not service.tokens.entries and not settings.serve_client_ca:

@@ -112,31 +112,44 @@ class Sessions:
         self.limit = limit
         self.lmtp = native.fastscan.Sessions(limit) if native.enabled() else PySessions(limit)
         self.login_ip: dict[tuple[str, bytes], bytes | None] = {}
-        self.cut: dict[bytes, Held] = {}  # mail-process pid -> its login, held (see Held)
+        # (node, mail-process pid) -> its login, held (see Held); those released as cut, for a late completion
+        self.cut: dict[tuple, Held] = {}
+        self.released: dict[tuple, Held] = {}
         # node (a line's host, or the configured name) -> the Dovecot version its login lines show
         self.dialects: dict[bytes | str | None, str] = {}
 
     def hold(self, pid: bytes, held: Held) -> list[Held]:
-        """Hold a login with a cut name; returns the oldest held ones it pushed out (to store as they are)."""
-        self.cut.pop(pid, None)
-        self.cut[pid] = held
-        if len(self.cut) <= CUT_HELD_MAX:
-            return []
-        old = list(islice(self.cut, len(self.cut) // 2))
-        return [self.cut.pop(k) for k in old]
+        """Hold a login with a cut name; returns the held ones it pushed out, to store under the cut name:
+        one of the same node and pid (its process ended without a line naming it), or the oldest past
+        CUT_HELD_MAX."""
+        out = []
+        old = self.cut.pop((held.node, pid), None)
+        if old is not None:
+            out.append(old)
+        self.cut[held.node, pid] = held
+        if len(self.cut) > CUT_HELD_MAX:
+            out += [self.cut.pop(k) for k in list(islice(self.cut, len(self.cut) // 2))]
+        return out
 
-    def complete(self, pid: bytes, full: bytes) -> Held | None:
-        """The held login of mail process `pid` that `full` (a name its own line gave) completes, taken."""
-        held = self.cut.get(pid)
-        if held is None or not held.completed_by(full):
-            return None
-        return self.cut.pop(pid)
+    def complete(self, pid: bytes, full: bytes, node) -> Held | None:
+        """The login of mail process `pid` of `node` that `full` (a name its own line gave) completes, taken:
+        a held one, or one already stored under its cut name (a session longer than the wait)."""
+        for table in (self.cut, self.released):
+            held = table.get((node, pid))
+            if held is not None and held.completed_by(full):
+                return table.pop((node, pid))
+        return None
 
     def release(self, before: float | None = None) -> list[Held]:
         """Take the held logins (only those held before monotonic time `before`, if given): no line
-        completed them, so they are stored under the cut name."""
-        pids = [p for p, h in self.cut.items() if before is None or h.since < before]
-        return [self.cut.pop(p) for p in pids]
+        completed them, so they are stored under the cut name; a later completion still stores the whole."""
+        keys = [k for k, h in self.cut.items() if before is None or h.since < before]
+        out = [self.cut.pop(k) for k in keys]
+        for k, h in zip(keys, out, strict=True):
+            self.released[k] = h
+        if len(self.released) > CUT_HELD_MAX:
+            drop_oldest(self.released)
+        return out
 
     def remember_login(self, service: str, pid: bytes, ip: bytes | None) -> None:
         self.login_ip[service, pid] = ip
@@ -162,7 +175,7 @@ class Sessions:
         recent = list(self.login_ip.items())[-login_ips:]
         login = [[svc, pid.hex(), _hex(ip)] for (svc, pid), ip in recent]
         cut = [[pid.hex(), h.user.hex(), h.service, h.time_us, h.digits, _hex(h.ip), *_node(h.node)]
-               for pid, h in self.cut.items()]
+               for (_, pid), h in self.cut.items()]
         dialects = [[*_node(node), d] for node, d in self.dialects.items()]
         return {"lmtp": lmtp, "lmtp_deliveries": deliveries, "login_ip": login, "cut": cut, "dialects": dialects}
 
@@ -181,23 +194,24 @@ class Sessions:
                              for node_hex, node_text, dialect in d.get("dialects", []))
 
     # -- a backfill's workers ------------------------------------------------------------------
-    def part(self) -> tuple[dict[bytes, list], dict[tuple[str, bytes], bytes | None], dict[bytes, Held], dict]:
+    def part(self) -> tuple[dict[bytes, list], dict[tuple[str, bytes], bytes | None], dict[tuple, Held], dict]:
         """What a worker hands on to the next segment: its open LMTP sessions (with their deliveries), its
         login addresses, its held logins and its nodes' Dovecot versions (picklable)."""
         return self.lmtp.open(), self.login_ip, self.cut, self.dialects
 
     def absorb(self, open_sessions: dict[bytes, list], login_ip: dict[tuple[str, bytes], bytes | None],
-               cut: dict[bytes, Held] | None = None, dialects: dict | None = None) -> None:
-        """Carry on from a later segment's `part` (or a checkpoint's): its sessions are the newest."""
+               cut: dict[tuple, Held] | None = None, dialects: dict | None = None) -> list[Held]:
+        """Carry on from a later segment's `part` (or a checkpoint's): its sessions are the newest. Returns
+        the held logins its own pushed out (to store under their cut name)."""
         for pid, (ip, deliveries) in open_sessions.items():
             self.lmtp.start(pid, ip)
             for user, t, digits, node in deliveries:
                 self.lmtp.deliver(pid, user, t, digits, node)
         for (service, pid), ip in login_ip.items():
             self.remember_login(service, pid, ip)
-        for pid, held in (cut or {}).items():
-            self.hold(pid, held)
+        pushed = [old for (_, pid), held in (cut or {}).items() for old in self.hold(pid, held)]
         self.dialects.update(dialects or {})
+        return pushed
 
 
 def _hex(b: bytes | None) -> str | None:

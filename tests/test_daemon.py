@@ -293,9 +293,14 @@ def test_journal_auto_reads_the_journal_where_no_file_to_follow_exists_and_the_f
 
     monkeypatch.setattr(journal, "local_journal_exists", lambda: True)
     monkeypatch.setattr(journal, "available", lambda: "/usr/bin/journalctl")
+    dovecot_entries: list[dict] = []
+    monkeypatch.setattr(journal, "edge", lambda spec, newest: dovecot_entries[-1] if dovecot_entries else None)
     maillog = tmp_path / "mail.log"
     d = _daemon(tmp_path, str(maillog))
     d._choose_journal()
+    assert d._expand() == [str(maillog)]  # Dovecot has logged nothing yet: the file may still come
+    dovecot_entries.append({"__CURSOR": "c"})
+    assert d._choose_journal()  # what the loop asks again while it reads nothing
     assert d._expand() == ["journal:local"]
     maillog.write_text("")
     d = _daemon(tmp_path, str(maillog))

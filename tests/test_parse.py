@@ -324,3 +324,23 @@ def test_webmail_connecting_to_a_local_address_of_its_own_is_told_by_lip():
                     + L(LOGGED_IN.format(svc="imap", u="b", ip="198.51.100.24", lip="10.0.0.1", pid=2, sid="y")),
                     webmail_local=("10.0.0.80/32",))
     assert rows(sink) == {("a", "webmail"): ("198.51.100.23", None), ("b", "imap"): ("198.51.100.24", None)}
+
+
+def test_a_held_login_whose_pid_is_reused_is_stored_under_its_cut_name_not_lost():
+    other = "long-" + "9" * 72 + "@example.com"
+    _, sink = parse(L(LOGGED_IN.format(svc="imap", u=CUT, ip="192.0.2.7", lip="1.1.1.1", pid=42, sid="s"))
+                    + L(LOGGED_IN.format(svc="imap", u=other[:77] + "...", ip="192.0.2.8", lip="1.1.1.1", pid=42,
+                                         sid="t"))
+                    + L(f"imap({other})<42><t>: Disconnected: Logged out"))
+    assert rows(sink) == {(CUT, "imap"): ("192.0.2.7", None), (other, "imap"): ("192.0.2.8", None)}
+
+
+def test_a_login_released_under_its_cut_name_is_still_stored_whole_when_its_process_names_it_later():
+    """An IMAP session longer than the wait (IDLE): the cut row first, the whole name at its logout."""
+    parser = Parser(PACK, node="n1")
+    parser.begin("f", "syslog", Clock("bsd", UTC, year=2026))
+    sink = Coalescer()
+    parser.feed(L(LOGGED_IN.format(svc="imap", u=CUT, ip="192.0.2.7", lip="1.1.1.1", pid=42, sid="s")), sink)
+    assert parser.release_held(sink) == 1
+    parser.feed(L(f"imap({LONG})<42><s>: Disconnected: Logged out", "03:00:00"), sink)
+    assert rows(sink) == {(CUT, "imap"): ("192.0.2.7", None), (LONG, "imap"): ("192.0.2.7", None)}

@@ -368,8 +368,44 @@ def test_over_https_a_client_certificate_of_the_configured_ca_is_let_in_without_
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
                 time.sleep(0.1)
         assert status == 200
+        import socket
+
+        with socket.create_connection(("127.0.0.1", port)):  # connects, never says a word
+            assert get(cert=True) == 200  # the handshake of the silent one holds up nobody else
         assert get(cert=False) == 401
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=20)
     assert '"who": "cert:helpdesk"' in (tmp_path / "audit.log").read_text()
+
+
+def test_ipv6_listen_and_a_sign_in_form_that_lies_about_its_length(tmp_path):
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    open_store(url).close()
+    tokens = tmp_path / "tokens"
+    tokens.write_text("")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "harvester", "serve", "--store", url, "--tokens-file", str(tokens),
+                             "--listen", f"[::1]:{port}", "--serve-audit-file", str(tmp_path / "audit.log")],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    server = Server(f"http://[::1]:{port}", "", proc, tokens, tmp_path / "audit.log")
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert server.get("/healthz")[0] == 200
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+                time.sleep(0.1)
+        import http.client
+
+        for length, want in (("-1", 400), ("abc", 400), ("999999", 413)):
+            c = http.client.HTTPConnection("::1", port, timeout=10)
+            c.putrequest("POST", "/login")
+            c.putheader("Content-Length", length)
+            c.endheaders()
+            assert c.getresponse().status == want, length
+            c.close()
+    finally:
+        stop(server)

@@ -30,9 +30,11 @@ import select
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import IO
 
 from harvester import metrics, native
 from harvester.sources.base import Block, Text, ignored
@@ -201,15 +203,23 @@ def cursor_time_us(cursor: str) -> int | None:
     return None
 
 
-def _first(args: list[str]) -> dict | None:
-    """The first entry journalctl prints for `args`, or None (the rest is not read)."""
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-    finally:
-        proc.kill()
-        proc.wait()
+def _first(args: list[str], timeout: float = 30.0) -> dict | None:
+    """The first entry journalctl prints for `args`, or None (the rest is not read). Raises OSError when
+    journalctl fails or hangs (no permission, a broken journal), so that a failure is not taken for "no entry"."""
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL)
+        try:
+            assert proc.stdout is not None
+            ready, _, _ = select.select([proc.stdout], [], [], timeout)
+            line = proc.stdout.readline() if ready else None
+        finally:
+            proc.kill()
+            code = proc.wait()
+        if line is None:
+            raise OSError(f"journalctl gave no answer in {timeout:.0f} s")
+        if not line.strip() and code not in (0, -signal.SIGKILL):
+            err.seek(0)
+            raise OSError(f"journalctl exited with {code}: {err.read().decode('utf-8', 'replace').strip()[-300:]}")
     try:
         return json.loads(line) if line.strip() else None
     except ValueError:
@@ -249,12 +259,14 @@ class Follower:
         self.cursor: str | None = None  # the last entry handed out (or where reading starts)
         self.retry_at = 0.0
         self.said_at = -SAID_AGAIN_S
+        self.err: IO[bytes] | None = None  # journalctl's stderr
+        self.bad_said = 0
 
     def start(self, positions: list, start_at: str) -> str:
         cursor = next((p.cursor for p in positions if isinstance(p, Cursor)), None)
         if cursor is not None:
             self.cursor = cursor
-            if not exists(self.spec, cursor):
+            if self._vacuumed(cursor):
                 first = edge(self.spec, newest=False)
                 lost_to = int(first["__REALTIME_TIMESTAMP"]) if first else None
                 lost_from = cursor_time_us(cursor)
@@ -275,6 +287,20 @@ class Follower:
         self._spawn(from_start=True)
         return "from its oldest entry"
 
+    def _vacuumed(self, cursor: str) -> bool:
+        """Whether the checkpointed entry is gone because older entries were removed: it is not there, and the
+        oldest entry left is newer than it. A journal that cannot be asked (permissions, not flushed yet) or a
+        match that no longer takes that entry is none of that: reading resumes after the cursor all the same."""
+        try:
+            if exists(self.spec, cursor):
+                return False
+            first = edge(self.spec, newest=False)
+        except OSError as e:
+            log.warning("%s: cannot check the checkpointed entry (%s); resuming after it", self.spec.name, e)
+            return False
+        at = cursor_time_us(cursor)
+        return first is not None and at is not None and int(first["__REALTIME_TIMESTAMP"]) > at
+
     def _spawn(self, from_start: bool = False) -> None:
         # --follow shows only the last 10 entries unless told otherwise, even after a cursor: --no-tail.
         args = [*self.spec.args(), "--follow"]
@@ -283,7 +309,9 @@ class Follower:
         else:
             args += ["--no-tail"] if from_start else ["--lines=0"]
         args += self.spec.matches()
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        # stderr into a file, not a pipe nobody empties while it runs: 64 KiB of warnings would stop it.
+        self.err = tempfile.TemporaryFile()  # noqa: SIM115 - closed when journalctl ends (_ended, close)
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.err, stdin=subprocess.DEVNULL,
                                      start_new_session=True)
         assert self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
@@ -325,6 +353,10 @@ class Follower:
             return []
         lines = self.entries.convert(raw[:cut])
         self.cursor = self.entries.cursor or self.cursor
+        if self.entries.bad > self.bad_said:
+            log.warning("%s: %d line(s) of journalctl's output were no journal entry, skipped", self.spec.name,
+                        self.entries.bad - self.bad_said)
+            self.bad_said = self.entries.bad
         if not lines:
             return []
         block = Block(lines, self.offset, _NO_FILE, self.offset + len(lines))
@@ -338,7 +370,12 @@ class Follower:
         if proc is None:
             return
         proc.wait()
-        err = proc.stderr.read().decode("utf-8", "replace").strip() if proc.stderr else ""
+        err = ""
+        if self.err is not None:
+            self.err.seek(0)
+            err = self.err.read().decode("utf-8", "replace").strip()
+            self.err.close()
+            self.err = None
         now = time.monotonic()
         if now - self.said_at >= SAID_AGAIN_S:
             log.error("%s: journalctl exited with %s%s; starting it again in %.0f s", self.spec.name, proc.returncode,
@@ -369,6 +406,9 @@ class Follower:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self.err is not None:
+            self.err.close()
+            self.err = None
 
 
 def history(spec: Spec, *, since: str | None = None, until: str | None = None,
@@ -379,8 +419,8 @@ def history(spec: Spec, *, since: str | None = None, until: str | None = None,
     args = [*spec.args()]
     args += [f"--since={since}"] if since else []
     args += [f"--until={until}"] if until else []
-    proc = subprocess.Popen([*args, *spec.matches()], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL)
+    err = tempfile.TemporaryFile()  # noqa: SIM115 - closed below; not a pipe: nobody empties it while it runs
+    proc = subprocess.Popen([*args, *spec.matches()], stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL)
     assert proc.stdout is not None
     entries = Entries(on_dropped)
     offset = 0
@@ -401,10 +441,15 @@ def history(spec: Spec, *, since: str | None = None, until: str | None = None,
                 yield Text(offset, b"\n" + lines, len(lines) + 1, entries.time_us // 1_000_000)
                 offset += len(lines)
         proc.wait()
+        if entries.bad:
+            log.warning("%s: %d line(s) of journalctl's output were no journal entry, skipped", spec.name,
+                        entries.bad)
         if proc.returncode:
-            err = proc.stderr.read().decode("utf-8", "replace").strip() if proc.stderr else ""
-            raise OSError(f"journalctl exited with {proc.returncode}: {err[-300:]}")
+            err.seek(0)
+            text = err.read().decode("utf-8", "replace").strip()
+            raise OSError(f"journalctl exited with {proc.returncode}: {text[-300:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        err.close()

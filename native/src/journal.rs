@@ -39,7 +39,7 @@ struct Entry<'a> {
     #[serde(rename = "_HOSTNAME", borrow, default)]
     hostname: Option<Field<'a>>,
     #[serde(rename = "MESSAGE_ID", borrow, default)]
-    message_id: Option<Cow<'a, str>>,
+    message_id: Option<Field<'a>>,
 }
 
 /// (lines, cursor of the last entry or None, its realtime stamp in us, lines that were no entry,
@@ -71,7 +71,7 @@ pub fn journal_lines<'py>(
         cursor = Some(e.cursor.into_owned());
         last_t = t;
         let msg = e.message.as_ref().map(|m| m.bytes()).unwrap_or(Cow::Borrowed(b""));
-        if e.message_id.as_deref() == Some(note_id) {
+        if e.message_id.as_ref().is_some_and(|m| m.bytes().as_ref() == note_id.as_bytes()) {
             notes.push(PyBytes::new(py, &msg));
             continue;
         }
