@@ -34,6 +34,17 @@ class PartialWrite(StoreError):
         self.refused = refused or []
         self.acknowledged = acknowledged
 
+    @classmethod
+    def of(cls, url: str, total: int, failed: list[Row], acknowledged: int, refused: list[tuple[Row, str]],
+           why: str) -> PartialWrite:
+        """The error every store raises for a write that left rows behind, said the same way."""
+        parts = []
+        if failed:
+            parts.append(f"{len(failed)} of {total} row(s) not written ({why}); kept for a retry")
+        if refused:
+            parts.append(f"{len(refused)} row(s) refused (first: user {shown(refused[0][0].user)}: {refused[0][1]})")
+        return cls(f"{url}: " + "; ".join(parts), failed, acknowledged, refused)
+
 
 class Forgotten(NamedTuple):
     """A row `forget` removed, and the timestamp of the tombstone that removed it (Cassandra; None: SQLite)."""

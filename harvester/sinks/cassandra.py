@@ -36,7 +36,7 @@ from harvester import options as opt
 from harvester.events import Row
 from harvester.options import option
 from harvester.sinks import cql
-from harvester.sinks.base import Batch, Forgotten, PartialWrite, StoreError, shown, write_taken
+from harvester.sinks.base import Batch, Forgotten, PartialWrite, StoreError, write_taken
 
 log = logging.getLogger(__name__)
 RETRY_LOG_REPEAT = 60.0  # a storm of retried writes is logged once, then at most this often
@@ -261,13 +261,7 @@ class CassandraStore:
             if len(rows) >= TRIM_AFTER_ROWS:
                 _trim()
         if failed or refused:
-            parts = []
-            if failed:
-                parts.append(f"{len(failed)} of {len(rows)} row(s) not written ({why})")
-            if refused:
-                parts.append(f"{len(refused)} row(s) refused by the cluster (first: user {shown(refused[0][0].user)}: "
-                             f"{refused[0][1]})")
-            raise PartialWrite(f"{self.url}: " + "; ".join(parts), failed, acked, refused)
+            raise PartialWrite.of(self.url, len(rows), failed, acked, refused, why)
         return acked
 
     def _write(self, rows: list[Row]) -> tuple[int, list[Row], list[tuple[Row, str]], str]:

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 from harvester.events import SERVICE_RENAMES, SERVICES, Row
 from harvester.options import choice, option, seconds, text, whole
-from harvester.sinks.base import Batch, Forgotten, PartialWrite, StoreError, shown, write_taken
+from harvester.sinks.base import Batch, Forgotten, PartialWrite, StoreError, write_taken
 
 log = logging.getLogger(__name__)
 URL = re.compile(r"(?P<scheme>rediss?)://(?:(?P<user>[^@/:]*)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[^:/\[\]@]+)"
@@ -334,14 +334,7 @@ class RedisStore:
                              for i, err in result]
         refused += rejected
         if failed or refused:
-            parts = []
-            if failed:
-                parts.append(f"{len(failed)} of {len(rows)} row(s) not written ({why})")
-            if refused:
-                parts.append(f"{len(refused)} row(s) refused (first: user {shown(refused[0][0].user)}: "
-                             f"{refused[0][1]})")
-            raise PartialWrite(f"{self.url}: " + "; ".join(parts), failed, len(keyed) - len(failed) - len(rejected),
-                               refused)
+            raise PartialWrite.of(self.url, len(rows), failed, len(keyed) - len(failed) - len(rejected), refused, why)
         return len(keyed)
 
     def _keyed(self, rows: list[Row]) -> tuple[list[tuple[Row, str]], list[tuple[Row, str]]]:

@@ -26,7 +26,7 @@ from harvester import options as opt
 from harvester.events import SERVICES, Row
 from harvester.options import option
 from harvester.sinks import sql_layouts as sl
-from harvester.sinks.base import Batch, Forgotten, PartialWrite, StoreError, shown, write_taken
+from harvester.sinks.base import Batch, Forgotten, PartialWrite, StoreError, write_taken
 
 log = logging.getLogger(__name__)
 DEADLOCK_RETRIES = 5  # a deadlock or serialization failure between two writers: retried this often at once
@@ -337,13 +337,7 @@ class SqlStore:
 
     def _done(self, rows: list[Row], acked: int, failed: list[Row], refused: list[tuple[Row, str]], why: str) -> int:
         if failed or refused:
-            parts = []
-            if failed:
-                parts.append(f"{len(failed)} of {len(rows)} row(s) not written ({why}); kept for a retry")
-            if refused:
-                parts.append(f"{len(refused)} row(s) refused (first: user {shown(refused[0][0].user)}: "
-                             f"{refused[0][1]})")
-            raise PartialWrite(f"{self.url}: " + "; ".join(parts), failed, acked, refused)
+            raise PartialWrite.of(self.url, len(rows), failed, acked, refused, why)
         return acked
 
     def _one_by_one(self, rows: list[Row]) -> tuple[int, list[Row], list[tuple[Row, str]], str]:

@@ -213,6 +213,17 @@ def read_last_login_dict(path: Path) -> dict[tuple[str, str], LastLogin]:
     return rows
 
 
+def login_listeners(ports: Ports) -> list[str]:
+    """Dovecot 2.4's login services on the stack's ports, their implicit-TLS twins off (port 0)."""
+    out = []
+    for service, name, port, tls in (("imap", "imap", ports.imap, "imaps"), ("pop3", "pop3", ports.pop3, "pop3s"),
+                                     ("submission", "submission", ports.submission, "submissions"),
+                                     ("managesieve", "sieve", ports.sieve, None)):
+        off = f"  inet_listener {tls} {{\n    port = 0\n  }}\n" if tls else ""
+        out.append(f"service {service}-login {{\n  inet_listener {name} {{\n    port = {port}\n  }}\n{off}}}\n")
+    return out
+
+
 class Rsyslog:
     """A private rsyslogd: one UNIX socket in, facility mail out to a file in the traditional format, in UTC."""
 
@@ -606,36 +617,7 @@ userdb static {{
     home = {self.homes}/%{{user}}
   }}
 }}
-service imap-login {{
-  inet_listener imap {{
-    port = {self.ports.imap}
-  }}
-  inet_listener imaps {{
-    port = 0
-  }}
-}}
-service pop3-login {{
-  inet_listener pop3 {{
-    port = {self.ports.pop3}
-  }}
-  inet_listener pop3s {{
-    port = 0
-  }}
-}}
-service submission-login {{
-  inet_listener submission {{
-    port = {self.ports.submission}
-  }}
-  inet_listener submissions {{
-    port = 0
-  }}
-}}
-service managesieve-login {{
-  inet_listener sieve {{
-    port = {self.ports.sieve}
-  }}
-}}
-service lmtp {{
+{"".join(login_listeners(self.ports))}service lmtp {{
   inet_listener lmtp {{
     listen = 127.0.0.1
     port = {self.ports.lmtp}
