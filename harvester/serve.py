@@ -340,7 +340,10 @@ def make_server(settings: Settings, store: Store) -> tuple[ThreadingHTTPServer, 
     addr, _, port = settings.serve_listen.rpartition(":")
     host = addr.strip("[]") or "127.0.0.1"
     family = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0][0]
-    server_class = type("Server", (ThreadingHTTPServer,), {"address_family": family, "daemon_threads": True})
+    # A listen backlog of socketserver's 5 drops the SYNs of a support system opening many connections at
+    # once, and each dropped one is retried a second later (measured: p99 1,030 ms with 16 connections).
+    server_class = type("Server", (ThreadingHTTPServer,), {"address_family": family, "daemon_threads": True,
+                                                           "request_queue_size": 1024})
     return server_class((host, int(port)), handler), service
 
 
