@@ -15,25 +15,30 @@ from harvester import __version__, native, patterns
 from harvester.answer import EVENT_NAMES, local, row_dict
 from harvester.config import STORE_KEYS, ConfigError, Settings, add_flags, resolve
 from harvester.escape import for_csv, for_terminal, json_line, to_json
+from harvester.events import SERVICES
 from harvester.sinks import StoreError, default_url, open_store, store_class
 from harvester.sources import journal
 from harvester.timeparse import TimeError, resolve_timezone, rfc3339
 
 log = logging.getLogger("harvester")
 
-DESCRIPTION = """\
+DESCRIPTION = f"""\
 When did this mailbox last log in, over which protocol, and from where?
 
-harvester reads Dovecot's log lines (live or from rotated archives) and keeps,
-per account and service (imap, pop3, lmtp, submission, managesieve, webmail),
-the newest login time and client IP, in SQLite or Cassandra.
+harvester reads Dovecot's log lines (live or from rotated archives, or the
+systemd journal) and keeps, per account and service
+({", ".join(SERVICES)}), the newest login time and client IP:
+in SQLite, Cassandra, PostgreSQL / MySQL (the last_login plugin's, iRedMail's or
+Modoboa's tables) or Redis.
 """
 
 EPILOG = """\
 first steps:
   harvester backfill /var/log/mail.log*        read the current and rotated logs (.gz .bz2 .xz .zst)
+  harvester backfill --journal                 or the systemd journal (Debian 12 without rsyslog)
   harvester lookup jane@example.com            what an agent asks when a mailbox "is empty"
   harvester test-patterns /var/log/mail.log    check the patterns understand your log format
+  harvester serve                              the same lookups over HTTP, for support tools and agents
 
 The store defaults to an SQLite file (see --store); settings can live in one
 TOML file (--config), every key named like its flag: webmail_networks = [...].
