@@ -111,12 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run", help="follow live log files and keep the store current (the systemd service)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Follow the maillog (through logrotate's rotations) and upsert each login into the store "
-                    "within about a second. Checkpoints in the state directory move only after the store "
-                    "acknowledged the lines before them, so a crash or restart replays, never loses.",
+        description="Follow the maillog (through logrotate's rotations), or the systemd journal where no file "
+                    "to follow exists (journal = auto), and upsert each login into the store within about a "
+                    "second. Checkpoints in the state directory move only after the store acknowledged the "
+                    "lines before them, so a crash or restart replays, never loses.",
         epilog=textwrap.dedent("""\
             examples:
               harvester run /var/log/mail.log
+              harvester run                          # Debian 12 without rsyslog: the journal
+              harvester run --journal-dir /var/log/journal/remote   # journals other machines send here
               harvester run --store cassandra://cass1,cass2/mail --metrics-listen 0.0.0.0:9854 /var/log/mail.log
               harvester run --start-at beginning --state-dir /tmp/h '/var/log/dovecot*.log'
 
