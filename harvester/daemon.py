@@ -149,10 +149,13 @@ class Daemon:
                         self.settings.journal)
         return n
 
-    def _add_sources(self, state: State | None, start_at: str) -> None:
+    def _add_sources(self, state: State | None, start_at: str, journal_start_at: str | None = None) -> None:
+        """Open the sources not open yet (checkpointed positions from `state`); a new one starts at
+        `start_at` (a journal at `journal_start_at`, if given)."""
         for path in self._expand():
             if path in self.sources:
                 continue
+            begin = journal_start_at if journal_start_at and path.startswith(journal.SCHEME + ":") else start_at
             f = open_source(path, max_line=self.settings.max_line_bytes,
                             on_long_line=functools.partial(self._long_line, path),
                             on_rotation=functools.partial(_rotated, path), match=tuple(self.settings.journal_match))
@@ -160,7 +163,7 @@ class Daemon:
             positions = state.positions.get(path, []) if state else []  # a new path has none
             if state and path in state.sessions:
                 src.parser.sessions.restore(state.sessions[path])
-            how = f.start(positions, start_at)
+            how = f.start(positions, begin)
             self.sources[path] = src
             log.info("following %s: %s", path, how)
         if not self.sources and [*self.settings.follow, *self.patterns_given]:
@@ -235,13 +238,13 @@ class Daemon:
         systemd.notify("READY=1\nSTATUS=following " + ", ".join(self.sources))
         watchdog_every = systemd.watchdog_interval()
         last_cut = last_scan = last_ping = time.monotonic()
-        poll = self.settings.poll_interval_ms / 1000
-        interval = self.settings.flush_interval_ms / 1000
         try:
             while not self.stopping:
                 started = time.monotonic()
                 if self.reloading:
                     self._reload()
+                poll = self.settings.poll_interval_ms / 1000  # (after a reload: the new ones)
+                interval = self.settings.flush_interval_ms / 1000
                 if started - last_scan >= GLOB_RESCAN:
                     if not self._reading() and self._choose_journal():
                         self._add_sources(None, "beginning")  # Dovecot's first entries since harvester started
@@ -429,12 +432,24 @@ class Daemon:
             new = self.reload_settings() if self.reload_settings else self.settings
             if new.store != self.settings.store:
                 log.warning("reload: a new store takes a restart; keeping %s", self.store.url)
-            self.settings = new
+            old, self.settings = self.settings, new
+            if new.journal != "auto":
+                self.journal_only = False
+            wanted = set(self._expand())
+            for name in [n for n in self.sources if n.startswith(journal.SCHEME + ":")]:
+                if name not in wanted:  # journal = no, a directory taken out: no longer read
+                    self.sources.pop(name).follower.close()
+                elif new.journal_match != old.journal_match:  # the same journal, other entries: from its cursor
+                    src = self.sources[name]
+                    positions = src.follower.positions()
+                    src.follower.close()
+                    src.follower = open_source(name, max_line=new.max_line_bytes, match=tuple(new.journal_match))
+                    src.follower.start(positions, "end")
             for src in self.sources.values():
                 parser = self._parser(sessions=src.parser.sessions)  # the stream goes on: its sessions too
                 parser.stats = src.parser.stats
                 src.parser, src.prefix = parser, None
-            self._add_sources(None, "beginning")
+            self._add_sources(None, "beginning", self.settings.start_at)  # a journal named now is not new all through
             log.info("reloaded configuration and pattern packs")
             metrics.RELOADS.labels("ok").inc()
             systemd.notify("READY=1\nSTATUS=reloaded")

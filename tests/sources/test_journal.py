@@ -258,3 +258,44 @@ def test_the_native_and_the_python_conversion_give_the_same_lines_for_odd_entrie
     assert lines == ('2026-11-29T17:47:06.000001Z mx_1 dovecot: imap-login: a"bä c\n'.encode()
                      + b"2026-11-29T17:47:07.123456Z - dovecot: i\x00\xff x\n")
     assert (cursor, bad, dropped) == ("c3", 2, [(5, "dovecot.service")])
+
+
+def test_a_reload_with_another_journal_match_reads_on_from_the_cursor_with_it(tmp_path):
+    """SIGHUP with journal_match changed (another instance_name): the journal is read on from the last entry
+    handed out, now with the new match; flush_interval_ms of the reloaded config applies too."""
+    d = tmp_path / "journal"
+    d.mkdir()
+    j = d / "system.journal"
+    write_journal(j, [entry(1), entry(2, ident="dovecot-2")])
+    cfg = tmp_path / "h.toml"
+    cfg.write_text('journal_match = ["SYSLOG_IDENTIFIER=dovecot"]\n')
+    db = tmp_path / "h.db"
+    proc = subprocess.Popen([sys.executable, "-m", "harvester", "run", "--config", str(cfg), "--store",
+                             f"sqlite:///{db}", "--state-dir", str(tmp_path / "state"), "--metrics-listen", "",
+                             "--start-at", "beginning", "--flush-interval-ms", "100", "--poll-interval-ms", "100",
+                             "--journal-dir", str(d), "--journal", "no"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+
+    def users() -> set[str]:
+        if not db.exists():
+            return set()
+        with sqlite3.connect(db) as c:
+            return {u for (u,) in c.execute("SELECT user FROM last_login")}
+
+    def wait_for(want: set[str]) -> None:
+        deadline = time.monotonic() + 20
+        while users() != want:
+            assert proc.poll() is None and time.monotonic() < deadline, (users(), want)
+            time.sleep(0.1)
+
+    try:
+        wait_for({"u1"})
+        cfg.write_text('journal_match = ["SYSLOG_IDENTIFIER=dovecot-2"]\n')
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        write_journal(j, [entry(3, ident="dovecot-2"), entry(4)])
+        wait_for({"u1", "u2", "u3"})  # every entry after the cursor (u1's) the new match takes; u4 no longer
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "reloaded configuration" in err
