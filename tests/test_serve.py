@@ -66,15 +66,20 @@ def start(tmp: Path, store: str, *extra: str, rate: int = 1000) -> Server:
                             cwd=ROOT, stderr=subprocess.PIPE, text=True)
     server = Server(f"http://127.0.0.1:{port}", made.stdout.strip(), proc, tokens, audit)
     deadline = time.monotonic() + 20
-    while True:
-        try:
-            if server.get("/healthz")[0] == 200:
-                return server
-        except OSError:
-            pass
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        assert time.monotonic() < deadline, "serve did not answer /healthz"
-        time.sleep(0.1)
+    try:
+        while True:
+            try:
+                if server.get("/healthz")[0] == 200:
+                    return server
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "serve did not answer /healthz"
+            time.sleep(0.1)
+    except BaseException:
+        proc.kill()  # a failed start leaves no server behind
+        proc.wait()
+        raise
 
 
 def stop(server: Server) -> str:
