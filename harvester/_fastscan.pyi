@@ -40,7 +40,7 @@ class Scanner:
     def __init__(self, pattern: str,
                  specs: list[tuple[int, str | None, str | None, str | None, dict[str, int],
                                    tuple[tuple[str, int], ...], str | None]],
-                 services: dict[bytes, str], dialects: dict[Any, str], cut_min: int, webmail_name: str,
+                 services: dict[bytes, str], dialects: dict[Any, str], cut: tuple[int, bytes], webmail_name: str,
                  lmtp: Sessions, login_ip: dict[tuple[str, bytes], bytes | None], join: set[str],
                  webmail: Callable[[bytes | None, bytes | None, bytes | None], bool] | None, node: str | None,
                  drop_oldest: Callable[[dict[Any, Any]], None], state_max: int, max_user: int) -> None: ...

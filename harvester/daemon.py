@@ -246,9 +246,9 @@ class Daemon:
                 poll = self.settings.poll_interval_ms / 1000  # (after a reload: the new ones)
                 interval = self.settings.flush_interval_ms / 1000
                 if started - last_scan >= GLOB_RESCAN:
-                    if not self._reading() and self._choose_journal():
-                        self._add_sources(None, "beginning")  # Dovecot's first entries since harvester started
-                    self._add_sources(None, "beginning")  # a file that appears later is new all through
+                    if not self._reading():
+                        self._choose_journal()  # Dovecot's first entries since harvester started: read them all
+                    self._add_sources(None, "beginning")  # a file (or that journal) appearing later: new all through
                     last_scan = started
                 behind = False
                 if self._waiting() < self.settings.max_waiting_rows:

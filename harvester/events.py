@@ -63,6 +63,12 @@ class Row(NamedTuple):
     node: str | None
     detail: str | None = None
 
+    @property
+    def place(self) -> str:
+        """What a store names the row by when it has no place for it (skipped()): its service for a login,
+        else its kind."""
+        return self.service if self.kind == LOGIN else self.kind
+
 
 class NativeTables(NamedTuple):
     """What the coalescing stage hands a store that writes natively: both tables (harvester._fastscan.Table:

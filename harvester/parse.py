@@ -38,7 +38,7 @@ from harvester.events import (
     WEBMAIL,
 )
 from harvester.patterns import FIELDS, Compiled, Pack, compile_pack
-from harvester.sessions import CUT_MIN, PID_STATE_MAX, Held, Sessions, drop_oldest, is_cut
+from harvester.sessions import CUT_MARK, CUT_MIN, PID_STATE_MAX, Held, Sessions, drop_oldest, is_cut
 from harvester.timeparse import Clock, FutureError, TimeError
 
 if TYPE_CHECKING:
@@ -239,8 +239,8 @@ class Parser:
                  for idx, spec in compiled.specs.items()]
         try:
             return native.fastscan.Scanner(
-                compiled.regex.pattern.decode("utf-8"), specs, _SERVICE, self.sessions.dialects, CUT_MIN, WEBMAIL,
-                lmtp, self.sessions.login_ip, self._join_services,
+                compiled.regex.pattern.decode("utf-8"), specs, _SERVICE, self.sessions.dialects, (CUT_MIN, CUT_MARK),
+                WEBMAIL, lmtp, self.sessions.login_ip, self._join_services,
                 self.webmail if self.webmail else None, self.node, drop_oldest, self.sessions.limit,
                 self.max_user)
         except (ValueError, UnicodeDecodeError) as e:  # a regex only Python's engine takes: slower, not wrong

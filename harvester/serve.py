@@ -174,9 +174,9 @@ class Handler(BaseHTTPRequestHandler):
             return f"cert:{names[0]}" if names else None
         return None
 
-    def _gate(self, route: str, account: str) -> str | int:
-        """The principal, or the status already answered (401, 429)."""
-        who = self._who()
+    def _gate(self, route: str, account: str, who: str | None = None) -> str | int:
+        """The principal (`who`, when the caller found it already), or the status already answered (401, 429)."""
+        who = who or self._who()
         if who is None:
             return self._error(401, "a valid token is needed (Authorization: Bearer TOKEN)",
                                {"WWW-Authenticate": 'Bearer realm="harvester"'})
@@ -238,7 +238,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, _page("", [], None, None, sign_in=True).encode(), "text/html; charset=utf-8")
         if not account:
             return self._send(200, _page("", [], None, None).encode(), "text/html; charset=utf-8")
-        gate = self._gate("page", account)
+        gate = self._gate("page", account, who)
         if isinstance(gate, int):
             return gate
         if len(account) > MAX_NAME_CHARS:

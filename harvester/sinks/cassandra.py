@@ -427,7 +427,7 @@ class CassandraStore:
         for r in rows:
             p = self.layout.params(r)
             if p is None:
-                self._skipped[r.service if r.kind == "login" else r.kind] += 1
+                self._skipped[r.place] += 1
                 continue
             key, params = p
             if req is None or req.items[0][0].user != r.user or (

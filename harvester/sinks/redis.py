@@ -344,7 +344,7 @@ class RedisStore:
         keyed, refused = [], []
         for r in rows:
             if r.kind != "login":
-                self._skipped[r.kind] = self._skipped.get(r.kind, 0) + 1
+                self._skipped[r.place] = self._skipped.get(r.place, 0) + 1
                 continue
             key = t.key(r)
             if t.is_companion(key):

@@ -274,7 +274,7 @@ class SqlStore:
         for r in rows:
             routed = self.layout.route(r)
             if routed is None:
-                self._skipped[r.service if r.kind == "login" else r.kind] += 1
+                self._skipped[r.place] += 1
                 continue
             t, values = routed
             values, why = self._encode(t, values)

@@ -96,7 +96,8 @@ struct Scanner {
     /// (service text in a line, its name, the name's bytes: the row key's second part)
     services: Vec<(Vec<u8>, Py<PyString>, Vec<u8>)>,
     dialects: Py<PyDict>,
-    cut_min: usize,
+    /// A user name Dovecot cut (sessions.is_cut): at least `cut.0` bytes, ending in `cut.1`.
+    cut: (usize, Vec<u8>),
     webmail_name: Py<PyString>,
     lmtp: Py<Sessions>,
     login_ip: Py<PyDict>,
@@ -184,7 +185,7 @@ impl Scanner {
         )>,
         services: HashMap<Vec<u8>, Py<PyString>>,
         dialects: Py<PyDict>,
-        cut_min: usize,
+        cut: (usize, Vec<u8>),
         webmail_name: Py<PyString>,
         lmtp: Py<Sessions>,
         login_ip: Py<PyDict>,
@@ -250,7 +251,7 @@ impl Scanner {
                 })
                 .collect(),
             dialects,
-            cut_min,
+            cut,
             webmail_name,
             lmtp,
             login_ip,
@@ -405,8 +406,8 @@ impl Scanner {
             let mut session_ip: Option<Option<Box<[u8]>>> = None;
             match spec.kind {
                 LOGIN | PROXY => {
-                    if self.cut_min > 0
-                        && user.is_some_and(|u| u.len() >= self.cut_min && u.ends_with(b"..."))
+                    if !self.cut.1.is_empty()
+                        && user.is_some_and(|u| u.len() >= self.cut.0 && u.ends_with(&self.cut.1))
                     {
                         slow.call1((start,))?; // a name Dovecot cut: Python completes it
                         continue;

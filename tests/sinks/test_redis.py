@@ -324,6 +324,14 @@ def redis_rows(url: str) -> list[tuple]:
         st.close()
 
 
+def settled(url: str, want, seconds: float) -> None:
+    """Wait until the store holds `want` (the daemon writes as it reads), then compare once more."""
+    deadline = time.monotonic() + seconds
+    while redis_rows(url) != want and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert redis_rows(url) == want
+
+
 def test_a_redis_restart_under_the_daemon_loses_no_row(tmp_path, log_lines):
     """The daemon follows a log while its Redis stops (rows wait, checkpoints wait) and starts again: every row
     is stored, the same as a backfill of every line gives."""
@@ -335,10 +343,7 @@ def test_a_redis_restart_under_the_daemon_loses_no_row(tmp_path, log_lines):
     try:
         w.write(2000)
         first = daemon_kit.reference(tmp_path, log_lines[:2000])
-        deadline = time.monotonic() + 30
-        while redis_rows(url) != first and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert redis_rows(url) == first
+        settled(url, first, 30)
         stopped = threading.Event()
 
         def restart() -> None:  # mid-traffic: while the writer appends
@@ -356,10 +361,7 @@ def test_a_redis_restart_under_the_daemon_loses_no_row(tmp_path, log_lines):
         t.join()
         w.write(2000)
         want = daemon_kit.reference(tmp_path, log_lines[:9000])
-        deadline = time.monotonic() + 60
-        while redis_rows(url) != want and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert redis_rows(url) == want
+        settled(url, want, 60)
     finally:
         w.close()
         err = daemon_kit.stop(proc)
