@@ -159,9 +159,17 @@ def chroot_ids(rootfs: Path) -> dict[str, tuple[int, int]]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on 127.0.0.1 and on ::1 alike (Dovecot listens on both)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            try:
+                with socket.socket(socket.AF_INET6) as s6:
+                    s6.bind(("::1", port))
+            except OSError:
+                continue
+            return port
 
 
 def die_with_parent() -> None:
