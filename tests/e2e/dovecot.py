@@ -158,18 +158,34 @@ def chroot_ids(rootfs: Path) -> dict[str, tuple[int, int]]:
     return ids
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 and on ::1 alike (Dovecot listens on both)."""
-    while True:
-        with socket.socket() as s:
+def free_ports(count: int) -> list[int]:
+    """count distinct TCP ports, each free on 127.0.0.1 and on ::1 alike (Dovecot listens on both).
+
+    Every socket stays bound until all are chosen: ports picked one at a time can repeat (a stack got the same
+    port twice and Dovecot refused the config with "duplicate listener")."""
+    held: list[socket.socket] = []  # ports taken and ports refused alike, so neither comes round again
+    ports: list[int] = []
+    try:
+        while len(ports) < count:
+            s = socket.socket()
+            held.append(s)
             s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+            s6 = socket.socket(socket.AF_INET6)
+            held.append(s6)
             try:
-                with socket.socket(socket.AF_INET6) as s6:
-                    s6.bind(("::1", port))
+                s6.bind(("::1", s.getsockname()[1]))
             except OSError:
                 continue
-            return port
+            ports.append(s.getsockname()[1])
+        return ports
+    finally:
+        for s in held:
+            s.close()
+
+
+def free_port() -> int:
+    """One TCP port free on 127.0.0.1 and on ::1 alike."""
+    return free_ports(1)[0]
 
 
 def die_with_parent() -> None:
@@ -376,7 +392,7 @@ class Dovecot:
         self.dict_path = root / "dict" / "last_login.dict"
         self.users_file = root / "users"
         self.output = root / "dovecot.out"
-        self.ports = Ports(*(free_port() for _ in range(5)))
+        self.ports = Ports(*free_ports(5))
         self.ids = self.account_ids()
         self.proc: subprocess.Popen | None = None
         self.mount_ns: str | None = None  # the master's mount namespace, /proc/PID/ns/mnt
