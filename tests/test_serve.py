@@ -321,19 +321,10 @@ def test_serve_over_the_real_redis_server(redis_server, tmp_path):
 
 
 def _pki(d: Path) -> dict[str, Path]:
-    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate (CN=helpdesk), by openssl."""
-    def ssl_(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
-
-    ssl_("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-         "-subj", "/CN=test CA")
-    for name, ext in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
-        ssl_("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj",
-             f"/CN={'127.0.0.1' if name == 'server' else 'helpdesk'}")
-        (d / f"{name}.ext").write_text(ext + "\n")
-        ssl_("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out",
-             f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
-    return {n: d / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate (CN=helpdesk): scripts/devtls.py."""
+    subprocess.run([str(ROOT / "scripts" / "devtls.py"), str(d / "tls"), "--client-cn", "helpdesk"], check=True,
+                   capture_output=True, timeout=120)
+    return {n: d / "tls" / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
 
 
 def test_over_https_a_client_certificate_of_the_configured_ca_is_let_in_without_a_token(tmp_path):
