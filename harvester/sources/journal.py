@@ -32,6 +32,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO
@@ -86,6 +87,11 @@ def local_journal_exists() -> bool:
     return any(os.path.isdir(d) for d in LOCAL_DIRS)
 
 
+def _escape(path: str) -> str:
+    """A path inside a source name, where commas separate paths: ',' and '%' written as %2C and %25."""
+    return path.replace("%", "%25").replace(",", "%2C")
+
+
 @dataclass(frozen=True)
 class Spec:
     """Which journal: the local one (no directories or files), a copied directory, or files; and the match."""
@@ -98,16 +104,16 @@ class Spec:
     def name(self) -> str:
         """The source's name (its checkpoint key): journal:local, journal:dir=D, journal:file=F[,F...]."""
         if self.directories:
-            return f"{SCHEME}:dir={','.join(self.directories)}"
+            return f"{SCHEME}:dir={','.join(map(_escape, self.directories))}"
         if self.files:
-            return f"{SCHEME}:file={','.join(self.files)}"
+            return f"{SCHEME}:file={','.join(map(_escape, self.files))}"
         return f"{SCHEME}:local"
 
     @classmethod
     def parse(cls, name: str, match: tuple[str, ...] = DEFAULT_MATCH) -> Spec:
         what = name.partition(":")[2]
         kind, _, value = what.partition("=")
-        parts = tuple(p for p in value.split(",") if p)
+        parts = tuple(urllib.parse.unquote(p, errors="surrogateescape") for p in value.split(",") if p)
         if kind == "dir":
             return cls(directories=parts, match=match)
         if kind == "file":

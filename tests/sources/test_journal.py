@@ -302,3 +302,15 @@ def test_a_reload_with_another_journal_match_reads_on_from_the_cursor_with_it(tm
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "reloaded configuration" in err
+
+
+def test_journal_paths_with_commas_and_percent_signs_are_read_and_resumed(tmp_path, store_url, capsys):
+    d = tmp_path / "copied, from mx1 (100%)"
+    d.mkdir()
+    write_journal(d / "system.journal", [entry(1)])
+    f = tmp_path / "a,b%2C.journal"
+    write_journal(f, [entry(2)])
+    assert run_cli("backfill", "--store", store_url, "--journal-dir", str(d), "--journal-file", str(f)) == 0
+    assert sorted(r["user"] for r in export_rows(store_url, capsys)) == ["u1", "u2"]
+    for spec in journal.specs(False, [str(d)], [str(f), str(tmp_path / "other.journal")], journal.DEFAULT_MATCH):
+        assert journal.Spec.parse(spec.name) == spec  # the checkpoint's key names the same journals again
