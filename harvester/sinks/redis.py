@@ -135,7 +135,9 @@ class RedisOptions:
         "keys expire this many seconds after the login (as 2.3's expire_secs= and 2.4's redis_expire; 0: never)",
         "SECONDS")
     timeout: float = option(seconds, 10.0, "seconds to wait for a connection or a reply", "SECONDS")
-    tls_ca: str = option(text, "", "rediss://: CA certificate file (default: the system's)", "FILE")
+    tls_ca: str = option(text, "",
+        "rediss://: the CA certificate file the server's certificate (and host name) is verified against "
+        "(default: the system's CAs)", "FILE")
     tls_cert: str = option(text, "", "rediss://: client certificate file (Redis' tls-auth-clients)", "FILE")
     tls_key: str = option(text, "", "rediss://: the client certificate's key file", "FILE")
     password_file: str = option(text, "",
