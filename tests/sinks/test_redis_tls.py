@@ -160,3 +160,11 @@ def test_redis_dev_prints_the_tls_settings_and_a_later_start_without_tls_keeps_i
         assert st.client.ping()
     finally:
         st.close()
+
+
+def test_schema_gives_redis_cli_the_tls_files(capsys):
+    capsys.readouterr()
+    assert run_cli("schema", "--store", "rediss://192.0.2.1:6380/2", "--redis-tls-ca", "/etc/h/ca.pem",
+                   "--redis-tls-cert", "/etc/h/client.pem", "--redis-tls-key", "/etc/h/client.key") == 0
+    assert ("redis-cli -h 192.0.2.1 -p 6380 -n 2 --tls --cacert '/etc/h/ca.pem' --cert '/etc/h/client.pem' "
+            "--key '/etc/h/client.key' GET 'last-login/jane.doe@example.com'") in capsys.readouterr().out
