@@ -135,7 +135,9 @@ class RedisOptions:
         "keys expire this many seconds after the login (as 2.3's expire_secs= and 2.4's redis_expire; 0: never)",
         "SECONDS")
     timeout: float = option(seconds, 10.0, "seconds to wait for a connection or a reply", "SECONDS")
-    tls_ca: str = option(text, "", "rediss://: CA certificate file (default: the system's)", "FILE")
+    tls_ca: str = option(text, "",
+        "rediss://: the CA certificate file the server's certificate (and host name) is verified against "
+        "(default: the system's CAs)", "FILE")
     tls_cert: str = option(text, "", "rediss://: client certificate file (Redis' tls-auth-clients)", "FILE")
     tls_key: str = option(text, "", "rediss://: the client certificate's key file", "FILE")
     password_file: str = option(text, "",
@@ -290,23 +292,25 @@ class RedisStore:
         self.unit, self.digits = PRECISION[o.precision]
         self._skipped: dict[str, int] = {}
         self._bulk_cache: dict[object, bytes] = {}  # service, node or digits -> its bulk string (see _pack)
-        tls: dict[str, Any] = {}
-        if a.tls:
-            tls = {"ssl": True, "ssl_ca_certs": o.tls_ca or None, "ssl_certfile": o.tls_cert or None,
-                   "ssl_keyfile": o.tls_key or None, "ssl_check_hostname": False, "ssl_cert_reqs": "required"}
-        elif o.tls_ca or o.tls_cert:
+        if not a.tls and (o.tls_ca or o.tls_cert or o.tls_key):
             raise StoreError(f"{url}: redis_tls_* is set but the URL is not rediss://")
-        self.client = redis.Redis(
+        connection: dict[str, Any] = dict(
             host=a.host, port=a.port, db=a.db, username=a.username, password=_password(o),
             socket_timeout=o.timeout, socket_connect_timeout=o.timeout,
             # One immediate retry: a pooled connection a Redis restart closed is noticed and replaced; a server
             # that is down fails the write at once (the daemon retries it with its own backoff).
-            retry=Retry(NoBackoff(), 1), **tls)
+            retry=Retry(NoBackoff(), 1))
+        if a.tls:
+            pool = redis.ConnectionPool(connection_class=_tls_connection(redis.Connection, _tls(o)), **connection)
+            self.client = redis.Redis(connection_pool=pool)
+        else:
+            self.client = redis.Redis(**connection)
         try:
             self.client.ping()
-        except (self._errors.RedisError, OSError, ssl.SSLError) as e:
-            self.client.close()
-            raise StoreError(f"cannot connect to Redis at {a.host}:{a.port}: {type(e).__name__}: {e}") from None
+        except (self._errors.RedisError, OSError) as e:
+            self.close()
+            raise StoreError(f"cannot connect to Redis at {a.host}:{a.port}: {type(e).__name__}: {e}"
+                             + _hint(e, a, o)) from None
 
     # -- writes ------------------------------------------------------------------
     def flush(self, sink: Batch) -> int:
@@ -519,6 +523,7 @@ class RedisStore:
 
     def close(self) -> None:
         self.client.close()
+        self.client.connection_pool.disconnect()  # a pool of our own (rediss://) is not closed by the client
 
 
 def schema(url: str, o: RedisOptions) -> list[str]:
@@ -530,7 +535,9 @@ def schema(url: str, o: RedisOptions) -> list[str]:
     unit = {"s": "seconds", "ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds (µs + 000)"}[o.precision]
     expire = (f"SET with PXAT = login time + {o.expire} s (redis_expire), the companion expiring with it"
               if o.expire else "SET, no expiry")
-    cli = f"redis-cli -h {a.host} -p {a.port} -n {a.db}" + (" --tls" if a.tls else "")
+    tls = [("--cacert", o.tls_ca), ("--cert", o.tls_cert), ("--key", o.tls_key)] if a.tls else []
+    cli = f"redis-cli -h {a.host} -p {a.port} -n {a.db}" + (" --tls" if a.tls else "") + "".join(
+        f" {flag} {_shell(path)}" for flag, path in tls if path)
     layout = "\n".join([
         f"# Redis keys as Dovecot's last_login plugin writes them (redis_key = {o.key}, redis_key_prefix = "
         f"{o.key_prefix!r}, redis_precision = {o.precision}):",
@@ -551,6 +558,81 @@ def schema(url: str, o: RedisOptions) -> list[str]:
 
 def _shell(s: str) -> str:
     return "'" + s.replace("'", "'\\''") + "'"
+
+
+def _tls(o: RedisOptions) -> ssl.SSLContext:
+    """The context of every rediss:// connection, made once: the server's certificate verified against
+    redis_tls_ca alone (else the system's CAs) and its host name checked; the client certificate offered when
+    redis_tls_cert is set. A file that cannot be used is a StoreError naming its setting."""
+    if o.tls_key and not o.tls_cert:
+        raise StoreError("redis_tls_key is set but redis_tls_cert is not")
+    for name, path in (("redis_tls_ca", o.tls_ca), ("redis_tls_cert", o.tls_cert), ("redis_tls_key", o.tls_key)):
+        try:
+            if path:
+                Path(path).open("rb").close()
+        except OSError as e:
+            raise StoreError(f"{name} {path}: cannot read: {e.strerror or e}") from None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verify_mode CERT_REQUIRED, check_hostname on
+    try:
+        if o.tls_ca:
+            ctx.load_verify_locations(o.tls_ca)
+        else:
+            ctx.load_default_certs()
+    except ssl.SSLError as e:
+        raise StoreError(f"redis_tls_ca {o.tls_ca}: not a PEM CA certificate ({e.reason or e})") from None
+    if o.tls_cert:
+        def encrypted() -> str:  # else OpenSSL would prompt on the terminal (or fail obscurely without one)
+            raise StoreError(f"redis_tls_key {o.tls_key or o.tls_cert}: the key is encrypted; harvester needs an "
+                             "unencrypted key (openssl pkey -in KEY -out PLAIN_KEY)")
+
+        try:
+            ctx.load_cert_chain(o.tls_cert, o.tls_key or None, password=encrypted)
+        except ssl.SSLError as e:
+            raise StoreError(f"redis_tls_cert {o.tls_cert}, redis_tls_key {o.tls_key or '(in the same file)'}: "
+                             f"not a PEM certificate and its key ({e.reason or e})") from None
+    return ctx
+
+
+def _tls_connection(connection: Any, ctx: ssl.SSLContext) -> Any:
+    """redis-py's TCP connection class, its socket wrapped by `ctx`. (redis-py's own rediss:// makes a context
+    per connection from file names, and it always trusts the system's CAs besides ssl_ca_certs.)"""
+    class TlsConnection(connection):
+        def _connect(self) -> ssl.SSLSocket:  # redis-py's hook: the socket of a new connection
+            sock = super()._connect()
+            try:
+                return ctx.wrap_socket(sock, server_hostname=self.host)
+            except BaseException:
+                sock.close()
+                raise
+
+    return TlsConnection
+
+
+def _hint(e: BaseException, a: Address, o: RedisOptions) -> str:
+    """What to check when the first connection failed, read from the error redis-py's was raised from ('' when
+    there is nothing to add)."""
+    def cause(kind: type[BaseException]) -> BaseException | None:
+        c: BaseException | None = e
+        while c is not None and not isinstance(c, kind):
+            c = c.__cause__ or c.__context__
+        return c
+
+    if not a.tls:  # a TLS port resets a connection that does not start with a TLS handshake
+        return " (is it a TLS port? then the URL is rediss://)" if cause(ConnectionResetError) else ""
+    tls = cause(ssl.SSLError)
+    if tls is None:
+        return ""
+    if isinstance(tls, ssl.SSLCertVerificationError):
+        if tls.verify_code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+            return (f" (the server's certificate is not for {a.host!r}: use a host name or address it names in "
+                    "the store URL)")
+        return (f" (check redis_tls_ca: {o.tls_ca} did not sign the server's certificate)" if o.tls_ca else
+                " (check redis_tls_ca: none of the system's CAs signed the server's certificate; set the CA that did)")
+    if not o.tls_cert:
+        return (" (the server closed the TLS connection: does it require a client certificate? set redis_tls_cert "
+                "and redis_tls_key)")
+    return (f" (the server closed the TLS connection: check redis_tls_cert: is {o.tls_cert} signed by a CA the "
+            "server trusts, its tls-ca-cert-file?)")
 
 
 def _password(o: RedisOptions) -> str | None:
