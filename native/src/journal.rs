@@ -60,24 +60,33 @@ pub fn journal_lines<'py>(
         if raw.is_empty() {
             continue;
         }
-        let Ok(e) = serde_json::from_slice::<Entry>(raw) else {
-            bad += 1;
-            continue;
+        let e = match serde_json::from_slice::<Entry>(raw) {
+            Ok(e) => e,
+            Err(_) => {
+                bad += 1;
+                continue;
+            }
         };
-        let Ok(t) = e.realtime.parse::<i64>() else {
-            bad += 1;
-            continue;
+        let t = match e.realtime.parse::<i64>() {
+            Ok(t) => t,
+            Err(_) => {
+                bad += 1;
+                continue;
+            }
         };
         cursor = Some(e.cursor.into_owned());
         last_t = t;
         let msg = e.message.as_ref().map(|m| m.bytes()).unwrap_or(Cow::Borrowed(b""));
-        if e.message_id.as_ref().is_some_and(|m| m.bytes().as_ref() == note_id.as_bytes()) {
+        if e.message_id.as_ref().map_or(false, |m| m.bytes().as_ref() == note_id.as_bytes()) {
             notes.push(PyBytes::new(py, &msg));
             continue;
         }
-        let Some(n) = rfc3339_into(t, 6, &mut stamp) else {
-            bad += 1;
-            continue;
+        let n = match rfc3339_into(t, 6, &mut stamp) {
+            Some(n) => n,
+            None => {
+                bad += 1;
+                continue;
+            }
         };
         out.extend_from_slice(&stamp[..n]);
         out.push(b' ');

@@ -329,8 +329,11 @@ impl Scanner {
             };
             let start = m.start();
             pos = m.end().max(start + 1);
-            let Some(spec) = self.specs.iter().find(|s| locs.get(s.group).is_some()) else {
-                continue;
+            let spec = match self.specs.iter().find(|s| locs.get(s.group).is_some()) {
+                Some(spec) => spec,
+                None => {
+                    continue;
+                }
             };
             if spec.kind == WATCH {
                 slow.call1((start,))?;
@@ -338,9 +341,12 @@ impl Scanner {
             }
             let f = &spec.fields;
             let get = |i: usize| group(&locs, data, f[i]);
-            let Some(ts) = get(TS) else {
-                slow.call1((start,))?;
-                continue;
+            let ts = match get(TS) {
+                Some(ts) => ts,
+                None => {
+                    slow.call1((start,))?;
+                    continue;
+                }
             };
             let tzs = get(TZ);
             // Whole seconds: memo of the previous line's text, else the clock's minute base.
@@ -358,7 +364,7 @@ impl Scanner {
                     }
                 }
             };
-            if sec > limit || get(USER).is_some_and(|u| u.len() > self.max_user) {
+            if sec > limit || get(USER).map_or(false, |u| u.len() > self.max_user) {
                 slow.call1((start,))?; // Python counts it as bad input ("future", "long_user")
                 continue;
             }
@@ -407,7 +413,7 @@ impl Scanner {
             match spec.kind {
                 LOGIN | PROXY => {
                     if !self.cut.1.is_empty()
-                        && user.is_some_and(|u| u.len() >= self.cut.0 && u.ends_with(&self.cut.1))
+                        && user.map_or(false, |u| u.len() >= self.cut.0 && u.ends_with(&self.cut.1))
                     {
                         slow.call1((start,))?; // a name Dovecot cut: Python completes it
                         continue;
@@ -471,9 +477,12 @@ impl Scanner {
                     key_second = svc_text;
                 }
                 SESSION_START => {
-                    let Some(p) = pid else {
-                        slow.call1((start,))?;
-                        continue;
+                    let p = match pid {
+                        Some(p) => p,
+                        None => {
+                            slow.call1((start,))?;
+                            continue;
+                        }
                     };
                     let addr = if ip == Some(b"local".as_slice()) {
                         None
@@ -539,8 +548,11 @@ impl Scanner {
                 }
             }
             tally.add(spec.kind_name.bind(py).as_any(), service.as_any());
-            let Some(u) = user.filter(|u| !u.is_empty()) else {
-                continue; // failures before a user name was known: counted, never stored
+            let u = match user.filter(|u| !u.is_empty()) {
+                Some(u) => u,
+                None => {
+                    continue; // failures before a user name was known: counted, never stored
+                }
             };
             let ip = session_ip.unwrap_or_else(|| ip.map(|b| b.into()));
             let entry = Entry {

@@ -10,7 +10,8 @@
 
 use std::borrow::Cow;
 use std::cmp::Ordering;
-use std::ffi::{c_int, CStr};
+use std::ffi::CStr;
+use std::os::raw::c_int;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -315,7 +316,10 @@ fn merged<'a, 'py: 'a>(
         let mut low: Option<usize> = None;
         let mut win = 0;
         for (i, h) in heads.iter().enumerate() {
-            let Some(h) = h else { continue };
+            let h = match h {
+                Some(h) => h,
+                None => continue,
+            };
             match low.map(|j| key_order(h, heads[j].as_ref().unwrap())) {
                 None | Some(Ordering::Less) => {
                     low = Some(i);
@@ -325,7 +329,10 @@ fn merged<'a, 'py: 'a>(
                 _ => {}
             }
         }
-        let Some(low) = low else { break };
+        let low = match low {
+            Some(low) => low,
+            None => break,
+        };
         let v = heads[win].as_ref().unwrap();
         if std::str::from_utf8(v.user).is_ok() {
             upsert(v)?;
@@ -336,7 +343,7 @@ fn merged<'a, 'py: 'a>(
         // Advance every cursor that was at this key (the key's slices borrow the data, not `heads`).
         let key = (v.user, v.second);
         for i in low..heads.len() {
-            if heads[i].as_ref().is_some_and(|h| (h.user, h.second) == key) {
+            if heads[i].as_ref().map_or(false, |h| (h.user, h.second) == key) {
                 heads[i] = cursors[i].next(py)?;
             }
         }

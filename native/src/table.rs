@@ -325,9 +325,12 @@ impl Table {
         let mut texts: HashMap<Vec<u8>, Py<PyString>, RandomState> = HashMap::default();
         for (k, e) in entries {
             let (second, user) = split(k);
-            let Ok(u) = std::str::from_utf8(user) else {
-                bad.append(PyBytes::new(py, user))?;
-                continue;
+            let u = match std::str::from_utf8(user) {
+                Ok(u) => u,
+                Err(_) => {
+                    bad.append(PyBytes::new(py, user))?;
+                    continue;
+                }
             };
             let kind = match &kind {
                 Some(k) => k.clone().unbind(),
