@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,15 @@ from harvester.timeparse import Clock
 from tests import corpus
 
 PACK = patterns.load("dovecot")
+
+
+def test_the_native_crate_stays_buildable_by_debian_12s_own_cargo():
+    """Debian 12's cargo 1.65 reads lock format 3 only, and its rustc is 1.63: the lock's crate versions were
+    chosen for that (cargo's MSRV-aware resolver reads rust-version). A newer cargo rewriting the lock, or a
+    raised rust-version, would send a Debian 12 install back to the Python engine without a word."""
+    native_dir = Path(__file__).resolve().parent.parent / "native"
+    assert "\nversion = 3\n" in (native_dir / "Cargo.lock").read_text()
+    assert '\nrust-version = "1.63"\n' in (native_dir / "Cargo.toml").read_text()
 
 
 def test_the_native_scanner_is_built_and_used():
