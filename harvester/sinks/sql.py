@@ -14,6 +14,7 @@ import contextlib
 import ipaddress
 import logging
 import random
+import ssl
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -62,8 +63,10 @@ class SqlOptions:
         "modoboa: the services whose newest login goes into last_login", "SERVICE[,SERVICE...]")
     tls_ca: str = option(opt.text, "",
         "CA certificate file: connect with TLS, verify the server's certificate and host name", "FILE")
-    tls_cert: str = option(opt.text, "", "client certificate file (TLS client authentication)", "FILE")
-    tls_key: str = option(opt.text, "", "client certificate's key file", "FILE")
+    tls_cert: str = option(opt.text, "",
+        "client certificate file (TLS client authentication; without sql_tls_ca the server is verified "
+        "against the system's CAs)", "FILE")
+    tls_key: str = option(opt.text, "", "client certificate's key file (default: in sql_tls_cert)", "FILE")
     connect_timeout: float = option(opt.seconds, 10.0, "seconds to wait for a connection", "SECONDS")
     password_file: str = option(opt.text, "",
         "file holding the store's password (its first line): PostgreSQL, MySQL/MariaDB and Redis stores",
@@ -106,12 +109,67 @@ def _password(a: Address, o: SqlOptions) -> str | None:
     return lines[0]
 
 
-def _tls_files(o: SqlOptions) -> None:
+def _tls(o: SqlOptions) -> ssl.SSLContext | None:
+    """The TLS settings as a client context (None: no TLS asked): the server's chain is verified against
+    sql_tls_ca (else the system's CAs) and its host name against the URL's host. Each file is read here, so a
+    wrong one is named by its setting before any connection."""
     if o.tls_key and not o.tls_cert:
         raise StoreError("sql_tls_key is set but sql_tls_cert is not")
-    for f in (o.tls_ca, o.tls_cert, o.tls_key):
-        if f and not Path(f).is_file():
-            raise StoreError(f"TLS file {f}: not found")
+    if not (o.tls_ca or o.tls_cert):
+        return None
+    if not o.tls_ca:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)  # the system's CAs
+    else:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname; only sql_tls_ca's CAs
+        try:
+            ctx.load_verify_locations(o.tls_ca)
+        except (OSError, ssl.SSLError) as e:
+            raise StoreError(f"sql_tls_ca {o.tls_ca}: cannot use it as a CA certificate file: "
+                             f"{getattr(e, 'strerror', None) or e}") from None
+    if o.tls_cert:
+        for setting, path in (("sql_tls_cert", o.tls_cert), ("sql_tls_key", o.tls_key)):
+            try:
+                if path:
+                    Path(path).read_bytes()
+            except OSError as e:
+                raise StoreError(f"{setting} {path}: cannot read: {e.strerror or e}") from None
+
+        def encrypted() -> str:  # else OpenSSL would prompt on the terminal (or fail obscurely without one)
+            raise StoreError(f"sql_tls_key {o.tls_key or o.tls_cert}: the key is encrypted; harvester needs an "
+                             "unencrypted key (openssl pkey -in KEY -out PLAIN_KEY)")
+
+        try:
+            ctx.load_cert_chain(o.tls_cert, o.tls_key or None, password=encrypted)
+        except ssl.SSLError as e:
+            raise StoreError(f"sql_tls_cert {o.tls_cert} / sql_tls_key {o.tls_key or o.tls_cert}: not a PEM "
+                             f"certificate and its key: {e}") from None
+    return ctx
+
+
+def _tls_hint(why: str, o: SqlOptions, host: str) -> str:
+    """What to check for a connection the TLS handshake or the server refused: the setting to fix."""
+    low = why.lower()
+    if "does not match host name" in low or "hostname mismatch" in low:
+        return (f" (the server's certificate does not name {host}, the store URL's host: use a name or address "
+                "the certificate holds)")
+    if "certificate verify failed" in low:
+        return (" (check sql_tls_ca: it must hold the CA that signed the server's certificate)" if o.tls_ca else
+                " (verified against the system's CAs, as sql_tls_ca is not set: set it to the server's CA)")
+    # MariaDB closes the handshake on a client certificate it does not trust (EOF); the others send an alert.
+    if any(m in low for m in ("client certificate", "certificate required", "unknown ca", "bad certificate")) or (
+            o.tls_cert and "eof occurred" in low):
+        if o.tls_cert:
+            return (" (the server refused the client certificate or closed the TLS handshake: check sql_tls_cert "
+                    "and sql_tls_key, signed by a CA the server trusts)")
+        return (" (the server requires a client certificate its CA signed: set sql_tls_cert and sql_tls_key"
+                + ("" if o.tls_ca else ", and sql_tls_ca to verify the server") + ")")
+    if not (o.tls_ca or o.tls_cert) and ("no encryption" in low or "insecure transport" in low):
+        return " (a server that takes only TLS: set sql_tls_ca)"
+    if "access denied" in low and not o.tls_cert:  # MySQL/MariaDB say no more for a missing certificate
+        return (" (check the password; a user that requires a client certificate (REQUIRE X509) needs "
+                "sql_tls_cert and sql_tls_key" + ("" if o.tls_ca else ", and a server that takes only TLS "
+                                                  "sql_tls_ca") + ")")
+    return ""
 
 
 class SqlStore:
@@ -130,15 +188,19 @@ class SqlStore:
         self.layout = _layout(o)
         self.d = self.DIALECT
         self._password = _password(self.address, o)
-        _tls_files(o)
+        self._tls = _tls(o)
         self._skipped: Counter = Counter()
         self.conn: Any = None
         self.kinds: dict[str, dict[str, str]] = {}  # table -> column -> sl column kind
         self.limits: dict[str, dict[str, int | None]] = {}  # table -> column -> characters it holds
         try:
             self.conn = self._connect()
+        except StoreError:
+            raise
         except Exception as e:  # each driver raises its own types for refused, unreachable, bad password, TLS
-            raise StoreError(f"cannot connect to {self._where()}: {type(e).__name__}: {_first_line(e)}") from None
+            why = f"{type(e).__name__}: {_first_line(e)}"
+            raise StoreError(f"cannot connect to {self._where()}: {why}"
+                             f"{_tls_hint(why, o, self.address.host)}") from None
         self._created = self._check(create)  # what opening it made (apply_schema says so)
 
     # -- connections (per server) -----------------------------------------------------------------------
@@ -470,10 +532,12 @@ class PostgresStore(SqlStore):
 
         a, o = self.address, self.options
         tls: dict[str, Any] = {}
-        if o.tls_ca or o.tls_cert:
-            tls["sslmode"] = "verify-full" if o.tls_ca else "require"
-            if o.tls_ca:
-                tls["sslrootcert"] = o.tls_ca
+        if self._tls is not None:  # libpq makes its own context from the same files (_tls has checked them)
+            if not o.tls_ca and psycopg.pq.version() < 160000:
+                raise StoreError(f"sql_tls_cert without sql_tls_ca: libpq {psycopg.pq.version()} cannot verify "
+                                 "the server against the system's CAs (16 or newer can); set sql_tls_ca")
+            # verify-full: the chain and the host name, as for MySQL; "system": the system's CAs (libpq 16+).
+            tls = {"sslmode": "verify-full", "sslrootcert": o.tls_ca or "system"}
             if o.tls_cert:
                 tls.update(sslcert=o.tls_cert, sslkey=o.tls_key or o.tls_cert)
         return psycopg.connect(host=a.host, port=a.port or 5432, user=a.user, password=self._password,
@@ -506,17 +570,29 @@ class MysqlStore(SqlStore):
         import pymysql
 
         a, o = self.address, self.options
-        tls: dict[str, Any] = {}
-        if o.tls_ca or o.tls_cert:
-            tls = {"ssl_ca": o.tls_ca or None, "ssl_cert": o.tls_cert or None, "ssl_key": o.tls_key or None,
-                   "ssl_verify_cert": bool(o.tls_ca), "ssl_verify_identity": bool(o.tls_ca)}
-        return pymysql.connect(
+        # Our context, not PyMySQL's ssl_* (which verify nothing without ssl_ca): the chain and host name.
+        tls: dict[str, Any] = {} if self._tls is None else {"ssl": self._tls}
+        conn = pymysql.connect(
             host=a.host, port=a.port or 3306, user=a.user or "", password=self._password or "", database=a.database,
             charset="utf8mb4", connect_timeout=o.connect_timeout, read_timeout=READ_TIMEOUT,
             write_timeout=READ_TIMEOUT, autocommit=False,
             # UTC for TIMESTAMP columns; strict, so a value a column cannot take is an error, never cut silently.
             init_command="SET time_zone = '+00:00', sql_mode = CONCAT_WS(',', NULLIF(@@sql_mode, ''), "
                          "'STRICT_ALL_TABLES')", **tls)
+        if self._tls is not None:
+            self._require_tls(conn)
+        return conn
+
+    def _require_tls(self, conn: Any) -> None:
+        """PyMySQL 1.1 (which we allow) goes on in plain text when the server offers no TLS: never with sql_tls_*."""
+        cur = conn.cursor()
+        cur.execute("SHOW SESSION STATUS LIKE 'Ssl_cipher'")
+        cipher = (cur.fetchone() or ("", ""))[1]
+        conn.commit()
+        if not cipher:
+            conn.close()
+            raise StoreError(f"cannot connect to {self._where()}: the server does not speak TLS, which "
+                             "sql_tls_ca / sql_tls_cert ask for")
 
     def _columns_sql(self) -> str:
         return ("SELECT column_name, data_type, character_maximum_length FROM information_schema.columns "
