@@ -110,6 +110,17 @@ def switch(v: Any) -> str:
     return v
 
 
+def yes_no(v: Any) -> bool:
+    """yes or no (TOML's true and false too)."""
+    if isinstance(v, bool):
+        return v
+    if v in ("yes", "true"):
+        return True
+    if v in ("no", "false"):
+        return False
+    raise ValueError("must be true, false, yes or no")
+
+
 def matches(v: Any) -> list[str]:
     """journalctl matches, FIELD=VALUE each (FIELD: capitals, digits, _)."""
     items = [v] if isinstance(v, str) else v

@@ -163,6 +163,10 @@ class CassandraOptions:
     tls_ca: str = option(opt.text, "", "CA certificate file: connect with TLS and verify the nodes", "FILE")
     tls_cert: str = option(opt.text, "", "client certificate file (TLS client authentication)", "FILE")
     tls_key: str = option(opt.text, "", "client certificate's key file", "FILE")
+    tls_check_hostname: bool = option(opt.yes_no, True,
+        "TLS: each node's certificate must name the address harvester connects to (the driver dials addresses: "
+        "a contact point's name is resolved first; other nodes at the address the cluster gives); no: the "
+        "chain alone", "yes|no")
     connect_timeout: float = option(opt.seconds, 10.0, "seconds to wait for a connection", "SECONDS")
     request_timeout: float = option(opt.seconds, 10.0, "seconds to wait for one write or read", "SECONDS")
     in_flight: int = option(opt.whole(1, 10_000), 256, "writes in flight at once from one process", "N")
@@ -224,6 +228,10 @@ class CassandraStore:
             why = "; ".join(f"{h}: {err}" for h, err in e.errors.items()) or str(e)
             if "reset by peer" in why and not o.tls_ca:
                 why += " (a node that takes only TLS? set cassandra_tls_ca)"
+            elif "mismatch" in why or "doesn't match" in why:
+                why += (" (the node's certificate does not name the address harvester connected to: add that "
+                        "address to the certificate's subjectAltName, or set cassandra_tls_check_hostname = no to "
+                        "verify the chain alone)")
             raise StoreError(f"cannot connect to Cassandra at {','.join(hosts)}:{port}: {why}") from None
         except Exception as e:  # the driver raises a handful of types for a refused TLS or auth handshake
             self.cluster.shutdown()
@@ -624,7 +632,9 @@ def _tls(o: CassandraOptions) -> ssl.SSLContext | None:
     if not (o.tls_ca or o.tls_cert):
         return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False  # contact points are usually addresses; the chain is still verified
+    # The driver checks the certificate against the address it dials (contact points are resolved to addresses
+    # first); fleets whose certificates carry DNS names only turn it off and keep the chain verified.
+    ctx.check_hostname = o.tls_check_hostname
     try:
         if o.tls_ca:
             ctx.load_verify_locations(o.tls_ca)

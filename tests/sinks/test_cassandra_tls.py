@@ -5,8 +5,11 @@ Cassandra tests: a TLS-only CQL port would refuse them. The nodes are stopped wh
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,6 +109,58 @@ def test_a_store_without_tls_settings_is_refused_by_a_tls_only_node_with_a_clear
 def test_a_ca_that_did_not_sign_the_nodes_certificate_is_refused(tls_node, stranger_ca):
     """Verifying the chain is the point of cassandra_tls_ca: a node the CA does not vouch for is not used."""
     assert "certificate verify failed" in refused(tls_node, cassandra_tls_ca=stranger_ca)
+
+
+@pytest.fixture
+def other_address(tls_node) -> Iterator[dict]:
+    """The TLS node reached at 127.0.0.2, an address its certificate (IP:127.0.0.1) does not name: a plain TCP
+    relay in front of it, so the TLS handshake is still the node's own."""
+    port = int(tls_node["contact"].rsplit(":", 1)[1])
+    listener = socket.create_server(("127.0.0.2", 0))
+    stop = threading.Event()
+
+    def pipe(a: socket.socket, b: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := a.recv(65536):
+                b.sendall(data)
+        for s in (a, b):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", port))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield dict(tls_node, contact=f"127.0.0.2:{listener.getsockname()[1]}")
+    finally:
+        stop.set()
+        listener.close()
+
+
+def test_a_node_whose_certificate_does_not_name_its_address_is_refused_saying_how_to_fix_it(other_address):
+    """cassandra_tls_ca verifies the node's address too (the driver dials addresses: a contact point's name is
+    resolved first): a certificate that vouches for 127.0.0.1 is not good for 127.0.0.2."""
+    why = refused(other_address, cassandra_tls_ca=other_address["ca"])
+    assert "127.0.0.2" in why and "subjectAltName" in why and "cassandra_tls_check_hostname = no" in why
+
+
+def test_with_the_address_check_off_the_chain_alone_is_verified(other_address, stranger_ca):
+    """cassandra_tls_check_hostname = no (fleets whose certificates carry DNS names only) lets the node in at an
+    address its certificate does not name, and still refuses a CA that signed nothing."""
+    round_trip(store(other_address, cassandra_tls_ca=other_address["ca"], cassandra_tls_check_hostname="no"))
+    assert "certificate verify failed" in refused(other_address, cassandra_tls_ca=stranger_ca,
+                                                  cassandra_tls_check_hostname="no")
 
 
 def test_the_script_tells_the_tls_files_and_refuses_to_reuse_the_node_in_another_tls_mode(tls_node):
