@@ -18,7 +18,7 @@ STAGES = [  # in data-flow order
     {"sessions"},
     {"coalesce"},
     {"sinks", "sinks.base", "sinks.sqlite", "sinks.cassandra", "sinks.cql", "sinks.sql", "sinks.sql_layouts",
-     "sinks.redis"},
+     "sinks.redis", "sinks.tls"},
 ]
 TOP = {"cli", "__main__", "config", "checkpoint", "daemon", "writer", "systemd", "backfill", "segments", "testpatterns",
        "answer", "serve", "tokens"}

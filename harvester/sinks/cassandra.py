@@ -37,6 +37,7 @@ from harvester.events import Row
 from harvester.options import option
 from harvester.sinks import cql
 from harvester.sinks.base import Batch, Forgotten, PartialWrite, StoreError, write_taken
+from harvester.sinks.tls import client_context
 
 log = logging.getLogger(__name__)
 RETRY_LOG_REPEAT = 60.0  # a storm of retried writes is logged once, then at most this often
@@ -627,26 +628,7 @@ def _password(o: CassandraOptions) -> str:
 
 
 def _tls(o: CassandraOptions) -> ssl.SSLContext | None:
-    if o.tls_key and not o.tls_cert:
-        raise StoreError("cassandra_tls_key is set but cassandra_tls_cert is not")
-    if not (o.tls_ca or o.tls_cert):
-        return None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     # The driver checks the certificate against the address it dials (contact points are resolved to addresses
     # first); fleets whose certificates carry DNS names only turn it off and keep the chain verified.
-    ctx.check_hostname = o.tls_check_hostname
-    try:
-        if o.tls_ca:
-            ctx.load_verify_locations(o.tls_ca)
-        else:
-            ctx.load_default_certs()
-        if o.tls_cert:
-            def encrypted() -> str:  # else OpenSSL would prompt on the terminal (or fail obscurely without one)
-                raise StoreError(f"cassandra_tls_key {o.tls_key or o.tls_cert}: "
-                                 "the key is encrypted; harvester needs an unencrypted key "
-                                 "(openssl pkey -in KEY -out PLAIN_KEY)")
+    return client_context("cassandra", o.tls_ca, o.tls_cert, o.tls_key, check_hostname=o.tls_check_hostname)
 
-            ctx.load_cert_chain(o.tls_cert, o.tls_key or None, password=encrypted)
-    except (OSError, ssl.SSLError) as e:
-        raise StoreError(f"Cassandra TLS files: {e}") from None
-    return ctx

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 from harvester.events import SERVICE_RENAMES, SERVICES, Row
 from harvester.options import choice, option, seconds, text, whole
 from harvester.sinks.base import Batch, Forgotten, PartialWrite, StoreError, write_taken
+from harvester.sinks.tls import client_context
 
 log = logging.getLogger(__name__)
 URL = re.compile(r"(?P<scheme>rediss?)://(?:(?P<user>[^@/:]*)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[^:/\[\]@]+)"
@@ -561,35 +562,9 @@ def _shell(s: str) -> str:
 
 
 def _tls(o: RedisOptions) -> ssl.SSLContext:
-    """The context of every rediss:// connection, made once: the server's certificate verified against
-    redis_tls_ca alone (else the system's CAs) and its host name checked; the client certificate offered when
-    redis_tls_cert is set. A file that cannot be used is a StoreError naming its setting."""
-    if o.tls_key and not o.tls_cert:
-        raise StoreError("redis_tls_key is set but redis_tls_cert is not")
-    for name, path in (("redis_tls_ca", o.tls_ca), ("redis_tls_cert", o.tls_cert), ("redis_tls_key", o.tls_key)):
-        try:
-            if path:
-                Path(path).open("rb").close()
-        except OSError as e:
-            raise StoreError(f"{name} {path}: cannot read: {e.strerror or e}") from None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verify_mode CERT_REQUIRED, check_hostname on
-    try:
-        if o.tls_ca:
-            ctx.load_verify_locations(o.tls_ca)
-        else:
-            ctx.load_default_certs()
-    except ssl.SSLError as e:
-        raise StoreError(f"redis_tls_ca {o.tls_ca}: not a PEM CA certificate ({e.reason or e})") from None
-    if o.tls_cert:
-        def encrypted() -> str:  # else OpenSSL would prompt on the terminal (or fail obscurely without one)
-            raise StoreError(f"redis_tls_key {o.tls_key or o.tls_cert}: the key is encrypted; harvester needs an "
-                             "unencrypted key (openssl pkey -in KEY -out PLAIN_KEY)")
-
-        try:
-            ctx.load_cert_chain(o.tls_cert, o.tls_key or None, password=encrypted)
-        except ssl.SSLError as e:
-            raise StoreError(f"redis_tls_cert {o.tls_cert}, redis_tls_key {o.tls_key or '(in the same file)'}: "
-                             f"not a PEM certificate and its key ({e.reason or e})") from None
+    """The context of every rediss:// connection, made once (see _tls_connection)."""
+    ctx = client_context("redis", o.tls_ca, o.tls_cert, o.tls_key, required=True)
+    assert ctx is not None  # required=True
     return ctx
 
 

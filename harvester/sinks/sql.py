@@ -28,6 +28,7 @@ from harvester.events import SERVICES, Row
 from harvester.options import option
 from harvester.sinks import sql_layouts as sl
 from harvester.sinks.base import Batch, Forgotten, PartialWrite, StoreError, write_taken
+from harvester.sinks.tls import client_context
 
 log = logging.getLogger(__name__)
 DEADLOCK_RETRIES = 5  # a deadlock or serialization failure between two writers: retried this often at once
@@ -110,40 +111,9 @@ def _password(a: Address, o: SqlOptions) -> str | None:
 
 
 def _tls(o: SqlOptions) -> ssl.SSLContext | None:
-    """The TLS settings as a client context (None: no TLS asked): the server's chain is verified against
-    sql_tls_ca (else the system's CAs) and its host name against the URL's host. Each file is read here, so a
-    wrong one is named by its setting before any connection."""
-    if o.tls_key and not o.tls_cert:
-        raise StoreError("sql_tls_key is set but sql_tls_cert is not")
-    if not (o.tls_ca or o.tls_cert):
-        return None
-    if not o.tls_ca:
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)  # the system's CAs
-    else:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname; only sql_tls_ca's CAs
-        try:
-            ctx.load_verify_locations(o.tls_ca)
-        except (OSError, ssl.SSLError) as e:
-            raise StoreError(f"sql_tls_ca {o.tls_ca}: cannot use it as a CA certificate file: "
-                             f"{getattr(e, 'strerror', None) or e}") from None
-    if o.tls_cert:
-        for setting, path in (("sql_tls_cert", o.tls_cert), ("sql_tls_key", o.tls_key)):
-            try:
-                if path:
-                    Path(path).read_bytes()
-            except OSError as e:
-                raise StoreError(f"{setting} {path}: cannot read: {e.strerror or e}") from None
-
-        def encrypted() -> str:  # else OpenSSL would prompt on the terminal (or fail obscurely without one)
-            raise StoreError(f"sql_tls_key {o.tls_key or o.tls_cert}: the key is encrypted; harvester needs an "
-                             "unencrypted key (openssl pkey -in KEY -out PLAIN_KEY)")
-
-        try:
-            ctx.load_cert_chain(o.tls_cert, o.tls_key or None, password=encrypted)
-        except ssl.SSLError as e:
-            raise StoreError(f"sql_tls_cert {o.tls_cert} / sql_tls_key {o.tls_key or o.tls_cert}: not a PEM "
-                             f"certificate and its key: {e}") from None
-    return ctx
+    """The server's chain verified against sql_tls_ca (else the system's CAs) and its host name against the URL's
+    host; None: no TLS asked."""
+    return client_context("sql", o.tls_ca, o.tls_cert, o.tls_key)
 
 
 def _tls_hint(why: str, o: SqlOptions, host: str) -> str:
