@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import os
 import random
 import ssl
 import time
@@ -116,10 +117,20 @@ def _tls(o: SqlOptions) -> ssl.SSLContext | None:
     return client_context("sql", o.tls_ca, o.tls_cert, o.tls_key)
 
 
+def system_ca_bundle() -> str:
+    """The system's CA bundle file (SSL_CERT_FILE, else OpenSSL's default: /usr/lib/ssl/cert.pem on Debian), or
+    libpq's "system" when neither exists."""
+    paths = ssl.get_default_verify_paths()
+    for f in (paths.cafile, paths.openssl_cafile):
+        if f and os.path.isfile(f):
+            return f
+    return "system"
+
+
 def _tls_hint(why: str, o: SqlOptions, host: str) -> str:
     """What to check for a connection the TLS handshake or the server refused: the setting to fix."""
     low = why.lower()
-    if "does not match host name" in low or "hostname mismatch" in low:
+    if any(m in low for m in ("does not match host name", "hostname mismatch", "ip address mismatch")):
         return (f" (the server's certificate does not name {host}, the store URL's host: use a name or address "
                 "the certificate holds)")
     if "certificate verify failed" in low:
@@ -503,11 +514,9 @@ class PostgresStore(SqlStore):
         a, o = self.address, self.options
         tls: dict[str, Any] = {}
         if self._tls is not None:  # libpq makes its own context from the same files (_tls has checked them)
-            if not o.tls_ca and psycopg.pq.version() < 160000:
-                raise StoreError(f"sql_tls_cert without sql_tls_ca: libpq {psycopg.pq.version()} cannot verify "
-                                 "the server against the system's CAs (16 or newer can); set sql_tls_ca")
-            # verify-full: the chain and the host name, as for MySQL; "system": the system's CAs (libpq 16+).
-            tls = {"sslmode": "verify-full", "sslrootcert": o.tls_ca or "system"}
+            # verify-full: the chain and the host name, as for MySQL. Without sql_tls_ca, the system's CA bundle
+            # by its path: psycopg[binary]'s own OpenSSL looks for "system" CAs where Debian keeps none.
+            tls = {"sslmode": "verify-full", "sslrootcert": o.tls_ca or system_ca_bundle()}
             if o.tls_cert:
                 tls.update(sslcert=o.tls_cert, sslkey=o.tls_key or o.tls_cert)
         return psycopg.connect(host=a.host, port=a.port or 5432, user=a.user, password=self._password,
@@ -554,7 +563,8 @@ class MysqlStore(SqlStore):
         return conn
 
     def _require_tls(self, conn: Any) -> None:
-        """PyMySQL 1.1 (which we allow) goes on in plain text when the server offers no TLS: never with sql_tls_*."""
+        """A backstop: PyMySQL >= 1.2 already refuses, before authenticating, a server that offers no TLS when it
+        is given a context."""
         cur = conn.cursor()
         cur.execute("SHOW SESSION STATUS LIKE 'Ssl_cipher'")
         cipher = (cur.fetchone() or ("", ""))[1]

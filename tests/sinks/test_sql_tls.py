@@ -18,7 +18,7 @@ import pytest
 
 from harvester.coalesce import Row
 from harvester.config import Settings
-from harvester.sinks import StoreError, open_store
+from harvester.sinks import StoreError, open_store, sql
 from tests.conftest import ROOT, SQL_SERVERS, run_cli
 
 SCRIPT = ROOT / "scripts" / "sql-dev"
@@ -133,6 +133,24 @@ def test_a_client_certificate_without_sql_tls_ca_still_verifies_the_server(tls_s
     certificate), not taken on trust."""
     why = refused(tls_server, cert=tls_server["cert"], key=tls_server["key"])
     assert "certificate verify failed" in why and "sql_tls_ca is not set" in why
+
+
+def test_without_sql_tls_ca_the_systems_ca_bundle_is_what_verifies_the_server(tls_server, monkeypatch):
+    """The system's CAs are the bundle OpenSSL names (SSL_CERT_FILE here, holding the dev CA): the server is
+    let in, by PostgreSQL's libpq too (psycopg's own OpenSSL finds no "system" CAs on Debian)."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_server["ca"]))
+    s = open_tls(tls_server, cert=tls_server["cert"], key=tls_server["key"])
+    try:
+        assert encrypted(s)
+    finally:
+        s.close()
+
+
+def test_the_system_ca_bundle_handed_to_libpq_is_a_file_without_ssl_cert_file_too(monkeypatch):
+    """libpq's own "system" would look where psycopg[binary]'s OpenSSL was built to (/usr/lib/psycopg-openssl,
+    absent): harvester names the bundle file Python's OpenSSL uses instead."""
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    assert Path(sql.system_ca_bundle()).is_file()
 
 
 def test_a_plain_connection_is_refused_by_the_server(tls_server):
