@@ -35,7 +35,7 @@ from harvester.config import Settings, state_dir
 from harvester.parse import Parser, rawlog_logins
 from harvester.sessions import CUT_WAIT_S, Sessions
 from harvester.sinks.base import Store
-from harvester.sources import Block, LineSource, journal, open_source, rawlog
+from harvester.sources import Block, LineSource, former_names, journal, open_source, rawlog
 from harvester.sources.base import AnyPosition
 from harvester.timeparse import Clock, resolve_timezone
 from harvester.writer import WriteJob, Writer
@@ -160,9 +160,12 @@ class Daemon:
                             on_long_line=functools.partial(self._long_line, path),
                             on_rotation=functools.partial(_rotated, path), match=tuple(self.settings.journal_match))
             src = Followed(path, f, self._parser())
-            positions = state.positions.get(path, []) if state else []  # a new path has none
-            if state and path in state.sessions:
-                src.parser.sessions.restore(state.sessions[path])
+            key = path
+            if state and path not in state.positions:  # checkpointed under the name an earlier version gave it?
+                key = next((n for n in former_names(path) if n in state.positions), path)
+            positions = state.positions.get(key, []) if state else []  # a new path has none
+            if state and key in state.sessions:
+                src.parser.sessions.restore(state.sessions[key])
             how = f.start(positions, begin)
             self.sources[path] = src
             log.info("following %s: %s", path, how)

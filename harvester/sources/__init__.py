@@ -43,6 +43,14 @@ SOURCES: dict[str, Opener] = {
 }
 
 
+def former_names(name: str) -> list[str]:
+    """Names the source called `name` had in earlier versions, to find its checkpoint by after an upgrade."""
+    if name.startswith(journal.SCHEME + ":"):
+        old = journal.Spec.parse(name).former_name
+        return [old] if old else []
+    return []
+
+
 def open_source(name: str, *, max_line: int, on_long_line: Callable[[int], None] = ignored,
                 on_rotation: Callable[[str], None] = ignored, match: tuple[str, ...] = ()) -> LineSource:
     """The source that follows `name`: by its scheme when one is registered, else the file at that path.

@@ -109,6 +109,15 @@ class Spec:
             return f"{SCHEME}:file={','.join(map(_escape, self.files))}"
         return f"{SCHEME}:local"
 
+    @property
+    def former_name(self) -> str | None:
+        """The name harvester gave this journal before paths were escaped in it (its checkpoint's key then),
+        where that differs: a path with '%' in it. A path with ',' had no usable name before."""
+        paths = self.directories or self.files
+        if not any("%" in p for p in paths) or any("," in p for p in paths):
+            return None
+        return f"{SCHEME}:{'dir' if self.directories else 'file'}={','.join(paths)}"
+
     @classmethod
     def parse(cls, name: str, match: tuple[str, ...] = DEFAULT_MATCH) -> Spec:
         what = name.partition(":")[2]

@@ -7,6 +7,7 @@ Each scenario: entries of several boots, a restart from a cursor, a cursor vacuu
 
 from __future__ import annotations
 
+import json
 import signal
 import sqlite3
 import subprocess
@@ -314,3 +315,43 @@ def test_journal_paths_with_commas_and_percent_signs_are_read_and_resumed(tmp_pa
     assert sorted(r["user"] for r in export_rows(store_url, capsys)) == ["u1", "u2"]
     for spec in journal.specs(False, [str(d)], [str(f), str(tmp_path / "other.journal")], journal.DEFAULT_MATCH):
         assert journal.Spec.parse(spec.name) == spec  # the checkpoint's key names the same journals again
+
+
+def test_a_checkpoint_an_earlier_version_wrote_for_a_path_with_a_percent_sign_is_still_resumed(tmp_path):
+    """Before paths were escaped in a journal's name, 'journal:dir=/x/100%' was the checkpoint's key: after the
+    upgrade the daemon resumes from it, not from start_at (= end here, which would skip what came meanwhile)."""
+    d = tmp_path / "copied 100%"
+    d.mkdir()
+    j = d / "system.journal"
+    write_journal(j, [entry(n) for n in range(1, 51)])
+    db, state = tmp_path / "h.db", tmp_path / "state"
+    args = [sys.executable, "-m", "harvester", "run", "--store", f"sqlite:///{db}", "--state-dir", str(state),
+            "--metrics-listen", "", "--flush-interval-ms", "100", "--poll-interval-ms", "100", "--journal-dir",
+            str(d), "--journal", "no"]
+
+    def run_until(n: int, *extra: str) -> str:
+        proc = subprocess.Popen([*args, *extra], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 30
+            while len(stored_users(db)) < n:
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                assert time.monotonic() < deadline, f"{len(stored_users(db))} of {n} rows stored"
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+            assert proc.returncode == 0, err
+            return err
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    run_until(50, "--start-at", "beginning")
+    checkpoints = state / "checkpoints.json"
+    new_name = journal.Spec(directories=(str(d),)).name
+    old_name = f"journal:dir={d}"
+    assert new_name != old_name
+    checkpoints.write_text(checkpoints.read_text().replace(json.dumps(new_name), json.dumps(old_name)))
+    write_journal(j, [entry(n) for n in range(51, 101)])  # written while it is down
+    assert "after the checkpointed entry" in run_until(100)
+    assert len(stored_users(db)) == 100
