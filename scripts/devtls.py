@@ -33,17 +33,28 @@ class TlsError(Exception):
 def make(directory: Path, *, org: str = "harvester dev", client_cn: str = "harvester",
          server_names: tuple[str, ...] = ("IP:127.0.0.1",), days: int = DAYS) -> dict[str, Path]:
     """The six files in directory (made once; an earlier complete set is kept), by name."""
-    directory = Path(directory)
+    directory = Path(directory).resolve()
     files = {name: directory / name for name in FILES}
     if all(path.is_file() for path in files.values()):
         return files
+    if directory.is_dir() and any(p.name not in FILES for p in directory.iterdir()):
+        raise TlsError(f"{directory} holds other files: give an empty or new directory for the TLS files")
     openssl = shutil.which("openssl")
     if not openssl:
         raise TlsError("making TLS certificates needs openssl on PATH (apt-get install openssl)")
     partial = directory.with_name(directory.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
+    try:
+        _make(partial, openssl, org, client_cn, server_names, days)
+        shutil.rmtree(directory, ignore_errors=True)  # an incomplete set of ours, nothing else (checked above)
+        os.replace(partial, directory)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # a failed run leaves no keys behind
+    return files
 
+
+def _make(partial: Path, openssl: str, org: str, client_cn: str, server_names: tuple[str, ...], days: int) -> None:
     def run(*cmd: str) -> None:
         proc = subprocess.run([openssl, *cmd], cwd=partial, stdin=subprocess.DEVNULL, capture_output=True,
                               text=True, timeout=120)
@@ -69,9 +80,6 @@ def make(directory: Path, *, org: str = "harvester dev", client_cn: str = "harve
         (partial / leftover).unlink(missing_ok=True)
     for key in KEYS:
         (partial / key).chmod(0o600)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(partial, directory)
-    return files
 
 
 def main(argv: list[str] | None = None) -> int:

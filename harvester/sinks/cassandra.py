@@ -229,7 +229,7 @@ class CassandraStore:
             why = "; ".join(f"{h}: {err}" for h, err in e.errors.items()) or str(e)
             if "reset by peer" in why and not o.tls_ca:
                 why += " (a node that takes only TLS? set cassandra_tls_ca)"
-            elif "mismatch" in why or "doesn't match" in why:
+            elif any(m in why for m in ("Hostname mismatch", "IP address mismatch", "doesn't match")):
                 why += (" (the node's certificate does not name the address harvester connected to: add that "
                         "address to the certificate's subjectAltName, or set cassandra_tls_check_hostname = no to "
                         "verify the chain alone)")

@@ -595,8 +595,11 @@ def _hint(e: BaseException, a: Address, o: RedisOptions) -> str:
     if not a.tls:  # a TLS port resets a connection that does not start with a TLS handshake
         return " (is it a TLS port? then the URL is rediss://)" if cause(ConnectionResetError) else ""
     tls = cause(ssl.SSLError)
-    if tls is None:
-        return ""
+    if tls is None:  # a plain port reads the TLS hello as the start of a command and waits for the rest
+        return (" (no answer to the TLS handshake: a firewall, or the server's plain port? then the URL is "
+                "redis://, or use its tls-port)") if cause(TimeoutError) else ""
+    if getattr(tls, "reason", None) in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"):
+        return " (no TLS answered there: the server's plain port? then the URL is redis://, or use its tls-port)"
     if isinstance(tls, ssl.SSLCertVerificationError):
         if tls.verify_code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
             return (f" (the server's certificate is not for {a.host!r}: use a host name or address it names in "

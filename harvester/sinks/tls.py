@@ -33,6 +33,9 @@ def client_context(prefix: str, ca: str, cert: str, key: str, *, check_hostname:
         else:
             ctx.load_default_certs()
     except ssl.SSLError as e:
+        if not ca:
+            raise StoreError(f"the system's CA certificates cannot be loaded ({e.reason or e}): set {prefix}_tls_ca "
+                             "to the CA that signed the server's certificate") from None
         raise StoreError(f"{prefix}_tls_ca {ca}: not a PEM CA certificate ({e.reason or e})") from None
     if cert:
         def encrypted() -> str:  # else OpenSSL would prompt on the terminal (or fail obscurely without one)

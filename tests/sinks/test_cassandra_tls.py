@@ -59,9 +59,8 @@ def mtls_node(tmp_path_factory) -> Iterator[dict]:
 @pytest.fixture(scope="module")
 def stranger_ca(tmp_path_factory) -> Path:
     """A CA that signed none of the nodes' certificates."""
-    d = tmp_path_factory.mktemp("stranger-ca")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout",
-                    d / "ca.key", "-out", d / "ca.pem", "-subj", "/CN=stranger CA"], check=True, capture_output=True)
+    d = tmp_path_factory.mktemp("stranger-ca") / "tls"
+    subprocess.run([ROOT / "scripts" / "devtls.py", d], check=True, capture_output=True, timeout=120)
     return d / "ca.pem"
 
 
@@ -136,7 +135,12 @@ def other_address(tls_node) -> Iterator[dict]:
                 continue
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", port))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=pipe, args=(a, b), daemon=True).start()
 

@@ -125,6 +125,14 @@ def test_plain_redis_to_the_tls_port_fails_saying_the_url_should_be_rediss(serve
     assert "cannot connect to Redis at 127.0.0.1" in msg and "then the URL is rediss://" in msg
 
 
+def test_rediss_to_a_plain_port_fails_asking_whether_it_is_the_plain_port(server, redis_server):
+    """The other way round: rediss:// to the plain dev server (the `redis_server` fixture) must not hint at client
+    certificates."""
+    plain = redis_server.replace("redis://", "rediss://")
+    msg = refused(plain, **trusted(server))
+    assert "the server's plain port?" in msg and "redis_tls_cert" not in msg
+
+
 def test_tls_settings_with_a_plain_redis_url_are_an_error(server):
     for setting in ("redis_tls_ca", "redis_tls_cert", "redis_tls_key"):
         msg = refused(server["url"].replace("rediss://", "redis://"), **{setting: server[setting]})
