@@ -220,7 +220,7 @@ def _feed(name: str, texts: Iterable[Text], parser: Parser, sink: Coalescer, set
                 # lines); texts before it hold no event under any prefix, so skipping them loses nothing.
                 sample = text.data[1:text.end]
                 head = head or sample[:SNIFF_BYTES]
-                prefix = _prefix_for(parser, settings, sample, detect=name.startswith(journal.SCHEME + ":"))
+                prefix = _prefix_for(parser, settings, sample, detect=journal.is_journal(name))
                 if prefix is None:
                     parser.count_skipped(sample)
                     continue

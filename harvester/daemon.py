@@ -120,7 +120,7 @@ class Daemon:
         s = self.settings
         if self.journal_only or s.journal != "auto" or s.journal_dir or s.journal_file:
             return False
-        files = [p for p in self._expand() if not p.startswith(journal.SCHEME + ":")]
+        files = [p for p in self._expand() if not journal.is_journal(p)]
         if any(os.path.exists(p) for p in files):
             return False
         if not journal.local_journal_exists() or not journal.available():
@@ -128,7 +128,7 @@ class Daemon:
         if journal.edge(journal.Spec(match=tuple(s.journal_match)), newest=True) is None:
             return False  # no Dovecot entry (yet): a file may still be the way its lines come
         self.journal_only = True
-        for name in [n for n in self.sources if not n.startswith(journal.SCHEME + ":")]:
+        for name in [n for n in self.sources if not journal.is_journal(n)]:
             self.sources.pop(name).follower.close()  # files that do not exist: never both
         log.info("reading Dovecot's lines from the systemd journal: %s (journal = auto; "
                  "restart harvester to follow a file that appears later)",
@@ -138,7 +138,7 @@ class Daemon:
     def _reading(self) -> int:
         """How many sources have something to read (a journal; a file that exists); 0 is said in the log
         and in the harvester_sources_read gauge, every minute."""
-        n = sum(1 for name in self.sources if name.startswith(journal.SCHEME + ":") or os.path.exists(name))
+        n = sum(1 for name in self.sources if journal.is_journal(name) or os.path.exists(name))
         metrics.SOURCES_READ.set(n)
         now = time.monotonic()
         if n == 0 and now - self.nothing_said >= journal.SAID_AGAIN_S:
@@ -155,7 +155,7 @@ class Daemon:
         for path in self._expand():
             if path in self.sources:
                 continue
-            begin = journal_start_at if journal_start_at and path.startswith(journal.SCHEME + ":") else start_at
+            begin = journal_start_at if journal_start_at and journal.is_journal(path) else start_at
             f = open_source(path, max_line=self.settings.max_line_bytes,
                             on_long_line=functools.partial(self._long_line, path),
                             on_rotation=functools.partial(_rotated, path), match=tuple(self.settings.journal_match))
@@ -367,7 +367,7 @@ class Daemon:
         """The configured prefix, or the one the file's first Dovecot line decides (None: not yet seen). A
         journal's lines have the shape the journal source writes: always detected, whatever `prefix` says."""
         s = self.settings
-        if s.prefix != "auto" and not src.path.startswith(journal.SCHEME + ":"):
+        if s.prefix != "auto" and not journal.is_journal(src.path):
             return s.prefix
         name, _ = patterns.detect_prefix(src.parser.pack, data)
         if name is None and not src.undecided_said:
@@ -439,7 +439,7 @@ class Daemon:
             if new.journal != "auto":
                 self.journal_only = False
             wanted = set(self._expand())
-            for name in [n for n in self.sources if n.startswith(journal.SCHEME + ":")]:
+            for name in [n for n in self.sources if journal.is_journal(n)]:
                 if name not in wanted:  # journal = no, a directory taken out: no longer read
                     self.sources.pop(name).follower.close()
                 elif new.journal_match != old.journal_match:  # the same journal, other entries: from its cursor

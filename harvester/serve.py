@@ -197,11 +197,8 @@ class Handler(BaseHTTPRequestHandler):
         if not user or len(user) > MAX_NAME_CHARS:
             self.service.audit(gate, user[:MAX_NAME_CHARS], "api", 400)
             return self._error(400, "an account name is 1 to 255 characters")
-        try:
-            rows = self.service.lookup(user)
-        except Exception as e:  # the store is down or refuses: said, audited, counted; the service goes on
-            log.warning("lookup failed: %s", e)
-            self.service.audit(gate, user, "api", 503)
+        rows = self._lookup(gate, user, "api")
+        if rows is None:
             return self._error(503, "the store does not answer; try again later")
         status = 200 if rows else 404
         self.service.audit(gate, user, "api", status)
@@ -217,6 +214,16 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(503, to_json({"status": "store unreachable", "error": str(e)[:300]}).encode(),
                               "application/json")
         return self._send(200, b'{"status": "ok"}', "application/json")
+
+    def _lookup(self, who: str, account: str, route: str) -> list | None:
+        """The account's rows; None when the store is down or refuses (said, audited as 503: the service goes
+        on and the caller answers 503)."""
+        try:
+            return self.service.lookup(account)
+        except Exception as e:
+            log.warning("lookup failed: %s", e)
+            self.service.audit(who, account, route, 503)
+            return None
 
     def _login(self) -> int:
         length = self.headers.get("Content-Length") or "0"
@@ -244,11 +251,8 @@ class Handler(BaseHTTPRequestHandler):
         if len(account) > MAX_NAME_CHARS:
             return self._send(400, _page(account[:MAX_NAME_CHARS], [], None, "An account name is at most 255 "
                                          "characters.").encode(), "text/html; charset=utf-8")
-        try:
-            rows = self.service.lookup(account)
-        except Exception as e:
-            log.warning("lookup failed: %s", e)
-            self.service.audit(gate, account, "page", 503)
+        rows = self._lookup(gate, account, "page")
+        if rows is None:
             return self._send(503, _page(account, [], None, "The store does not answer; try again later.")
                               .encode(), "text/html; charset=utf-8")
         self.service.audit(gate, account, "page", 200 if rows else 404)

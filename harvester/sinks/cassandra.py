@@ -22,7 +22,6 @@ import functools
 import gc
 import logging
 import re
-import ssl
 import threading
 import time
 import traceback
@@ -218,7 +217,11 @@ class CassandraStore:
             auth = PlainTextAuthProvider(o.username, _password(o))
         self.cluster = Cluster(
             hosts, port=port, execution_profiles={EXEC_PROFILE_DEFAULT: profile}, auth_provider=auth,
-            ssl_context=_tls(o), connect_timeout=o.connect_timeout,
+            # The driver checks a node's certificate against the address it dials (contact points resolved first);
+            # fleets whose certificates carry DNS names only set cassandra_tls_check_hostname = no.
+            ssl_context=client_context("cassandra", o.tls_ca, o.tls_cert, o.tls_key,
+                                       check_hostname=o.tls_check_hostname),
+            connect_timeout=o.connect_timeout,
             control_connection_timeout=o.connect_timeout,
             # A node that comes back is noticed within about a second (the default waits up to 600 s).
             reconnection_policy=ConstantReconnectionPolicy(RECONNECT_SECONDS, max_attempts=None))
@@ -625,10 +628,3 @@ def _password(o: CassandraOptions) -> str:
     if not lines or not lines[0]:
         raise StoreError(f"cassandra_password_file {path}: the first line is empty")
     return lines[0]
-
-
-def _tls(o: CassandraOptions) -> ssl.SSLContext | None:
-    # The driver checks the certificate against the address it dials (contact points are resolved to addresses
-    # first); fleets whose certificates carry DNS names only turn it off and keep the chain verified.
-    return client_context("cassandra", o.tls_ca, o.tls_cert, o.tls_key, check_hostname=o.tls_check_hostname)
-

@@ -111,12 +111,6 @@ def _password(a: Address, o: SqlOptions) -> str | None:
     return lines[0]
 
 
-def _tls(o: SqlOptions) -> ssl.SSLContext | None:
-    """The server's chain verified against sql_tls_ca (else the system's CAs) and its host name against the URL's
-    host; None: no TLS asked."""
-    return client_context("sql", o.tls_ca, o.tls_cert, o.tls_key)
-
-
 def system_ca_bundle() -> str:
     """The system's CA bundle file (SSL_CERT_FILE, else OpenSSL's default: /usr/lib/ssl/cert.pem on Debian), or
     libpq's "system" when neither exists."""
@@ -169,7 +163,8 @@ class SqlStore:
         self.layout = _layout(o)
         self.d = self.DIALECT
         self._password = _password(self.address, o)
-        self._tls = _tls(o)
+        # The server's chain verified against sql_tls_ca (else the system's CAs), its name against the URL's host.
+        self._tls = client_context("sql", o.tls_ca, o.tls_cert, o.tls_key)
         self._skipped: Counter = Counter()
         self.conn: Any = None
         self.kinds: dict[str, dict[str, str]] = {}  # table -> column -> sl column kind

@@ -45,7 +45,7 @@ SOURCES: dict[str, Opener] = {
 
 def former_names(name: str) -> list[str]:
     """Names the source called `name` had in earlier versions, to find its checkpoint by after an upgrade."""
-    if name.startswith(journal.SCHEME + ":"):
+    if journal.is_journal(name):
         old = journal.Spec.parse(name).former_name
         return [old] if old else []
     return []

@@ -87,6 +87,11 @@ def local_journal_exists() -> bool:
     return any(os.path.isdir(d) for d in LOCAL_DIRS)
 
 
+def is_journal(name: str) -> bool:
+    """Whether a source name is a journal's (journal:...), not a file path."""
+    return name.startswith(SCHEME + ":")
+
+
 def _escape(path: str) -> str:
     """A path inside a source name, where commas separate paths: ',' and '%' written as %2C and %25."""
     return path.replace("%", "%25").replace(",", "%2C")
@@ -103,11 +108,7 @@ class Spec:
     @property
     def name(self) -> str:
         """The source's name (its checkpoint key): journal:local, journal:dir=D, journal:file=F[,F...]."""
-        if self.directories:
-            return f"{SCHEME}:dir={','.join(map(_escape, self.directories))}"
-        if self.files:
-            return f"{SCHEME}:file={','.join(map(_escape, self.files))}"
-        return f"{SCHEME}:local"
+        return self._name(_escape) or f"{SCHEME}:local"
 
     @property
     def former_name(self) -> str | None:
@@ -116,7 +117,12 @@ class Spec:
         paths = self.directories or self.files
         if not any("%" in p for p in paths) or any("," in p for p in paths):
             return None
-        return f"{SCHEME}:{'dir' if self.directories else 'file'}={','.join(paths)}"
+        return self._name(lambda p: p)
+
+    def _name(self, write: Callable[[str], str]) -> str | None:
+        """journal:dir=... or journal:file=... with each path as `write` gives it (None: the local journal)."""
+        kind, paths = ("dir", self.directories) if self.directories else ("file", self.files)
+        return f"{SCHEME}:{kind}={','.join(map(write, paths))}" if paths else None
 
     @classmethod
     def parse(cls, name: str, match: tuple[str, ...] = DEFAULT_MATCH) -> Spec:
